@@ -1,0 +1,238 @@
+"""Configuration: `SHARNNConfig` (what shapes the network) and `TrainConfig` (one training run).
+
+Names follow the seed's parameter table (`emsize`, `nhid`, `bptt`, `dropouth`, ...). Defaults live here, once;
+the CLI derives its flags and `--help` from these fields. Precedence when a run is set up:
+dataclass defaults < `--preset NAME` < `--config FILE.toml` < explicit flags.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import MISSING, asdict, dataclass, field, fields, replace
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from .errors import SharnnError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on Python 3.10 only
+    import tomli as tomllib
+
+# Recurrent cores the table lists. Only the LSTM is implemented so far; the others are refused with a clear
+# message rather than silently replaced (see `SHARNNConfig.__post_init__`).
+RNN_CORES = ("LSTM", "GRU", "QRNN")
+IMPLEMENTED_CORES = ("LSTM",)
+OPTIMIZERS = ("lamb", "adam", "adamw", "sgd")
+
+
+def _doc(text: str, **kw: Any) -> Any:
+    """A dataclass field whose help text the CLI shows."""
+    return field(metadata={"help": text}, **kw)
+
+
+@dataclass(frozen=True)
+class SHARNNConfig:
+    """Everything that shapes the network. Names follow the paper's parameter table."""
+
+    vocab_size: int = _doc("vocabulary size: 256 for raw bytes", default=256)
+    model: str = _doc("recurrent core: LSTM (GRU and QRNN are not implemented yet)", default="LSTM")
+    emsize: int = _doc("E: embedding and block width", default=1024)
+    nhid: int = _doc("H: Boom feed-forward width, a multiple of emsize", default=4096)
+    nlayers: int = _doc("number of blocks", default=4)
+    attn_layers: tuple[int, ...] = _doc(
+        "blocks (0-based) with single-head attention; the paper uses the second to last", default=(2,)
+    )
+    attn_span: int = _doc("M: positions each query may attend to (itself and M-1 before it)", default=5000)
+    dropout: float = _doc("dropout on the final hidden state, before the decoder", default=0.1)
+    dropouth: float = _doc("dropout inside blocks (RNN output, attention, Boom)", default=0.1)
+    dropouti: float = _doc("dropout on the embedding output", default=0.1)
+    dropoute: float = _doc(
+        "fraction of embedding rows (whole tokens) dropped in training; the paper's run effectively used 0",
+        default=0.1,
+    )
+    wdrop: float = _doc("DropConnect on the RNN hidden-to-hidden weights (not implemented yet: only 0)", default=0.0)
+    tied: bool = _doc("tie decoder and embedding weights", default=True)
+
+    def __post_init__(self) -> None:
+        if self.vocab_size < 2:
+            raise SharnnError(f"vocab_size={self.vocab_size} must be at least 2")
+        if self.emsize < 1 or self.nhid < 1 or self.nlayers < 1:
+            raise SharnnError("emsize, nhid and nlayers must be positive")
+        if self.nhid % self.emsize:
+            raise SharnnError(
+                f"nhid={self.nhid} must be a multiple of emsize={self.emsize}: the Boom layer sums "
+                f"nhid/emsize chunks of width emsize; pick e.g. --nhid {4 * self.emsize}"
+            )
+        if self.model not in RNN_CORES:
+            raise SharnnError(f"unknown --model {self.model!r}; choose one of {', '.join(RNN_CORES)}")
+        if self.model not in IMPLEMENTED_CORES:
+            raise SharnnError(f"--model {self.model} is not implemented yet; use --model LSTM")
+        if self.wdrop != 0:
+            raise SharnnError("--wdrop (DropConnect) is not implemented yet; use --wdrop 0")
+        bad = [i for i in self.attn_layers if not 0 <= i < self.nlayers]
+        if bad:
+            raise SharnnError(f"attn_layers {bad} out of range for nlayers={self.nlayers} (0..{self.nlayers - 1})")
+        if len(set(self.attn_layers)) != len(self.attn_layers):
+            raise SharnnError(f"attn_layers {list(self.attn_layers)} lists a block twice")
+        if self.attn_span < 1:
+            raise SharnnError(f"attn_span={self.attn_span} must be at least 1")
+        for name in ("dropout", "dropouth", "dropouti", "dropoute"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise SharnnError(f"--{name} must be in [0, 1), got {getattr(self, name)}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self) | {"attn_layers": list(self.attn_layers)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> SHARNNConfig:
+        """Inverse of `to_dict`; unknown keys are an error, JSON lists become tuples."""
+        return cls(**_checked_kwargs(cls, d))
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """One training run: data, schedule, optimizer, budgets, where to save."""
+
+    data: str = _doc(
+        "corpus: an enwik8 folder from `sharnn data`, any file or folder of bytes, or 'python-stdlib'",
+        default="data/enwik8/",
+    )
+    batch_size: int = _doc("parallel streams per batch", default=16)
+    bptt: int = _doc("mean segment length (varied per batch as in the paper)", default=1024)
+    lr: float = _doc("peak learning rate", default=2e-3)
+    clip: float = _doc("gradient clipping by global norm (0 = off)", default=0.25)
+    epochs: int = _doc("epoch limit", default=8000)
+    warmup: int = _doc("linear warm-up, in optimizer steps (0 = off)", default=800)
+    cooldown: int | None = _doc("linear cool-down length in optimizer steps (none = off)", default=None)
+    accumulate: int = _doc("segments averaged per optimizer step", default=1)
+    wdecay: float = _doc("weight decay", default=1.2e-6)
+    alpha: float = _doc("AR: weight of the L2 penalty on the final block's dropped output", default=2.0)
+    beta: float = _doc("TAR: weight of the L2 penalty on the final block's step-to-step change", default=1.0)
+    optimizer: str = _doc("lamb, adam, adamw or sgd", default="lamb")
+    nonmono: int = _doc("with sgd: epochs without validation gain before averaged SGD (not implemented yet)", default=5)
+    seed: int = _doc("random seed", default=1111)
+    when: tuple[int, ...] = _doc("epochs after which the learning rate is divided by 10", default=(-1,))
+    log_interval: int = _doc("batches between log lines", default=10)
+    save: str = _doc("run folder: best/ and last/ checkpoints and the logs", default="runs/sharnn")
+    resume: str | None = _doc("checkpoint (or run folder) to resume from", default=None)
+    device: str = _doc("auto, cpu or cuda (--cuda is short for --device cuda)", default="auto")
+    max_steps: int | None = _doc("stop after this many optimizer steps (CPU budget)", default=None)
+    max_time: float | None = _doc("stop after this many seconds of training (CPU budget)", default=None)
+    eval_interval: int | None = _doc("also validate every N optimizer steps, not only per epoch", default=None)
+    eval_batch_size: int | None = _doc("validation streams (default: batch_size, as the paper)", default=None)
+    test_batch_size: int = _doc("test streams (the paper: 8)", default=8)
+    max_eval_bytes: int | None = _doc("validate on only the first N tokens of the split (quick checks)", default=None)
+    sample: int = _doc("after training, generate this many bytes of sample text (0 = none)", default=0)
+    threads: int | None = _doc("CPU threads for torch (default: torch's choice)", default=None)
+
+    def __post_init__(self) -> None:
+        positive = ("batch_size", "bptt", "epochs", "accumulate", "log_interval", "test_batch_size")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise SharnnError(f"--{name} must be at least 1, got {getattr(self, name)}")
+        if self.bptt < 5:
+            raise SharnnError(f"--bptt {self.bptt} is too short: segments are at least 5 tokens")
+        for name in ("max_steps", "eval_interval", "eval_batch_size", "max_eval_bytes", "cooldown", "threads"):
+            v = getattr(self, name)
+            if v is not None and v < 1:
+                raise SharnnError(f"--{name} must be at least 1 (or left unset), got {v}")
+        if self.max_time is not None and self.max_time <= 0:
+            raise SharnnError(f"--max-time must be positive, got {self.max_time}")
+        if self.optimizer not in OPTIMIZERS:
+            raise SharnnError(f"unknown --optimizer {self.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
+        if self.optimizer == "sgd" and self.nonmono > 0:
+            raise SharnnError(
+                "--optimizer sgd switches to averaged SGD after --nonmono epochs, which is not implemented yet; "
+                "pass --nonmono 0 for plain SGD"
+            )
+        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
+            raise SharnnError(f"unknown --device {self.device!r}; use auto, cpu or cuda")
+        if self.lr <= 0 or self.clip < 0 or self.warmup < 0 or self.wdecay < 0:
+            raise SharnnError("--lr must be positive; --clip, --warmup and --wdecay must not be negative")
+        if self.alpha < 0 or self.beta < 0:
+            raise SharnnError("--alpha and --beta must not be negative")
+        if self.sample < 0:
+            raise SharnnError("--sample must not be negative")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self) | {"when": list(self.when)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        return cls(**_checked_kwargs(cls, d))
+
+
+def _checked_kwargs(cls: type, d: dict[str, Any]) -> dict[str, Any]:
+    names = {f.name for f in fields(cls)}
+    if extra := set(d) - names:
+        raise SharnnError(f"unknown {cls.__name__} keys: {sorted(extra)}")
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
+
+
+def field_default(cls: type, name: str) -> Any:
+    f = next(f for f in fields(cls) if f.name == name)
+    return f.default if f.default is not MISSING else f.default_factory()  # type: ignore[misc]
+
+
+# --- presets and config files ------------------------------------------------------------------------------
+
+
+def preset_names() -> list[str]:
+    return sorted(p.name[: -len(".toml")] for p in resources.files("sharnn.presets").iterdir()
+                  if p.name.endswith(".toml"))
+
+
+def load_preset(name: str) -> dict[str, Any]:
+    """The flat key -> value mapping of a built-in preset (`sharnn/presets/NAME.toml`)."""
+    if name not in preset_names():
+        raise SharnnError(f"unknown preset {name!r}; choose one of {', '.join(preset_names())}")
+    text = resources.files("sharnn.presets").joinpath(f"{name}.toml").read_text()
+    return _flatten(tomllib.loads(text), f"preset {name}")
+
+
+def load_config_file(path: str | Path) -> dict[str, Any]:
+    """A user's TOML (or JSON) file of settings, flat or in [model] / [train] tables."""
+    p = Path(path)
+    if not p.is_file():
+        raise SharnnError(f"config file {p} not found")
+    try:
+        raw = json.loads(p.read_text()) if p.suffix == ".json" else tomllib.loads(p.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise SharnnError(f"config file {p} is not valid {'JSON' if p.suffix == '.json' else 'TOML'}: {e}") from None
+    return _flatten(raw, f"config file {p}")
+
+
+def _flatten(raw: dict[str, Any], where: str) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in raw.items():
+        if isinstance(v, dict) and k in ("model", "train"):
+            out.update({kk.replace("-", "_"): vv for kk, vv in v.items()})
+        else:
+            out[k.replace("-", "_")] = v
+    known = {f.name for f in fields(SHARNNConfig)} | {f.name for f in fields(TrainConfig)}
+    if extra := set(out) - known:
+        raise SharnnError(f"{where}: unknown settings {sorted(extra)}")
+    return out
+
+
+def split_settings(settings: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Split a flat settings dict into (model kwargs, train kwargs)."""
+    model_names = {f.name for f in fields(SHARNNConfig)}
+    m = {k: v for k, v in settings.items() if k in model_names}
+    t = {k: v for k, v in settings.items() if k not in model_names}
+    return m, t
+
+
+__all__ = [
+    "SHARNNConfig",
+    "TrainConfig",
+    "load_preset",
+    "load_config_file",
+    "preset_names",
+    "split_settings",
+    "field_default",
+    "replace",
+]

@@ -1,0 +1,285 @@
+"""Corpora -> token ids -> parallel streams -> variable-length BPTT segments.
+
+Byte-level corpora are kept as uint8 arrays, memory-mapped from disk where they come from a file, so an
+enwik9-sized corpus costs one byte of RAM per byte at most (and only for the pages touched); segments are
+converted to int64 one batch at a time.
+
+Where a corpus can come from (`load_corpus`):
+    'python-stdlib'               the Python standard library's own source, a text on every Python machine
+    DIR with train/valid/test     explicit splits: train.bin, train.txt or train (same for valid, test)
+    DIR (anything else)           every file under it, in sorted path order, concatenated, then split
+    FILE                          split deterministically: last 10% -> valid (first half) and test (second half)
+The last rule is enwik8's standard split: for its 10^8 bytes it gives 90M / 5M / 5M.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import sysconfig
+import urllib.error
+import urllib.request
+import zipfile
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from .errors import SharnnError
+
+ENWIK8_URL = "http://mattmahoney.net/dc/enwik8.zip"
+ENWIK8_BYTES = 100_000_000  # the first 10^8 bytes of the English Wikipedia dump of 2006-03-03
+ENWIK8_HELDOUT = 5_000_000  # valid and test are 5M each, taken from the end
+SPLIT_NAMES = ("train", "valid", "test")
+STDLIB_CORPUS = "python-stdlib"
+STDLIB_CORPUS_BYTES = 4_000_000  # enough for a few CPU minutes; train 3.6M, valid 200K, test 200K
+
+
+@dataclass(frozen=True)
+class Corpus:
+    """Three splits of token ids (1-D arrays) and the vocabulary size."""
+
+    train: np.ndarray
+    valid: np.ndarray
+    test: np.ndarray
+    vocab_size: int
+    name: str
+
+    def split(self, name: str) -> np.ndarray:
+        if name not in SPLIT_NAMES:
+            raise SharnnError(f"unknown split {name!r}; choose train, valid or test")
+        return getattr(self, name)
+
+
+# --- loading ------------------------------------------------------------------------------------------------
+
+
+def load_corpus(spec: str | os.PathLike) -> Corpus:
+    """Open a byte-level corpus; see the module docstring for what `spec` may be."""
+    if str(spec) == STDLIB_CORPUS:
+        return split_bytes(np.frombuffer(python_stdlib_bytes(), dtype=np.uint8), STDLIB_CORPUS)
+    path = Path(spec)
+    if not path.exists():
+        hint = " (fetch it with `sharnn data enwik8 DIR`)" if "enwik8" in str(spec) else ""
+        raise SharnnError(
+            f"data path {path} does not exist{hint}; pass --data FILE|DIR, or --data {STDLIB_CORPUS} for the "
+            "built-in corpus"
+        )
+    if path.is_dir():
+        explicit = {name: _find_split_file(path, name) for name in SPLIT_NAMES}
+        if all(explicit.values()):
+            splits = {name: _map_bytes(p) for name, p in explicit.items()}  # type: ignore[arg-type]
+            return Corpus(**splits, vocab_size=256, name=str(path))
+        if any(explicit.values()):
+            missing = [n for n, p in explicit.items() if p is None]
+            raise SharnnError(f"{path} has some split files but not {', '.join(missing)}: give all three or none")
+        return split_bytes(_read_tree(path), str(path))
+    return split_bytes(_map_bytes(path), str(path))
+
+
+def _find_split_file(folder: Path, name: str) -> Path | None:
+    for candidate in (f"{name}.bin", f"{name}.txt", name):
+        if (folder / candidate).is_file():
+            return folder / candidate
+    return None
+
+
+def _map_bytes(path: Path) -> np.ndarray:
+    """Memory-map a file as uint8 (no copy into RAM)."""
+    if os.path.getsize(path) == 0:
+        raise SharnnError(f"corpus file {path} is empty")
+    try:
+        return np.memmap(path, dtype=np.uint8, mode="r")
+    except OSError as e:
+        raise SharnnError(f"cannot read corpus file {path}: {e.strerror}") from None
+
+
+def _read_tree(folder: Path) -> np.ndarray:
+    files = sorted(p for p in folder.rglob("*") if p.is_file()
+                   and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+    if not files:
+        raise SharnnError(f"corpus folder {folder} holds no files")
+    data = b"".join(p.read_bytes() for p in files)
+    if not data:
+        raise SharnnError(f"corpus folder {folder} holds only empty files")
+    return np.frombuffer(data, dtype=np.uint8)
+
+
+def split_bytes(data: np.ndarray, name: str, heldout_fraction: float = 0.1) -> Corpus:
+    """Split one byte array: the last `heldout_fraction` is halved into valid then test (enwik8's rule)."""
+    n = len(data)
+    if n == 0:
+        raise SharnnError(f"corpus {name} is empty")
+    half = int(n * heldout_fraction / 2)
+    if half < 2:
+        raise SharnnError(
+            f"corpus {name} has only {n} bytes: too small to split into train/valid/test; "
+            "give a larger file or a folder with train/valid/test files"
+        )
+    return Corpus(data[: n - 2 * half], data[n - 2 * half : n - half], data[n - half :], 256, name)
+
+
+def python_stdlib_bytes(limit: int = STDLIB_CORPUS_BYTES) -> bytes:
+    """The standard library's .py sources (tests and site-packages left out), in sorted path order."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    skip = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"}
+    files = sorted(
+        (p for p in root.rglob("*.py") if not skip.intersection(p.relative_to(root).parts)),
+        key=lambda p: p.relative_to(root).as_posix(),
+    )
+    out = bytearray()
+    for p in files:
+        out += p.read_bytes()
+        if len(out) >= limit:
+            break
+    if len(out) < 10_000:
+        raise SharnnError(f"found too little Python source under {root} to use --data {STDLIB_CORPUS}")
+    return bytes(out[:limit])
+
+
+# --- batching -----------------------------------------------------------------------------------------------
+
+
+class Streams:
+    """A split cut into `batch_size` contiguous streams, read as (T, B) segments.
+
+    Stream b is ids[b*n : (b+1)*n] with n = len(ids) // batch_size; the leftover tail is dropped, as in the
+    reference. Nothing is copied until a segment is read.
+    """
+
+    def __init__(self, ids: np.ndarray, batch_size: int, *, min_len: int = 2, what: str = "split"):
+        n = len(ids) // batch_size
+        if n < min_len:
+            raise SharnnError(
+                f"the {what} has {len(ids):,} tokens: too few for {batch_size} streams of at least {min_len} "
+                f"(needs {batch_size * min_len:,}); use a smaller --batch_size or --bptt, or more data"
+            )
+        self.view = ids[: n * batch_size].reshape(batch_size, n)  # (B, n), a view of a memmap stays one
+        self.n = n
+        self.batch_size = batch_size
+
+    def segment(self, i: int, seq_len: int, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+        """Inputs and targets, both (T, B) int64, for positions i .. i+T-1 of every stream."""
+        seq_len = min(seq_len, self.n - 1 - i)
+        chunk = torch.from_numpy(np.ascontiguousarray(self.view[:, i : i + seq_len + 1])).long()  # (B, T+1)
+        chunk = chunk.t().contiguous().to(device, non_blocking=True)
+        return chunk[:-1], chunk[1:]
+
+    @property
+    def num_predictions(self) -> int:
+        return (self.n - 1) * self.batch_size
+
+
+def segment_length(rng: np.random.Generator, bptt: int) -> int:
+    """The paper's variable BPTT: mean `bptt` (p=0.95) or `bptt/2`, normal with std 5, clamped to [5, bptt]."""
+    mean = bptt if rng.random() < 0.95 else bptt / 2
+    return int(min(bptt, max(5, int(rng.normal(mean, 5)))))
+
+
+def train_segments(streams: Streams, bptt: int, rng: np.random.Generator, start: int = 0) -> Iterator[tuple[int, int]]:
+    """Yield (position, length) of one epoch's segments from `start`, lengths drawn from `rng` as needed."""
+    i = start
+    while i < streams.n - 1:
+        seq_len = min(segment_length(rng, bptt), streams.n - 1 - i)
+        yield i, seq_len
+        i += seq_len
+
+
+def eval_segments(streams: Streams, bptt: int) -> Iterator[tuple[int, int]]:
+    """Fixed-length segments covering every prediction of the streams once, in order."""
+    for i in range(0, streams.n - 1, bptt):
+        yield i, min(bptt, streams.n - 1 - i)
+
+
+# --- enwik8 -------------------------------------------------------------------------------------------------
+
+
+def prepare_enwik8(
+    out_dir: str | os.PathLike,
+    zip_path: str | os.PathLike | None = None,
+    url: str = ENWIK8_URL,
+    expected_bytes: int = ENWIK8_BYTES,
+    heldout: int = ENWIK8_HELDOUT,
+) -> dict[str, int]:
+    """Fetch (unless `zip_path`), check and unpack enwik8.zip into train.bin, valid.bin, test.bin.
+
+    The zip's own CRC-32 and the exact unpacked size are checked, so a truncated or wrong file is refused.
+    Returns the split sizes in bytes.
+    """
+    out = Path(out_dir)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise SharnnError(f"cannot create {out}: {e.strerror}") from None
+    if zip_path is None:
+        zip_path = out / "enwik8.zip"
+        if not zip_path.exists():
+            download(url, zip_path)
+    zip_path = Path(zip_path)
+    if not zip_path.is_file():
+        raise SharnnError(f"{zip_path} not found")
+    sizes = {"train": expected_bytes - 2 * heldout, "valid": heldout, "test": heldout}
+    sha = hashlib.sha256()
+    try:
+        with zipfile.ZipFile(zip_path) as zf:
+            info = next((i for i in zf.infolist() if Path(i.filename).name == "enwik8"), None)
+            if info is None:
+                raise SharnnError(f"{zip_path} has no member named enwik8; is it enwik8.zip?")
+            if info.file_size != expected_bytes:
+                raise SharnnError(
+                    f"{zip_path}: enwik8 inside is {info.file_size:,} bytes, expected {expected_bytes:,}; "
+                    "delete it and fetch it again"
+                )
+            with zf.open(info) as src:
+                for name, size in sizes.items():
+                    tmp = out / f"{name}.bin.part"
+                    with open(tmp, "wb") as dst:
+                        left = size
+                        while left:
+                            buf = src.read(min(left, 1 << 22))
+                            if not buf:
+                                raise SharnnError(f"{zip_path} ended early; delete it and fetch it again")
+                            dst.write(buf)
+                            sha.update(buf)
+                            left -= len(buf)
+                src.read()  # reading to the end makes zipfile check the CRC-32 of the whole member
+    except (zipfile.BadZipFile, EOFError, zlib.error) as e:
+        for name in sizes:
+            (out / f"{name}.bin.part").unlink(missing_ok=True)
+        raise SharnnError(f"{zip_path} is damaged or not a zip file ({e}); delete it and fetch it again") from None
+    for name in sizes:
+        os.replace(out / f"{name}.bin.part", out / f"{name}.bin")
+    meta = {"source": "enwik8", "format": "bytes", "sha256": sha.hexdigest(), "sizes": sizes}
+    (out / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+    return sizes
+
+
+def download(url: str, dest: Path) -> None:
+    """Stream `url` to `dest` (through a .part file), refusing a transfer shorter than announced."""
+    part = dest.with_name(dest.name + ".part")
+    try:
+        with urllib.request.urlopen(url, timeout=60) as r, open(part, "wb") as f:
+            total = r.headers.get("Content-Length")
+            total = int(total) if total else None
+            got = 0
+            with tqdm(total=total, unit="B", unit_scale=True, desc=f"fetching {dest.name}") as bar:
+                while buf := r.read(1 << 20):
+                    f.write(buf)
+                    got += len(buf)
+                    bar.update(len(buf))
+        if total is not None and got != total:
+            raise SharnnError(f"download of {url} stopped after {got:,} of {total:,} bytes; run the command again")
+    except (urllib.error.URLError, OSError) as e:
+        part.unlink(missing_ok=True)
+        reason = getattr(e, "reason", None) or getattr(e, "strerror", None) or e
+        raise SharnnError(f"cannot fetch {url}: {reason}; or download it yourself and pass --from-zip PATH") from None
+    except SharnnError:
+        part.unlink(missing_ok=True)
+        raise
+    shutil.move(part, dest)

@@ -1,0 +1,61 @@
+"""Loss, bits per character and perplexity over a whole split, carrying RNN state and attention memory."""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import NamedTuple
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from .data import Streams, eval_segments
+from .model import SHARNN
+
+
+class EvalResult(NamedTuple):
+    loss: float  # mean cross-entropy per predicted token, in nats
+    predictions: int  # how many tokens were predicted
+    seconds: float
+
+    @property
+    def bpc(self) -> float:
+        """Bits per character (per byte for byte-level corpora): nats / ln 2."""
+        return self.loss / math.log(2)
+
+    @property
+    def ppl(self) -> float:
+        return math.exp(min(self.loss, 700.0))
+
+
+@torch.no_grad()
+def evaluate(
+    model: SHARNN,
+    ids: np.ndarray,
+    batch_size: int,
+    bptt: int,
+    device: torch.device | str = "cpu",
+    progress: bool = False,
+    what: str = "split",
+) -> EvalResult:
+    """Walk `ids` in `batch_size` streams of `bptt`-long segments, in order, state carried throughout.
+
+    Every prediction of every stream is counted once, so the result does not depend on `bptt` (the attention
+    window slides, see `model.py`) beyond float rounding.
+    """
+    was_training = model.training
+    model.eval()
+    streams = Streams(ids, batch_size, what=what)
+    state = None
+    total, count = 0.0, 0
+    start = time.perf_counter()
+    segments = list(eval_segments(streams, bptt))
+    for i, seq_len in tqdm(segments, desc=f"eval {what}", disable=not progress, leave=False, unit="seg"):
+        x, y = streams.segment(i, seq_len, device)
+        out = model(x, state, targets=y)
+        state = out.state
+        total += out.loss.item() * y.numel()
+        count += y.numel()
+    model.train(was_training)
+    return EvalResult(total / count, count, time.perf_counter() - start)
