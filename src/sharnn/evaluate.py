@@ -51,7 +51,7 @@ def evaluate(
     total, count = 0.0, 0
     start = time.perf_counter()
     segments = list(eval_segments(streams, bptt))
-    for i, seq_len in tqdm(segments, desc=f"eval {what}", disable=not progress, leave=False, unit="seg"):
+    for i, seq_len in tqdm(segments, desc=f"eval {what}", disable=None if progress else True, leave=False, unit="seg"):
         x, y = streams.segment(i, seq_len, device)
         out = model(x, state, targets=y)
         state = out.state

@@ -114,6 +114,7 @@ def train(model_cfg: SHARNNConfig, cfg: TrainConfig, quiet: bool = False,
     check_writable(run_dir)
     corpus = load_corpus(cfg.data)
     log = RunLog(run_dir, quiet)
+    seed_everything(cfg.seed)  # before the model is built: its initial weights come from this seed
 
     resume_state: dict[str, Any] | None = None
     if cfg.resume:
@@ -140,7 +141,6 @@ def train(model_cfg: SHARNNConfig, cfg: TrainConfig, quiet: bool = False,
         log.line(f"resuming from {ckpt} at epoch {resume_state['epoch']}, step {resume_state['step']}")
     else:
         model = SHARNN(replace(model_cfg, vocab_size=corpus.vocab_size)).to(device)
-    seed_everything(cfg.seed)
 
     # Fail on data that is too small before any training happens.
     train_streams = Streams(corpus.train, cfg.batch_size, min_len=cfg.bptt + 1, what="train split")
@@ -257,7 +257,7 @@ class _Loop:
         state = self.carried
         est_batches = max(1, (self.streams.n - 1) // cfg.bptt)
         bar = tqdm(total=est_batches, desc=f"epoch {self.epoch}", unit="batch", leave=False, file=sys.stderr,
-                   disable=self.log.quiet, initial=min(self.position // cfg.bptt, est_batches))
+                   disable=True if self.log.quiet else None, initial=min(self.position // cfg.bptt, est_batches))
         window_loss, window_batches, window_chars, window_start = 0.0, 0, 0, time.perf_counter()
         micro = 0
         opt.zero_grad(set_to_none=True)

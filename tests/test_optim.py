@@ -1,0 +1,79 @@
+"""Min-trust LAMB against a hand computation, and the learning-rate schedule."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sharnn.config import TrainConfig
+from sharnn.optim import Lamb, lr_at
+
+
+def lamb_by_hand(p: torch.Tensor, grads: list[torch.Tensor], lr: float, wd: float, eps: float = 1e-6,
+                 min_trust: float = 0.25) -> tuple[torch.Tensor, list[float]]:
+    p, m, v, trusts = p.clone(), torch.zeros_like(p), torch.zeros_like(p), []
+    for g in grads:
+        m = 0.9 * m + 0.1 * g
+        v = 0.999 * v + 0.001 * g * g
+        u = m / (v.sqrt() + eps) + wd * p
+        w_norm = min(p.norm().item(), 10.0)
+        u_norm = u.norm().item()
+        r = w_norm / u_norm if w_norm > 0 and u_norm > 0 else 1.0
+        r = max(r, min_trust)
+        trusts.append(r)
+        p = p - lr * r * u
+    return p, trusts
+
+
+@pytest.mark.parametrize("scale,expect", [
+    (0.01, "min_trust"),   # small weights: the ratio |p|/|u| falls below 0.25 and is clamped up to it
+    (100.0, "norm_cap"),   # large weights: |p| is clamped to 10 before the ratio
+    (1.0, "plain"),
+])
+def test_lamb_step_matches_hand_computation(scale: float, expect: str) -> None:
+    torch.manual_seed(0)
+    p0 = torch.randn(3, 4) * scale
+    grads = [torch.randn(3, 4) for _ in range(3)]
+    param = torch.nn.Parameter(p0.clone())
+    opt = Lamb([param], lr=0.01, weight_decay=0.1, min_trust=0.25)
+    for g in grads:
+        param.grad = g.clone()
+        opt.step()
+    want, trusts = lamb_by_hand(p0, grads, lr=0.01, wd=0.1)
+    assert torch.allclose(param.data, want, atol=1e-6)
+    if expect == "min_trust":
+        assert trusts[0] == 0.25
+    if expect == "norm_cap":
+        assert p0.norm() > 10
+        u = (0.1 * grads[0]) / ((0.001 * grads[0] ** 2).sqrt() + 1e-6) + 0.1 * p0
+        assert trusts[0] == pytest.approx(10.0 / u.norm().item(), rel=1e-5)
+
+
+def test_lamb_zero_weights_use_trust_one() -> None:
+    param = torch.nn.Parameter(torch.zeros(5))
+    param.grad = torch.ones(5)
+    Lamb([param], lr=0.1).step()
+    # m = 0.1, v = 0.001: u = 0.1 / (sqrt(0.001) + 1e-6) per element; |p| = 0 -> trust 1
+    assert torch.allclose(param.data, torch.full((5,), -0.1 * 0.1 / (0.001**0.5 + 1e-6)))
+
+
+def test_warmup_and_cooldown() -> None:
+    cfg = TrainConfig(lr=1.0, warmup=10)
+    assert lr_at(1, 1, cfg) == pytest.approx(0.1)
+    assert lr_at(5, 1, cfg) == pytest.approx(0.5)
+    assert lr_at(10, 1, cfg) == lr_at(1000, 1, cfg) == 1.0
+    cfg = TrainConfig(lr=1.0, warmup=10, cooldown=100)
+    assert lr_at(100, 1, cfg) == 1.0  # cool = clamp((s - cooldown)/cooldown, 0, 1)
+    assert lr_at(150, 1, cfg) == pytest.approx(0.5)
+    assert lr_at(200, 1, cfg) == lr_at(500, 1, cfg) == 0.0
+    assert lr_at(7, 1, TrainConfig(lr=2.0, warmup=0)) == 2.0
+
+
+def test_when_divides_by_ten_after_listed_epochs() -> None:
+    cfg = TrainConfig(lr=1.0, warmup=4, when=(2, 4))
+    assert lr_at(100, 1, cfg) == 1.0
+    assert lr_at(100, 2, cfg) == 1.0          # epoch 2 itself still runs at the full rate
+    assert lr_at(100, 3, cfg) == pytest.approx(0.1)
+    assert lr_at(100, 5, cfg) == pytest.approx(0.01)
+    assert lr_at(2, 3, cfg) == pytest.approx(0.05)  # warm-up and --when compose: the reference lost this
+    assert lr_at(100, 9, TrainConfig(lr=1.0, warmup=0, when=(-1,))) == 1.0

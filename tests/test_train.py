@@ -1,0 +1,161 @@
+"""The training loop: learning happens, budgets, accumulation, resume, evaluation and AR/TAR."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from sharnn.checkpoint import load_model, load_train_state
+from sharnn.config import SHARNNConfig, TrainConfig
+from sharnn.data import load_corpus
+from sharnn.errors import SharnnError
+from sharnn.evaluate import evaluate
+from sharnn.model import SHARNN
+from sharnn.train import ar_tar, train
+
+MODEL = SHARNNConfig(emsize=32, nhid=64, nlayers=2, attn_layers=(1,), attn_span=32,
+                     dropout=0.1, dropouth=0.1, dropouti=0.1, dropoute=0.0)
+
+
+@pytest.fixture
+def text_file(tmp_path: Path) -> Path:
+    p = tmp_path / "rep.txt"
+    p.write_bytes(b"the quick brown fox jumps over the lazy dog. " * 400)
+    return p
+
+
+def cfg_for(text_file: Path, run: Path, **kw) -> TrainConfig:
+    base = dict(data=str(text_file), batch_size=4, bptt=32, lr=2e-2, warmup=10, alpha=0.0, beta=0.0,
+                save=str(run), log_interval=1000)
+    return TrainConfig(**(base | kw))
+
+
+def test_learning_drives_bpc_down(text_file: Path, tmp_path: Path) -> None:
+    model_cfg = replace(MODEL, dropout=0.0, dropouth=0.0, dropouti=0.0)
+    res = train(model_cfg, cfg_for(text_file, tmp_path / "run", max_steps=100), quiet=True)
+    assert res.steps == 100
+    assert res.valid.bpc < 1.0 and res.test.bpc < 1.0  # from ~8 bits at the start
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert {"start", "valid", "final"} <= {r["event"] for r in log}
+
+
+def _weights(run: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(run / "last" / "model.safetensors"))
+
+
+def test_resume_is_exact(text_file: Path, tmp_path: Path) -> None:
+    straight = tmp_path / "straight"
+    train(MODEL, cfg_for(text_file, straight, max_steps=30), quiet=True)
+    split = tmp_path / "split"
+    train(MODEL, cfg_for(text_file, split, max_steps=12), quiet=True)
+    first = load_train_state(split / "last")
+    assert first["step"] == 12 and first["position"] > 0 and first["carried"] is not None
+    res = train(MODEL, cfg_for(text_file, split, max_steps=30, resume=str(split)), quiet=True)
+    assert res.steps == 30
+    a, b = _weights(straight), _weights(split)
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    sa, sb = load_train_state(straight / "last"), load_train_state(split / "last")
+    assert sa["position"] == sb["position"]
+    ea = sa["optimizer"]["state"][0]["exp_avg"]
+    assert torch.equal(ea, sb["optimizer"]["state"][0]["exp_avg"])
+
+
+def test_epochs_and_best_checkpoint(text_file: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    res = train(MODEL, cfg_for(text_file, run, epochs=2), quiet=True)
+    assert res.epochs_done == 2
+    state = load_train_state(run / "last")
+    assert state["epoch"] == 3 and state["position"] == 0  # resumes at the start of the next epoch
+    best = load_train_state(run / "best")
+    assert best["best_bpc"] == pytest.approx(res.best_valid_bpc)
+    assert res.valid.bpc == pytest.approx(res.best_valid_bpc, abs=1e-6)  # final numbers use the best weights
+    valid_events = [json.loads(x) for x in (run / "log.jsonl").read_text().splitlines()
+                    if json.loads(x)["event"] == "valid"]
+    assert len(valid_events) == 2
+
+
+def test_accumulate_averages_segments(text_file: Path, tmp_path: Path) -> None:
+    # One step of accumulate=2 equals one step on the mean of the two segments' gradients.
+    cfg = cfg_for(text_file, tmp_path / "acc", max_steps=1, accumulate=2, optimizer="sgd", nonmono=0, lr=1.0,
+                  warmup=0, clip=0.0)
+    model_cfg = replace(MODEL, dropout=0.0, dropouth=0.0, dropouti=0.0)
+    train(model_cfg, cfg, quiet=True)
+    after = load_model(tmp_path / "acc" / "last")
+
+    torch.manual_seed(cfg.seed)
+    ref = SHARNN(model_cfg)
+    import numpy as np
+
+    from sharnn.data import Streams, train_segments
+    streams = Streams(load_corpus(str(text_file)).train, 4)
+    segs = train_segments(streams, 32, np.random.default_rng(cfg.seed))
+    state = None
+    for _ in range(2):
+        pos, n = next(segs)
+        x, y = streams.segment(pos, n)
+        out = ref(x, state, targets=y)
+        (out.loss / 2).backward()
+        state = tuple(type(s)(tuple(t.detach() for t in s.rnn), None if s.memory is None else s.memory.detach())
+                      for s in out.state)
+    with torch.no_grad():
+        for p in ref.parameters():
+            p -= 1.0 * p.grad
+    for (name, p), q in zip(ref.named_parameters(), after.parameters()):
+        assert torch.allclose(p, q, atol=1e-6), name
+
+
+def test_max_time_budget_stops(text_file: Path, tmp_path: Path) -> None:
+    res = train(MODEL, cfg_for(text_file, tmp_path / "t", max_time=0.5), quiet=True)
+    assert 0 < res.steps and res.epochs_done < 8000
+    assert (tmp_path / "t" / "last" / "train_state.pt").is_file()
+
+
+def test_when_is_applied_in_training(text_file: Path, tmp_path: Path) -> None:
+    run = tmp_path / "w"
+    train(MODEL, cfg_for(text_file, run, epochs=2, when=(1,), warmup=0, log_interval=5), quiet=True)
+    lrs = {r["epoch"]: r["lr"] for r in map(json.loads, (run / "log.jsonl").read_text().splitlines())
+           if r["event"] == "train"}
+    assert lrs[1] == pytest.approx(2e-2) and lrs[2] == pytest.approx(2e-3)
+
+
+def test_resume_refuses_other_vocabulary_and_missing_state(text_file: Path, tmp_path: Path) -> None:
+    run = tmp_path / "r"
+    train(MODEL, cfg_for(text_file, run, max_steps=2), quiet=True)
+    (run / "last" / "train_state.pt").unlink()
+    (run / "best" / "train_state.pt").unlink()
+    with pytest.raises(SharnnError, match="cannot be resumed"):
+        train(MODEL, cfg_for(text_file, tmp_path / "r2", max_steps=4, resume=str(run)), quiet=True)
+
+
+def test_eval_independent_of_segment_length(text_file: Path, tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = SHARNN(replace(MODEL, attn_span=16))
+    ids = load_corpus(str(text_file)).valid
+    a = evaluate(model, ids, 3, 7)
+    b = evaluate(model, ids, 3, 50)
+    assert a.predictions == b.predictions
+    assert a.loss == pytest.approx(b.loss, rel=1e-5)
+    assert a.bpc == pytest.approx(a.loss / math.log(2))
+
+
+def test_ar_tar_penalties(tiny_config: SHARNNConfig, ids: torch.Tensor) -> None:
+    model = SHARNN(tiny_config).train()
+    out = model(ids)
+    cfg = TrainConfig(alpha=2.0, beta=1.0)
+    want = 2.0 * out.dropped.pow(2).mean() + 1.0 * (out.hidden[1:] - out.hidden[:-1]).pow(2).mean()
+    assert torch.allclose(ar_tar(out, cfg), want)
+    assert ar_tar(out, TrainConfig(alpha=0.0, beta=0.0)) == 0.0
+
+
+def test_alpha_beta_change_training(text_file: Path, tmp_path: Path) -> None:
+    train(MODEL, cfg_for(text_file, tmp_path / "off", max_steps=3), quiet=True)
+    train(MODEL, cfg_for(text_file, tmp_path / "on", max_steps=3, alpha=2.0, beta=1.0), quiet=True)
+    a, b = _weights(tmp_path / "off"), _weights(tmp_path / "on")
+    assert any(not torch.equal(a[k], b[k]) for k in a)
