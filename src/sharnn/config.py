@@ -124,7 +124,7 @@ class TrainConfig:
     eval_interval: int | None = _doc("also validate every N optimizer steps, not only per epoch", default=None)
     eval_batch_size: int | None = _doc("validation streams (default: batch_size, as the paper)", default=None)
     test_batch_size: int = _doc("test streams (the paper: 8)", default=8)
-    max_eval_bytes: int | None = _doc("validate on only the first N tokens of the split (quick checks)", default=None)
+    max_eval_bytes: int | None = _doc("validate and test on only the first N tokens of each split (quick checks)", default=None)
     sample: int = _doc("after training, generate this many bytes of sample text (0 = none)", default=0)
     threads: int | None = _doc("CPU threads for torch (default: torch's choice)", default=None)
 
@@ -166,10 +166,35 @@ class TrainConfig:
 
 
 def _checked_kwargs(cls: type, d: dict[str, Any]) -> dict[str, Any]:
-    names = {f.name for f in fields(cls)}
-    if extra := set(d) - names:
+    types = {f.name: str(f.type) for f in fields(cls)}
+    if extra := set(d) - set(types):
         raise SharnnError(f"unknown {cls.__name__} keys: {sorted(extra)}")
-    return {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
+    return {k: _checked_value(k, types[k], v) for k, v in d.items()}
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _checked_value(name: str, type_text: str, v: Any) -> Any:
+    """A setting's value checked against its field's annotation ("int", "float | None", "tuple[int, ...]")."""
+    base = type_text.split("|")[0].strip()
+    if v is None or ("None" in type_text and isinstance(v, str) and v.lower() in ("none", "off", "")):
+        if "None" in type_text:
+            return None
+        raise SharnnError(f"setting {name} must be a {base}, not empty")
+    if base.startswith("tuple"):
+        items = [v] if _is_int(v) else v
+        if not isinstance(items, (list, tuple)) or not all(_is_int(i) for i in items):
+            raise SharnnError(f"setting {name} must be a list of whole numbers, got {v!r}")
+        return tuple(items)
+    if base == "float" and _is_int(v):
+        return float(v)
+    ok = {"bool": lambda: isinstance(v, bool), "int": lambda: _is_int(v), "float": lambda: isinstance(v, float),
+          "str": lambda: isinstance(v, str)}[base]()
+    if not ok:
+        raise SharnnError(f"setting {name} must be a {base}, got {v!r}")
+    return v
 
 
 def field_default(cls: type, name: str) -> Any:
@@ -206,6 +231,8 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
 
 
 def _flatten(raw: dict[str, Any], where: str) -> dict[str, Any]:
+    if not isinstance(raw, dict):
+        raise SharnnError(f"{where} must hold a table of settings, not a {type(raw).__name__}")
     out: dict[str, Any] = {}
     for k, v in raw.items():
         if isinstance(v, dict) and k in ("model", "train"):

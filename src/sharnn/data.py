@@ -249,10 +249,12 @@ def prepare_enwik8(
                             sha.update(buf)
                             left -= len(buf)
                 src.read()  # reading to the end makes zipfile check the CRC-32 of the whole member
-    except (zipfile.BadZipFile, EOFError, zlib.error) as e:
-        for name in sizes:
+    except BaseException as e:
+        for name in sizes:  # never leave half-written splits behind
             (out / f"{name}.bin.part").unlink(missing_ok=True)
-        raise SharnnError(f"{zip_path} is damaged or not a zip file ({e}); delete it and fetch it again") from None
+        if isinstance(e, (zipfile.BadZipFile, EOFError, zlib.error)):
+            raise SharnnError(f"{zip_path} is damaged or not a zip file ({e}); delete it and fetch it again") from None
+        raise
     for name in sizes:
         os.replace(out / f"{name}.bin.part", out / f"{name}.bin")
     meta = {"source": "enwik8", "format": "bytes", "sha256": sha.hexdigest(), "sizes": sizes}

@@ -146,7 +146,7 @@ def train(model_cfg: SHARNNConfig, cfg: TrainConfig, quiet: bool = False,
     train_streams = Streams(corpus.train, cfg.batch_size, min_len=cfg.bptt + 1, what="train split")
     eval_bsz = cfg.eval_batch_size or cfg.batch_size
     Streams(_eval_ids(corpus.valid, cfg), eval_bsz, what="valid split")
-    Streams(corpus.test, cfg.test_batch_size, what="test split")
+    Streams(_eval_ids(corpus.test, cfg), cfg.test_batch_size, what="test split")
 
     optimizer = build_optimizer(model.parameters(), cfg)
     rng = np.random.default_rng(cfg.seed)
@@ -169,8 +169,10 @@ def train(model_cfg: SHARNNConfig, cfg: TrainConfig, quiet: bool = False,
     # Final numbers come from the best checkpoint, as the paper reports them.
     best_dir = run_dir / "best"
     final_model = load_model(best_dir, device) if (best_dir / "config.json").is_file() else model
-    valid = evaluate(final_model, corpus.valid, eval_bsz, cfg.bptt, device, progress=not quiet, what="valid")
-    test = evaluate(final_model, corpus.test, cfg.test_batch_size, cfg.bptt, device, progress=not quiet, what="test")
+    valid = evaluate(final_model, _eval_ids(corpus.valid, cfg), eval_bsz, cfg.bptt, device, progress=not quiet,
+                     what="valid")
+    test = evaluate(final_model, _eval_ids(corpus.test, cfg), cfg.test_batch_size, cfg.bptt, device,
+                    progress=not quiet, what="test")
     log.record("final", valid_bpc=valid.bpc, test_bpc=test.bpc, valid_loss=valid.loss, test_loss=test.loss)
     text = b""
     if cfg.sample:
