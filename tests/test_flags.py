@@ -1,0 +1,102 @@
+"""Every training flag does something: a seeded 3-step run with the flag changed differs from the baseline."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from sharnn.cli import main
+from sharnn.errors import SharnnError
+from sharnn.train import resolve_device
+
+TINY = ["--emsize", "16", "--nhid", "32", "--nlayers", "2", "--attn-layers", "1", "--attn-span", "24",
+        "--bptt", "16", "--batch_size", "2", "--max-steps", "3", "--warmup", "2", "--quiet", "--json"]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    p = tmp_path_factory.mktemp("corpus") / "text.txt"
+    p.write_bytes(b"Colourless green ideas sleep furiously; the cat sat on the mat. " * 60)
+    return p
+
+
+def run(corpus: Path, out: Path, *flags: str) -> tuple[dict, dict[str, torch.Tensor]]:
+    import contextlib
+    import io
+
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        assert main(["train", "--data", str(corpus), "--save", str(out), *TINY, *flags]) == 0
+    return json.loads(buf.getvalue()), load_file(str(out / "last" / "model.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def baseline(corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, torch.Tensor]:
+    return run(corpus, tmp_path_factory.mktemp("base"))[1]
+
+
+@pytest.mark.parametrize("flags", [
+    ["--lr", "1e-2"], ["--clip", "0.01"], ["--clip", "0"], ["--wdecay", "0.5"], ["--seed", "7"],
+    ["--warmup", "0"], ["--cooldown", "1"], ["--accumulate", "2"], ["--bptt", "9"], ["--batch_size", "3"],
+    ["--dropout", "0.5"], ["--dropouth", "0.5"], ["--dropouti", "0.5"], ["--dropoute", "0.5"],
+    ["--alpha", "0"], ["--beta", "0"], ["--attn-span", "3"], ["--optimizer", "adam"], ["--optimizer", "adamw"],
+    ["--optimizer", "sgd", "--nonmono", "0"], ["--attn-layers", "0"], ["--nlayers", "3"],
+])
+def test_flag_changes_training(corpus: Path, tmp_path: Path, baseline: dict[str, torch.Tensor], flags: list[str]) -> None:
+    _, weights = run(corpus, tmp_path / "run", *flags)
+    differs = weights.keys() != baseline.keys() or any(
+        weights[k].shape != baseline[k].shape or not torch.equal(weights[k], baseline[k]) for k in baseline
+    )
+    assert differs, f"{flags} left the weights unchanged"
+
+
+def test_seed_repeats(corpus: Path, tmp_path: Path, baseline: dict[str, torch.Tensor]) -> None:
+    _, weights = run(corpus, tmp_path / "again")
+    assert all(torch.equal(weights[k], baseline[k]) for k in baseline)
+
+
+def test_untied_has_its_own_decoder(corpus: Path, tmp_path: Path) -> None:
+    _, weights = run(corpus, tmp_path / "untied", "--no-tied")
+    assert "decoder.weight" in weights and "encoder.weight" in weights
+
+
+def test_reporting_flags(corpus: Path, tmp_path: Path) -> None:
+    res, _ = run(corpus, tmp_path / "r", "--max-steps", "6", "--log-interval", "2", "--eval-interval", "2",
+                 "--sample", "40", "--max-eval-bytes", "200")
+    events = [json.loads(x) for x in (tmp_path / "r" / "log.jsonl").read_text().splitlines()]
+    assert sum(e["event"] == "train" for e in events) == 3  # a line every 2 of 6 batches
+    assert sum(e["event"] == "valid" for e in events) == 4  # steps 2, 4, 6 and the end of the budget
+    assert len(res["sample"].encode("utf-8", errors="surrogateescape")) >= 40
+
+
+def test_eval_and_test_streams(corpus: Path, tmp_path: Path) -> None:
+    from sharnn.checkpoint import load_model
+    from sharnn.data import load_corpus
+    from sharnn.evaluate import evaluate
+
+    res, _ = run(corpus, tmp_path / "s", "--test-batch-size", "5", "--eval-batch-size", "3")
+    model = load_model(tmp_path / "s")
+    c = load_corpus(str(corpus))
+    assert res["test_bpc"] == pytest.approx(evaluate(model, c.test, 5, 16).bpc, rel=1e-6)
+    assert res["valid_bpc"] == pytest.approx(evaluate(model, c.valid, 3, 16).bpc, rel=1e-6)
+
+
+def test_threads_flag(corpus: Path, tmp_path: Path) -> None:
+    before = torch.get_num_threads()
+    try:
+        run(corpus, tmp_path / "t", "--threads", "1")
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_cuda_without_gpu_is_refused() -> None:
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    with pytest.raises(SharnnError, match="no CUDA GPU"):
+        resolve_device("cuda")
+    assert resolve_device("auto").type == "cpu"
