@@ -28,6 +28,7 @@ from safetensors.torch import save_model as st_save_model
 from .config import SHARNNConfig, TrainConfig
 from .errors import SharnnError
 from .model import SHARNN
+from .vocab import BYTES, Vocab
 
 FORMAT = "sharnn-checkpoint"
 VERSION = 1
@@ -39,6 +40,7 @@ def save_checkpoint(
     train_cfg: TrainConfig | None = None,
     progress: dict[str, Any] | None = None,
     train_state: dict[str, Any] | None = None,
+    vocab: Vocab = BYTES,
 ) -> Path:
     """Write a checkpoint folder atomically (build in a temp folder, then rename over the old one)."""
     path = Path(path)
@@ -47,7 +49,7 @@ def save_checkpoint(
     old = path.with_name(f".{path.name}.old")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    meta = {"format": FORMAT, "version": VERSION, "model": model.cfg.to_dict(), "vocab": {"type": "bytes"},
+    meta = {"format": FORMAT, "version": VERSION, "model": model.cfg.to_dict(), "vocab": vocab.to_dict(),
             "progress": progress or {}}
     _write_text(tmp / "config.json", json.dumps(meta, indent=2) + "\n")
     if train_cfg is not None:
@@ -143,6 +145,12 @@ def load_model(path: str | os.PathLike, device: torch.device | str = "cpu", pref
     if missing or unexpected:
         raise SharnnError(f"{weights} does not match its config.json (missing {missing[:3]}, unexpected {unexpected[:3]})")
     return model.to(device)
+
+
+def load_vocab(path: str | os.PathLike, prefer: str = "best") -> Vocab:
+    """The vocabulary a checkpoint's model reads and writes."""
+    ckpt = resolve_checkpoint(path, prefer)
+    return Vocab.from_dict(read_meta(ckpt).get("vocab", {"type": "bytes"}))
 
 
 def load_train_config(ckpt: Path) -> TrainConfig | None:

@@ -162,7 +162,7 @@ def _check_resume_architecture(resume: str, given: dict[str, Any]) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from .checkpoint import load_model, load_train_config, resolve_checkpoint
+    from .checkpoint import load_model, load_train_config, load_vocab, resolve_checkpoint
     from .data import load_corpus
     from .evaluate import evaluate
     from .train import resolve_device
@@ -172,9 +172,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     model = load_model(ckpt, device)
     tcfg = load_train_config(ckpt) or TrainConfig()
     data = args.data or tcfg.data
-    corpus = load_corpus(data)
-    if corpus.vocab_size != model.cfg.vocab_size:
-        raise SharnnError(f"the corpus has {corpus.vocab_size} symbols, the model {model.cfg.vocab_size}")
+    corpus = load_corpus(data, vocab=load_vocab(ckpt))
     if args.batch_size is not None and args.batch_size < 1 or args.bptt is not None and args.bptt < 1:
         raise SharnnError("--batch_size and --bptt must be at least 1")
     default_bsz = tcfg.test_batch_size if args.split == "test" else (tcfg.eval_batch_size or tcfg.batch_size)

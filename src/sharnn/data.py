@@ -32,6 +32,7 @@ import torch
 from tqdm import tqdm
 
 from .errors import SharnnError
+from .vocab import BYTES, Vocab
 
 ENWIK8_URL = "http://mattmahoney.net/dc/enwik8.zip"
 ENWIK8_BYTES = 100_000_000  # the first 10^8 bytes of the English Wikipedia dump of 2006-03-03
@@ -43,13 +44,17 @@ STDLIB_CORPUS_BYTES = 4_000_000  # enough for a few CPU minutes; train 3.6M, val
 
 @dataclass(frozen=True)
 class Corpus:
-    """Three splits of token ids (1-D arrays) and the vocabulary size."""
+    """Three splits of token ids (1-D arrays) and their vocabulary."""
 
     train: np.ndarray
     valid: np.ndarray
     test: np.ndarray
-    vocab_size: int
+    vocab: Vocab
     name: str
+
+    @property
+    def vocab_size(self) -> int:
+        return self.vocab.size
 
     def split(self, name: str) -> np.ndarray:
         if name not in SPLIT_NAMES:
@@ -60,8 +65,18 @@ class Corpus:
 # --- loading ------------------------------------------------------------------------------------------------
 
 
-def load_corpus(spec: str | os.PathLike) -> Corpus:
-    """Open a byte-level corpus; see the module docstring for what `spec` may be."""
+def load_corpus(spec: str | os.PathLike, vocab: Vocab | None = None) -> Corpus:
+    """Open a byte-level corpus; see the module docstring for what `spec` may be.
+
+    With `vocab` (a checkpoint's), the bytes are mapped to that vocabulary's ids.
+    """
+    corpus = _load_bytes_corpus(spec)
+    if vocab is None or vocab == corpus.vocab:
+        return corpus
+    return Corpus(vocab.encode(corpus.train), vocab.encode(corpus.valid), vocab.encode(corpus.test), vocab, corpus.name)
+
+
+def _load_bytes_corpus(spec: str | os.PathLike) -> Corpus:
     if str(spec) == STDLIB_CORPUS:
         return split_bytes(np.frombuffer(python_stdlib_bytes(), dtype=np.uint8), STDLIB_CORPUS)
     path = Path(spec)
@@ -75,7 +90,7 @@ def load_corpus(spec: str | os.PathLike) -> Corpus:
         explicit = {name: _find_split_file(path, name) for name in SPLIT_NAMES}
         if all(explicit.values()):
             splits = {name: _map_bytes(p) for name, p in explicit.items()}  # type: ignore[arg-type]
-            return Corpus(**splits, vocab_size=256, name=str(path))
+            return Corpus(**splits, vocab=BYTES, name=str(path))
         if any(explicit.values()):
             missing = [n for n, p in explicit.items() if p is None]
             raise SharnnError(f"{path} has some split files but not {', '.join(missing)}: give all three or none")
@@ -122,7 +137,7 @@ def split_bytes(data: np.ndarray, name: str, heldout_fraction: float = 0.1) -> C
             f"corpus {name} has only {n} bytes: too small to split into train/valid/test; "
             "give a larger file or a folder with train/valid/test files"
         )
-    return Corpus(data[: n - 2 * half], data[n - 2 * half : n - half], data[n - half :], 256, name)
+    return Corpus(data[: n - 2 * half], data[n - 2 * half : n - half], data[n - half :], BYTES, name)
 
 
 def python_stdlib_bytes(limit: int = STDLIB_CORPUS_BYTES) -> bytes:

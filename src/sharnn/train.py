@@ -19,7 +19,14 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .checkpoint import load_model, load_train_config, load_train_state, resolve_checkpoint, save_checkpoint
+from .checkpoint import (
+    load_model,
+    load_train_config,
+    load_train_state,
+    load_vocab,
+    resolve_checkpoint,
+    save_checkpoint,
+)
 from .config import SHARNNConfig, TrainConfig
 from .data import Corpus, Streams, load_corpus, train_segments
 from .errors import SharnnError
@@ -128,9 +135,10 @@ def train(model_cfg: SHARNNConfig, cfg: TrainConfig, quiet: bool = False,
                 model = rebuilt
         resume_state = load_train_state(ckpt, device)
         old_cfg = load_train_config(ckpt)
-        if model.cfg.vocab_size != corpus.vocab_size:
+        if load_vocab(ckpt) != corpus.vocab:
             raise SharnnError(
-                f"checkpoint {ckpt} has a vocabulary of {model.cfg.vocab_size}, the corpus {corpus.vocab_size}"
+                f"checkpoint {ckpt} was trained with another vocabulary ({model.cfg.vocab_size} symbols) than the "
+                f"corpus {corpus.name} ({corpus.vocab_size}); resume on the same kind of corpus"
             )
         if old_cfg is not None and old_cfg.seed != cfg.seed:
             resume_state.pop("rng", None)  # a new --seed on resume asks for fresh randomness (paper's 2nd pass)
@@ -352,7 +360,7 @@ class _Loop:
             "rng": _rng_state(self.rng),
             "carried": _state_to_list(self.carried),
         }
-        save_checkpoint(self.run_dir / name, self.model, self.cfg, progress, train_state)
+        save_checkpoint(self.run_dir / name, self.model, self.cfg, progress, train_state, vocab=self.corpus.vocab)
 
 
 def _state_to_list(state: State | None) -> list[dict[str, Any]] | None:
