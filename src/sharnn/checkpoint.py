@@ -40,7 +40,7 @@ def save_checkpoint(
     train_cfg: TrainConfig | None = None,
     progress: dict[str, Any] | None = None,
     train_state: dict[str, Any] | None = None,
-    vocab: Vocab = BYTES,
+    vocab: Vocab | None = None,
 ) -> Path:
     """Write a checkpoint folder atomically (build in a temp folder, then rename over the old one)."""
     path = Path(path)
@@ -49,7 +49,7 @@ def save_checkpoint(
     old = path.with_name(f".{path.name}.old")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    meta = {"format": FORMAT, "version": VERSION, "model": model.cfg.to_dict(), "vocab": vocab.to_dict(),
+    meta = {"format": FORMAT, "version": VERSION, "model": model.cfg.to_dict(), "vocab": (vocab or BYTES).to_dict(),
             "progress": progress or {}}
     _write_text(tmp / "config.json", json.dumps(meta, indent=2) + "\n")
     if train_cfg is not None:
@@ -135,6 +135,7 @@ def load_model(path: str | os.PathLike, device: torch.device | str = "cpu", pref
     except (KeyError, TypeError) as e:
         raise SharnnError(f"{ckpt}/config.json has no valid model section ({e})") from None
     model = SHARNN(cfg)
+    model.vocab = Vocab.from_dict(meta.get("vocab", {"type": "bytes"}))
     weights = ckpt / "model.safetensors"
     if not weights.is_file():
         raise SharnnError(f"{ckpt} has no model.safetensors; the checkpoint is incomplete")
@@ -173,3 +174,25 @@ def load_train_state(ckpt: Path, device: torch.device | str = "cpu") -> dict[str
         raise SharnnError(f"{p} holds objects other than tensors and plain values; refusing to load it ({e})") from None
     except (RuntimeError, EOFError, OSError, ValueError) as e:
         raise SharnnError(f"{p} is truncated or corrupt ({e})") from None
+
+
+def load_pretrained(name_or_path: str | os.PathLike, device: torch.device | str = "cpu") -> SHARNN:
+    """`SHARNN.from_pretrained`: a local checkpoint or run folder, else a Hugging Face Hub repository id.
+
+    The Hub needs the optional `huggingface_hub` package (`pip install sharnn[hub]`); what is downloaded is the
+    same folder layout, loaded the same safe way (JSON + safetensors).
+    """
+    if Path(name_or_path).exists():
+        return load_model(name_or_path, device)
+    name = str(name_or_path)
+    if name.count("/") != 1 or name.startswith((".", "/")):
+        raise SharnnError(f"{name} is neither a local folder nor a Hub repository id (owner/name)")
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        raise SharnnError(f"{name} is not a local folder; to fetch it from the Hub, pip install huggingface_hub") from None
+    try:
+        local = snapshot_download(name, allow_patterns=["config.json", "model.safetensors", "train_config.json"])
+    except Exception as e:  # the Hub client raises many kinds: offline, not found, gated, ...
+        raise SharnnError(f"cannot fetch {name} from the Hugging Face Hub: {e}") from None
+    return load_model(local, device)

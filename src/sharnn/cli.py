@@ -3,6 +3,10 @@
     sharnn data enwik8 DIR [--from-zip PATH]     fetch, check and split enwik8
     sharnn train [--preset NAME] [--config F] [flags]
     sharnn eval CKPT [--split valid|test]
+    sharnn generate CKPT [--prompt TEXT] [--length N] [--temperature T] [--top-k K] [--top-p P] [--seed S]
+    sharnn score CKPT [FILE ...] [--document] [--context FILE] [--per-token]
+    sharnn import-reference STATE_DICT.pt OUT [--vocab-from DIR]
+    sharnn collapse CKPT OUT
 
 Training flags are derived from the fields of `SHARNNConfig` and `TrainConfig` and spelled as in the seed's
 parameter table (`--batch_size`, `--log-interval`); each also accepts the other spelling (`--batch-size`).
@@ -21,9 +25,9 @@ from .config import SHARNNConfig, TrainConfig, load_config_file, load_preset, pr
 from .errors import SharnnError
 
 # Fields that are set by the data, not by the user.
-NOT_FLAGS = {"vocab_size"}
+NOT_FLAGS = {"vocab_size", "collapsed_gate"}
 # Fields whose value changes the weights' shapes: on --resume they come from the checkpoint.
-ARCHITECTURE = {"vocab_size", "model", "emsize", "nhid", "nlayers", "attn_layers", "tied"}
+ARCHITECTURE = {"vocab_size", "model", "emsize", "nhid", "nlayers", "attn_layers", "tied", "collapsed_gate"}
 
 
 def _none_or(kind: type) -> Any:
@@ -99,6 +103,49 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--device", default="auto", help="auto, cpu or cuda")
     e.add_argument("--cuda", dest="device", action="store_const", const="cuda")
     e.add_argument("--json", action="store_true", help="print one JSON object")
+
+    g = sub.add_parser("generate", help="sample text from a model",
+                       description="Sample text. The prompt comes from --prompt, --prompt-file, or stdin ('-').")
+    g.add_argument("checkpoint", help="checkpoint folder, or a run folder (its best/ is used)")
+    src = g.add_mutually_exclusive_group()
+    src.add_argument("--prompt", "-p", help="prompt text (default: a newline); '-' reads it from stdin")
+    src.add_argument("--prompt-file", metavar="FILE", help="read the prompt from a file (as bytes)")
+    g.add_argument("--length", "-n", type=int, default=500, help="bytes to generate (default: 500)")
+    g.add_argument("--temperature", "-t", type=float, default=1.0, help="0 = greedy (default: 1.0)")
+    g.add_argument("--top-k", type=int, default=None, help="sample among the k most likely bytes only")
+    g.add_argument("--top-p", type=float, default=None, help="nucleus sampling: smallest set with this mass")
+    g.add_argument("--seed", type=int, default=None, help="random seed, for a repeatable sample")
+    g.add_argument("--raw", action="store_true", help="write raw bytes, not text (invalid UTF-8 kept as is)")
+    g.add_argument("--no-prompt", action="store_true", help="do not echo the prompt before the sample")
+    g.add_argument("--device", default="auto", help="auto, cpu or cuda")
+
+    s = sub.add_parser("score", help="log-probability of sentences or documents",
+                       description="Score each input line (or a whole file with --document): total log-probability "
+                                   "in nats and bits, and bits per character.")
+    s.add_argument("checkpoint", help="checkpoint folder, or a run folder (its best/ is used)")
+    s.add_argument("inputs", nargs="*", help="files to read (default: stdin; '-' is stdin)")
+    s.add_argument("--document", action="store_true", help="score each file as one text, streamed in pieces")
+    s.add_argument("--context", metavar="FILE", help="condition on this text first (default: one newline)")
+    s.add_argument("--no-eos", action="store_true", help="line mode: do not score the closing newline")
+    s.add_argument("--per-token", action="store_true", help="also list each byte's log-probability (JSON)")
+    s.add_argument("--json", action="store_true", help="one JSON object per line or document")
+    s.add_argument("--batch_size", "--batch-size", dest="batch_size", type=int, default=32,
+                   help="lines scored together (default: 32)")
+    s.add_argument("--device", default="auto", help="auto, cpu or cuda")
+
+    r = sub.add_parser("import-reference", help="convert a state dict from the reference code to a checkpoint",
+                       description="Convert a state dict saved by the reference SHA-RNN code "
+                                   "(torch.save(model.state_dict(), F) in its environment; its whole-model pickles "
+                                   "are refused because loading them can run code).")
+    r.add_argument("state_dict", help="a .pt file holding only the state dict")
+    r.add_argument("out", help="checkpoint folder to write")
+    r.add_argument("--vocab-from", metavar="DIR",
+                   help="the corpus the model was trained on (its train split gives the reference's symbol order)")
+    r.add_argument("--attn-span", type=int, default=5000, help="attention span (default: 5000, the paper's)")
+
+    c = sub.add_parser("collapse", help="store the attention value gates as constants (same outputs)")
+    c.add_argument("checkpoint", help="checkpoint folder, or a run folder (its best/ is used)")
+    c.add_argument("out", help="checkpoint folder to write")
     return p
 
 
@@ -178,7 +225,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     default_bsz = tcfg.test_batch_size if args.split == "test" else (tcfg.eval_batch_size or tcfg.batch_size)
     bsz = args.batch_size or default_bsz
     bptt = args.bptt or tcfg.bptt
-    res = evaluate(model, corpus.split(args.split), bsz, bptt, device, progress=not args.json, what=args.split)
+    res = evaluate(model, corpus.split(args.split), bsz, bptt, device, progress=not args.json, what=f"{args.split} split")
     if args.json:
         print(json.dumps({"checkpoint": str(ckpt), "data": data, "split": args.split, "loss": res.loss,
                           "bpc": res.bpc, "ppl": res.ppl, "predictions": res.predictions,
@@ -187,6 +234,125 @@ def cmd_eval(args: argparse.Namespace) -> int:
         print(f"{args.split}: loss {res.loss:.4f} nats | bpc {res.bpc:.4f} | ppl {res.ppl:.4f} | "
               f"{res.predictions:,} predictions in {bsz} streams, bptt {bptt} | {res.seconds:.1f} s "
               f"({res.predictions / max(res.seconds, 1e-9):,.0f} chars/s)")
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    import codecs
+
+    from .checkpoint import load_model
+    from .generate import generate_ids
+    from .train import resolve_device
+
+    model = load_model(args.checkpoint, resolve_device(args.device))
+    if args.prompt_file:
+        prompt = _read_bytes(args.prompt_file)
+    elif args.prompt == "-":
+        prompt = sys.stdin.buffer.read()
+    else:
+        prompt = (args.prompt if args.prompt is not None else "\n").encode("utf-8")
+    if not prompt:
+        raise SharnnError("the prompt is empty; give at least one byte")
+    ids = [int(i) for i in model.vocab.encode(prompt)]
+    # Bytes are printed as they come; an incremental decoder holds back an unfinished UTF-8 sequence and turns
+    # invalid bytes into U+FFFD, so the terminal never sees broken text.
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    out = sys.stdout.buffer if args.raw else sys.stdout
+
+    def emit(data: bytes, final: bool = False) -> None:
+        if args.raw:
+            sys.stdout.buffer.write(data)
+        else:
+            sys.stdout.write(decoder.decode(data, final))
+        out.flush()
+
+    if not args.no_prompt:
+        emit(prompt)
+    for token, _, _ in generate_ids(model, ids, args.length, args.temperature, args.top_k, args.top_p, args.seed):
+        emit(model.vocab.decode([token]))
+    emit(b"", final=True)
+    if not args.raw:
+        sys.stdout.write("\n")
+    return 0
+
+
+def _read_bytes(path: str) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as e:
+        raise SharnnError(f"cannot read {path}: {e.strerror}") from None
+
+
+def cmd_score(args: argparse.Namespace) -> int:
+    from .checkpoint import load_model
+    from .score import score_lines, score_stream
+    from .train import resolve_device
+
+    model = load_model(args.checkpoint, resolve_device(args.device))
+    context = _read_bytes(args.context) if args.context else b"\n"
+    if args.batch_size < 1:
+        raise SharnnError("--batch_size must be at least 1")
+    as_json = args.json or args.per_token
+    inputs = args.inputs or ["-"]
+
+    def report(name: str, score, text: bytes | None = None) -> None:  # noqa: ANN001
+        if as_json:
+            obj = {"input": name, "logprob": score.logprob, "log2prob": score.bits, "tokens": score.tokens,
+                   "bpc": score.bpc}
+            if text is not None:
+                obj["text"] = text.decode("utf-8", errors="replace")
+            if score.token_logprobs is not None:
+                obj["per_token"] = [{"token": model.vocab.decode([t]).decode("utf-8", errors="replace"),
+                                     "id": t, "logprob": lp} for t, lp in score.token_logprobs]
+            print(json.dumps(obj, ensure_ascii=False))
+        else:
+            shown = "\t" + (name if text is None else text.decode("utf-8", errors="replace"))
+            print(f"{score.logprob:.4f}\t{score.bits:.4f}\t{score.bpc:.4f}\t{score.tokens}{shown}")
+
+    if not as_json:
+        print("#logprob_nats\tlogprob_bits\tbpc\ttokens\t" + ("input" if args.document else "text"))
+    for name in inputs:
+        if args.document:
+            if name == "-":
+                score = score_stream(model, model.vocab, sys.stdin.buffer, context, args.per_token)
+            else:
+                try:
+                    f = open(name, "rb")
+                except OSError as e:
+                    raise SharnnError(f"cannot read {name}: {e.strerror}") from None
+                with f:
+                    score = score_stream(model, model.vocab, f, context, args.per_token)
+            report(name, score)
+        else:
+            data = sys.stdin.buffer.read() if name == "-" else _read_bytes(name)
+            lines = data.splitlines()
+            if not lines:
+                raise SharnnError(f"{'stdin' if name == '-' else name} has no lines to score")
+            scores = score_lines(model, model.vocab, lines, context, eos=not args.no_eos,
+                                 per_token=args.per_token, batch_size=args.batch_size)
+            for line, score in zip(lines, scores):
+                report(name, score, line)
+    return 0
+
+
+def cmd_import_reference(args: argparse.Namespace) -> int:
+    from .convert import import_reference
+    from .model import count_parameters
+
+    model = import_reference(args.state_dict, args.out, vocab_from=args.vocab_from, attn_span=args.attn_span)
+    print(f"imported {count_parameters(model):,} parameters ({model.cfg.vocab_size} symbols) into {args.out}")
+    return 0
+
+
+def cmd_collapse(args: argparse.Namespace) -> int:
+    from .checkpoint import load_model, save_checkpoint
+    from .model import count_parameters
+
+    model = load_model(args.checkpoint)
+    small = model.collapse()
+    save_checkpoint(args.out, small, vocab=model.vocab, progress={"collapsed_from": str(args.checkpoint)})
+    print(f"collapsed {count_parameters(model):,} -> {count_parameters(small):,} parameters into {args.out}")
     return 0
 
 
@@ -200,9 +366,16 @@ def cmd_data(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    # `score CKPT --document a.txt b.txt`: argparse cannot put file names after a flag into a positional list.
+    if extra and args.command == "score" and all(e == "-" or not e.startswith("-") for e in extra):
+        args.inputs += extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    commands = {"train": cmd_train, "eval": cmd_eval, "data": cmd_data, "generate": cmd_generate,
+                "score": cmd_score, "import-reference": cmd_import_reference, "collapse": cmd_collapse}
     try:
-        return {"train": cmd_train, "eval": cmd_eval, "data": cmd_data}[args.command](args)
+        return commands[args.command](args)
     except SharnnError as e:
         print(f"sharnn: error: {e}", file=sys.stderr)
         return 2

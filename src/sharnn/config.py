@@ -21,10 +21,8 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - exercised on Python 3.10 only
     import tomli as tomllib
 
-# Recurrent cores the table lists. Only the LSTM is implemented so far; the others are refused with a clear
-# message rather than silently replaced (see `SHARNNConfig.__post_init__`).
+# Recurrent cores the table lists (`--model`); model.py's `Block` builds the one named.
 RNN_CORES = ("LSTM", "GRU", "QRNN")
-IMPLEMENTED_CORES = ("LSTM",)
 OPTIMIZERS = ("lamb", "adam", "adamw", "sgd")
 
 
@@ -38,7 +36,11 @@ class SHARNNConfig:
     """Everything that shapes the network. Names follow the paper's parameter table."""
 
     vocab_size: int = _doc("vocabulary size: 256 for raw bytes", default=256)
-    model: str = _doc("recurrent core: LSTM (GRU and QRNN are not implemented yet)", default="LSTM")
+    model: str = _doc("recurrent core: LSTM, GRU or QRNN", default="LSTM")
+    qrnn_window: int = _doc(
+        "with --model QRNN: inputs each gate sees, 1 (x_t) or 2 (x_t and x_t-1, carried across segments)",
+        default=2,
+    )
     emsize: int = _doc("E: embedding and block width", default=1024)
     nhid: int = _doc("H: Boom feed-forward width, a multiple of emsize", default=4096)
     nlayers: int = _doc("number of blocks", default=4)
@@ -53,8 +55,14 @@ class SHARNNConfig:
         "fraction of embedding rows (whole tokens) dropped in training; the paper's run effectively used 0",
         default=0.1,
     )
-    wdrop: float = _doc("DropConnect on the RNN hidden-to-hidden weights (not implemented yet: only 0)", default=0.0)
+    wdrop: float = _doc(
+        "DropConnect on the RNN hidden-to-hidden weights in training (QRNN: on its input-to-gates weights)",
+        default=0.0,
+    )
     tied: bool = _doc("tie decoder and embedding weights", default=True)
+    collapsed_gate: bool = _doc(
+        "attention value gate stored as a constant (set by `sharnn collapse`; same outputs)", default=False
+    )
 
     def __post_init__(self) -> None:
         if self.vocab_size < 2:
@@ -68,10 +76,8 @@ class SHARNNConfig:
             )
         if self.model not in RNN_CORES:
             raise SharnnError(f"unknown --model {self.model!r}; choose one of {', '.join(RNN_CORES)}")
-        if self.model not in IMPLEMENTED_CORES:
-            raise SharnnError(f"--model {self.model} is not implemented yet; use --model LSTM")
-        if self.wdrop != 0:
-            raise SharnnError("--wdrop (DropConnect) is not implemented yet; use --wdrop 0")
+        if self.qrnn_window not in (1, 2):
+            raise SharnnError(f"--qrnn-window must be 1 or 2, got {self.qrnn_window}")
         bad = [i for i in self.attn_layers if not 0 <= i < self.nlayers]
         if bad:
             raise SharnnError(f"attn_layers {bad} out of range for nlayers={self.nlayers} (0..{self.nlayers - 1})")
@@ -79,7 +85,7 @@ class SHARNNConfig:
             raise SharnnError(f"attn_layers {list(self.attn_layers)} lists a block twice")
         if self.attn_span < 1:
             raise SharnnError(f"attn_span={self.attn_span} must be at least 1")
-        for name in ("dropout", "dropouth", "dropouti", "dropoute"):
+        for name in ("dropout", "dropouth", "dropouti", "dropoute", "wdrop"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise SharnnError(f"--{name} must be in [0, 1), got {getattr(self, name)}")
 

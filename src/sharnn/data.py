@@ -182,7 +182,7 @@ class Streams:
     def segment(self, i: int, seq_len: int, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
         """Inputs and targets, both (T, B) int64, for positions i .. i+T-1 of every stream."""
         seq_len = min(seq_len, self.n - 1 - i)
-        chunk = torch.from_numpy(np.ascontiguousarray(self.view[:, i : i + seq_len + 1])).long()  # (B, T+1)
+        chunk = torch.from_numpy(np.array(self.view[:, i : i + seq_len + 1])).long()  # (B, T+1), a copy
         chunk = chunk.t().contiguous().to(device, non_blocking=True)
         return chunk[:-1], chunk[1:]
 

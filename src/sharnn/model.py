@@ -1,8 +1,8 @@
 """The SHA-RNN network: Stephen Merity, "Single Headed Attention RNN: Stop Thinking With Your Head" (2019).
 
-Every block is LayerNorm -> LSTM -> (single-head attention, in some blocks) -> "Boom" feed-forward. The
-recurrent state and the attention memory are explicit values passed in and returned, never module
-attributes, so evaluation, generation, scoring and export share one `forward`.
+Every block is LayerNorm -> LSTM (or GRU, or QRNN: `--model`) -> (single-head attention, in some blocks) ->
+"Boom" feed-forward. The recurrent state and the attention memory are explicit values passed in and returned,
+never module attributes, so evaluation, generation, scoring and export share one `forward`.
 
 Shape legend (sequence-first, as in BPTT batching):
     T  segment length          B  batch (parallel streams)     E  emsize
@@ -19,7 +19,9 @@ are the same; for the paper's T = 1024, M = 5000 they differ only in the oldest 
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+import os
+from dataclasses import replace
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -29,7 +31,9 @@ from .config import SHARNNConfig
 
 
 class BlockState(NamedTuple):
-    rnn: tuple[Tensor, ...]  # the core's state: (h, c) for an LSTM; each (1, B, E)
+    # The core's state, each (1, B, E): (h, c) for an LSTM, (h,) for a GRU; for a QRNN (c, x_last) with
+    # qrnn_window 2 (x_last: the last input, which the next segment's convolution sees) and (c,) with 1.
+    rnn: tuple[Tensor, ...]
     memory: Tensor | None  # (m, B, E) earlier attention inputs (after lnmem), m <= M-1; None without attention
 
 
@@ -91,13 +95,21 @@ class Attention(nn.Module):
         # Gates start at 0, i.e. sigmoid(0) = 0.5 on every channel.
         self.qs = nn.Parameter(torch.zeros(1, 1, E))
         self.ks = nn.Parameter(torch.zeros(1, 1, E))
-        self.vs = nn.Parameter(torch.zeros(1, 1, E))
         self.q = nn.Linear(E, E)
         self.qln = nn.LayerNorm(E, eps=1e-12)
-        self.vq = Overparam(E)
+        if cfg.collapsed_gate:
+            # Inference form: Overparam(sigmoid(vs)) depends on no input, so it is stored as one vector.
+            self.vgate = nn.Parameter(torch.ones(1, 1, E))
+        else:
+            self.vs = nn.Parameter(torch.zeros(1, 1, E))
+            self.vq = Overparam(E)
         self.drop = nn.Dropout(cfg.dropouth)
         self.dropout_p = cfg.dropouth
         self.span = cfg.attn_span
+
+    def value_gate(self) -> Tensor:
+        """(1, 1, E) the values' gate: Overparam(sigmoid(vs)), or its stored constant once collapsed."""
+        return self.vgate if hasattr(self, "vgate") else self.vq(torch.sigmoid(self.vs))
 
     def forward(self, h: Tensor, big: Tensor, mem_len: int) -> Tensor:
         """Attend from the segment to memory + segment.
@@ -112,7 +124,7 @@ class Attention(nn.Module):
         T, K = h.shape[0], big.shape[0]
         q = torch.sigmoid(self.qs) * self.qln(self.q(h))  # (T, B, E)
         k = torch.sigmoid(self.ks) * big  # (K, B, E)
-        v = self.vq(torch.sigmoid(self.vs)) * big  # (K, B, E)
+        v = self.value_gate() * big  # (K, B, E)
         q, v = self.drop(q), self.drop(v)
         # Query i sits at key position mem_len + i and sees keys j with i' - M < j <= i' (sliding window).
         qpos = torch.arange(T, device=h.device) + mem_len
@@ -129,14 +141,91 @@ class Attention(nn.Module):
         return mix.squeeze(1).permute(1, 0, 2)  # (T, B, E)
 
 
+def forget_mult(f: Tensor, z: Tensor, c0: Tensor) -> Tensor:
+    """The QRNN's fo-pooling recurrence c_t = f_t * c_{t-1} + (1 - f_t) * z_t, all t at once.
+
+    Args:
+        f: (T, B, E) forget gates in [0, 1].
+        z: (T, B, E) candidate values.
+        c0: (1, B, E) the cell before the segment.
+    Returns:
+        (T, B, E) every c_t.
+
+    A two-level scan rather than T Python steps: time is cut into n chunks of K ~ sqrt(T) steps; the K steps
+    run in every chunk side by side from a zero cell, keeping the running product of the gates; then n steps
+    carry each chunk's last cell into the next, and c_t = local_t + product_t * carry. That is ~2 sqrt(T)
+    small ops instead of T, on CPU and GPU alike. Only products of numbers in [0, 1] and sums appear: no
+    division by a cumulative product and no logarithm, so a tiny f cannot overflow anything (a product that
+    underflows to 0 is the right limit).
+    """
+    T, B, E = f.shape
+    K = math.isqrt(T - 1) + 1  # ceil(sqrt(T))
+    n = -(-T // K)
+    b = (1 - f) * z
+    if n * K > T:  # identity steps (f = 1, b = 0) after the end change nothing before it
+        f = torch.cat([f, f.new_ones(n * K - T, B, E)])
+        b = torch.cat([b, b.new_zeros(n * K - T, B, E)])
+    f, b = f.reshape(n, K, B, E), b.reshape(n, K, B, E)
+    local, prod = [b[:, 0]], [f[:, 0]]  # each (n, B, E)
+    for k in range(1, K):  # inside every chunk at once, from a zero cell
+        local.append(torch.addcmul(b[:, k], f[:, k], local[-1]))
+        prod.append(f[:, k] * prod[-1])
+    local_all, prod_all = torch.stack(local, 1), torch.stack(prod, 1)  # (n, K, B, E)
+    carry = [c0[0]]  # the cell each chunk starts from, (B, E)
+    for j in range(n - 1):
+        carry.append(torch.addcmul(local_all[j, -1], prod_all[j, -1], carry[-1]))
+    c = torch.addcmul(local_all, prod_all, torch.stack(carry)[:, None])  # (n, K, B, E)
+    return c.reshape(n * K, B, E)[:T]
+
+
+class QRNN(nn.Module):
+    """Quasi-recurrent core with fo-pooling (Bradbury et al. 2016, "Quasi-Recurrent Neural Networks").
+
+        [z, f, o] = Linear([x_t, x_{t-1}])        a causal convolution over time (window 1: x_t alone)
+        c_t = f_t * c_{t-1} + (1 - f_t) * z_t      z = tanh(.), f = o = sigmoid(.)
+        h_t = o_t * c_t
+
+    The matmul runs once for the whole segment; only the elementwise `forget_mult` runs along time. State
+    (c, x_last) for window 2, (c,) for window 1, each (1, B, E): x_last is the previous segment's last input,
+    so segments joined by the state equal one long segment. DropConnect (`wdrop`) masks `linear.weight`, as
+    AWD-LSTM did for its QRNN: there is no hidden-to-hidden matrix.
+    """
+
+    def __init__(self, cfg: SHARNNConfig):
+        super().__init__()
+        self.window = cfg.qrnn_window
+        self.linear = nn.Linear(self.window * cfg.emsize, 3 * cfg.emsize)  # [x_t, x_{t-1}] -> [z, f, o]
+        self.wdrop = cfg.wdrop
+
+    def forward(self, x: Tensor, state: tuple[Tensor, ...]) -> tuple[Tensor, tuple[Tensor, ...]]:
+        """(T, B, E) from `state` -> (T, B, E) outputs h and the next state."""
+        if self.window == 2:
+            x_prev = torch.cat([state[1], x[:-1]])  # (T, B, E): x_{t-1}, the first one from the last segment
+            inputs = torch.cat([x, x_prev], dim=-1)  # (T, B, 2E)
+        else:
+            inputs = x
+        weight = self.linear.weight
+        if self.training and self.wdrop > 0:
+            weight = F.dropout(weight, self.wdrop)  # a fresh mask per call; the parameter stays unmasked
+        z, f, o = F.linear(inputs, weight, self.linear.bias).chunk(3, dim=-1)
+        c = forget_mult(torch.sigmoid(f), torch.tanh(z), state[0])  # (T, B, E)
+        h = torch.sigmoid(o) * c
+        # Copies, not views: a carried view would keep the whole segment's tensors alive.
+        last = (c[-1:].clone(), x[-1:].clone())
+        return h, last[: self.window]
+
+
 class Block(nn.Module):
-    """LN -> LSTM (output replaces h) -> [attention, residual] -> Boom (residual on lnff(h))."""
+    """LN -> recurrent core (output replaces h) -> [attention, residual] -> Boom (residual on lnff(h))."""
 
     def __init__(self, cfg: SHARNNConfig, use_attn: bool):
         super().__init__()
         E = cfg.emsize
         self.lnstart = nn.LayerNorm(E, eps=1e-12)
-        self.rnn = nn.LSTM(E, E)
+        # The core. LSTM and GRU are PyTorch's, with the reference checkpoint's names (rnn.weight_ih_l0, ...).
+        self.rnn: nn.Module = QRNN(cfg) if cfg.model == "QRNN" else getattr(nn, cfg.model)(E, E)
+        self.rnn_state_len = {"LSTM": 2, "GRU": 1, "QRNN": cfg.qrnn_window}[cfg.model]  # len(BlockState.rnn)
+        self.wdrop = cfg.wdrop
         self.drop = nn.Dropout(cfg.dropouth)
         self.attn = Attention(cfg) if use_attn else None
         if use_attn:
@@ -147,9 +236,37 @@ class Block(nn.Module):
         self.ff = Boom(cfg)
         self.span = cfg.attn_span
 
+    def run_rnn(self, x: Tensor, state: tuple[Tensor, ...]) -> tuple[Tensor, tuple[Tensor, ...]]:
+        """The core on (T, B, E) from its state -> (T, B, E) output and its next state (a tuple, as stored)."""
+        # Only the LSTM and GRU use wdrop here; the QRNN masks its own weight.
+        if isinstance(self.rnn, QRNN):
+            return self.rnn(x, state)
+        lstm = isinstance(self.rnn, nn.LSTM)
+        hx = state if lstm else state[0]
+        if self.training and self.wdrop > 0:
+            # torch.lstm / torch.gru are the ops nn.LSTM / nn.GRU call, here given the DropConnect weights.
+            run = torch.lstm if lstm else torch.gru
+            y, *new = run(x, hx, self._dropconnect_weights(), True, 1, 0.0, True, False, False)
+            return y, tuple(new)
+        y, new = self.rnn(x, hx)
+        return y, tuple(new) if lstm else (new,)
+
+    def _dropconnect_weights(self) -> list[Tensor]:
+        """The core's weights with a fresh DropConnect mask on weight_hh_l0 (AWD-LSTM's WeightDrop).
+
+        The parameters themselves stay unmasked, so a checkpoint never holds a masked matrix. The weights come
+        back as views of one new buffer in the parameters' order (w_ih, w_hh, b_ih, b_hh), the layout cuDNN
+        takes as is; separate tensors would make it warn ("RNN module weights are not part of single
+        contiguous chunk of memory") and repack them on every call.
+        """
+        named = self.rnn.named_parameters()
+        ws = [F.dropout(w, self.wdrop) if name == "weight_hh_l0" else w for name, w in named]
+        flat = torch.cat([w.reshape(-1) for w in ws])
+        return [v.view_as(w) for v, w in zip(flat.split([w.numel() for w in ws]), ws)]
+
     def forward(self, h: Tensor, state: BlockState) -> tuple[Tensor, BlockState]:
         """(T, B, E) -> (T, B, E). Reads `state`, never mutates it; returns the next one."""
-        x, (hn, cn) = self.rnn(self.lnstart(h), state.rnn)
+        x, rnn_state = self.run_rnn(self.lnstart(h), state.rnn)
         h = self.drop(x)  # the core's output replaces h: no residual around the RNN (as in the paper)
         memory = state.memory
         if self.attn is not None:
@@ -160,7 +277,7 @@ class Block(nn.Module):
             memory = big[big.shape[0] - min(big.shape[0], self.span - 1):]  # the last M-1 rows stay visible
         h, u = self.lnff(h), self.lnxff(h)
         h = h + self.drop(self.ff(u))  # residual base is lnff(h), not h
-        return h, BlockState((hn, cn), memory)
+        return h, BlockState(rnn_state, memory)
 
 
 class SHARNN(nn.Module):
@@ -174,17 +291,20 @@ class SHARNN(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg, i in cfg.attn_layers) for i in range(cfg.nlayers))
         self.drop = nn.Dropout(cfg.dropout)
         self.decoder = nn.Linear(cfg.emsize, cfg.vocab_size)
+        self.vocab: Any = None  # set by the checkpoint loader: how bytes map to ids (sharnn.vocab.Vocab)
         self.apply(self._init_weights)
         if cfg.tied:
             self.decoder.weight = self.encoder.weight
 
     def _init_weights(self, module: nn.Module) -> None:
         # The reference's init: N(0, (0.1/sqrt(E))^2) for every Linear and Embedding weight, zero biases.
-        # LayerNorms keep weight 1, bias 0; the LSTM keeps PyTorch's default uniform init.
+        # LayerNorms keep weight 1, bias 0; the recurrent cores keep PyTorch's default uniform init.
         if isinstance(module, (nn.Linear, nn.Embedding)):
             nn.init.normal_(module.weight, mean=0.0, std=0.1 / math.sqrt(self.cfg.emsize))
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
+        if isinstance(module, QRNN):  # `apply` visits it after its Linear: back to PyTorch's default init
+            module.linear.reset_parameters()
 
     def initial_state(self, batch_size: int, device: torch.device | str | None = None) -> State:
         """Zero RNN state and empty attention memory for `batch_size` streams."""
@@ -192,7 +312,7 @@ class SHARNN(nn.Module):
         E, dtype = self.cfg.emsize, self.encoder.weight.dtype
         zeros = lambda *s: torch.zeros(*s, device=device, dtype=dtype)  # noqa: E731
         return tuple(
-            BlockState((zeros(1, batch_size, E), zeros(1, batch_size, E)),
+            BlockState(tuple(zeros(1, batch_size, E) for _ in range(b.rnn_state_len)),
                        zeros(0, batch_size, E) if b.attn is not None else None)
             for b in self.blocks
         )
@@ -231,6 +351,42 @@ class SHARNN(nn.Module):
         if targets is not None:
             loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1))
         return SHARNNOutput(logits, loss, tuple(new_state), h, dropped)
+
+    # --- conveniences for using a trained model; the work is done in generate.py and checkpoint.py ---------
+    # (imported inside the methods: those modules import this one)
+
+    def generate(self, prompt: bytes | str = b"\n", length: int = 200, **kw: Any) -> Any:
+        """Continue `prompt`; see `sharnn.generate.generate` (temperature, top_k, top_p, seed, state, logits)."""
+        from .generate import generate
+
+        return generate(self, prompt, length, **kw)
+
+    def save_pretrained(self, directory: str | os.PathLike) -> None:
+        """Write weights (safetensors) and config.json into `directory`, Hugging Face Hub style."""
+        from .checkpoint import save_checkpoint
+
+        save_checkpoint(directory, self, vocab=self.vocab)
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str | os.PathLike, device: torch.device | str = "cpu") -> SHARNN:
+        """Load from a local folder (a checkpoint or a run), or a Hugging Face Hub repository id."""
+        from .checkpoint import load_pretrained
+
+        return load_pretrained(name_or_path, device)
+
+    def collapse(self) -> SHARNN:
+        """A copy whose attention value gates are stored constants: same outputs, fewer parameters."""
+        if self.cfg.collapsed_gate:
+            return self
+        new = SHARNN(replace(self.cfg, collapsed_gate=True)).to(self.encoder.weight.device)
+        new.vocab = self.vocab
+        state = {k: v for k, v in self.state_dict().items() if ".attn.vq." not in k and not k.endswith(".attn.vs")}
+        with torch.no_grad():
+            for i, block in enumerate(self.blocks):
+                if block.attn is not None:
+                    state[f"blocks.{i}.attn.vgate"] = block.attn.value_gate().detach().clone()
+        new.load_state_dict(state)
+        return new.train(self.training)
 
 
 def detach_state(state: State) -> State:

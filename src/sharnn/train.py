@@ -31,7 +31,7 @@ from .config import SHARNNConfig, TrainConfig
 from .data import Corpus, Streams, load_corpus, train_segments
 from .errors import SharnnError
 from .evaluate import EvalResult, evaluate
-from .generate import sample as sample_text
+from .generate import generate
 from .model import SHARNN, BlockState, SHARNNOutput, State, count_parameters, detach_state
 from .optim import build_optimizer, lr_at, set_lr
 
@@ -184,9 +184,9 @@ def train(model_cfg: SHARNNConfig, cfg: TrainConfig, quiet: bool = False,
     log.record("final", valid_bpc=valid.bpc, test_bpc=test.bpc, valid_loss=valid.loss, test_loss=test.loss)
     text = b""
     if cfg.sample:
-        prompt = bytes(corpus.test[:64])
-        text, _ = sample_text(final_model, prompt, cfg.sample, temperature=0.8, seed=cfg.seed)
-        text = prompt + text
+        prompt = corpus.vocab.decode(corpus.test[:64])
+        text = prompt + generate(final_model, prompt, cfg.sample, temperature=0.8, seed=cfg.seed,
+                                 vocab=corpus.vocab).data
     return TrainResult(run_dir, loop.step, loop.epochs_done, loop.seconds, loop.chars_per_s,
                        loop.best_bpc, valid, test, text)
 

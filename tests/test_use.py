@@ -1,0 +1,290 @@
+"""Using a trained model: generate, score, safe checkpoints, save/load_pretrained, reference import, collapse."""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import pickle
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from sharnn.checkpoint import load_model, save_checkpoint
+from sharnn.cli import main
+from sharnn.config import SHARNNConfig
+from sharnn.convert import import_reference, reference_vocab
+from sharnn.errors import SharnnError
+from sharnn.evaluate import evaluate
+from sharnn.generate import filter_logits, generate
+from sharnn.model import SHARNN, count_parameters
+from sharnn.score import score_lines, score_stream
+from sharnn.vocab import BYTES, Vocab
+
+
+@pytest.fixture
+def model(tiny_config: SHARNNConfig) -> SHARNN:
+    torch.manual_seed(0)
+    m = SHARNN(replace(tiny_config, attn_span=12)).eval()
+    with torch.no_grad():  # make the gates non-trivial so that collapse/import checks mean something
+        m.blocks[1].attn.vs.normal_()
+        m.blocks[1].attn.qs.normal_()
+    return m
+
+
+@pytest.fixture
+def ckpt(model: SHARNN, tmp_path: Path) -> Path:
+    return save_checkpoint(tmp_path / "ckpt", model)
+
+
+# --- generation -----------------------------------------------------------------------------------------------
+
+
+def test_filter_logits() -> None:
+    logits = torch.tensor([3.0, 1.0, 2.0, 0.0])
+    assert torch.isinf(filter_logits(logits, top_k=2)).tolist() == [False, True, False, True]
+    p = logits.softmax(-1)  # 0.644, 0.087, 0.237, 0.032
+    kept = ~torch.isinf(filter_logits(logits, top_p=0.7))
+    assert kept.tolist() == [True, False, True, False]  # 0.644 < 0.7, so the second most likely stays
+    assert (~torch.isinf(filter_logits(logits, top_p=0.5))).tolist() == [True, False, False, False]
+    assert p[0] > 0.5
+
+
+def test_generate_is_seeded_and_continues(model: SHARNN) -> None:
+    a = generate(model, b"hello", 30, seed=3)
+    assert a == a._replace() and generate(model, b"hello", 30, seed=3).data == a.data
+    assert len(a.data) == 30
+    greedy = generate(model, b"hello", 40, temperature=0)
+    first = generate(model, b"hello", 15, temperature=0)
+    rest = generate(model, b"", 25, temperature=0, state=first.state, logits=first.logits)
+    assert first.data + rest.data == greedy.data
+    assert model.generate("hello", 40, temperature=0).data == greedy.data  # the method is the same function
+
+
+def test_generation_state_equals_one_pass(model: SHARNN) -> None:
+    # Priming in one pass then feeding tokens one at a time must match one pass over the whole text.
+    g = generate(model, b"the prompt", 20, seed=1)
+    whole = torch.tensor(list(b"the prompt" + g.data)).unsqueeze(1)
+    with torch.no_grad():
+        out = model(whole)
+    assert torch.allclose(out.logits[-1, 0], g.logits, atol=1e-5)
+    assert torch.allclose(out.state[1].memory, g.state[1].memory, atol=1e-5)
+    assert g.state[1].memory.shape[0] == 11  # bounded by the span (12) - 1, never the whole history
+
+
+def test_generate_cli_streams_and_is_safe_with_bad_utf8(ckpt: Path, tmp_path: Path, capsys) -> None:
+    prompt = tmp_path / "p.bin"
+    prompt.write_bytes(b"\xff\xfeab")
+    assert main(["generate", str(ckpt), "--prompt-file", str(prompt), "-n", "50", "--seed", "2"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("\ufffd\ufffdab") and out.endswith("\n")
+    assert main(["generate", str(ckpt), "--prompt", "x", "-n", "50", "--seed", "2", "--top-k", "5",
+                 "--top-p", "0.9", "--temperature", "0.7"]) == 0
+    assert main(["generate", str(ckpt), "--prompt", "x", "-n", "0", "--top-k", "0"]) == 2
+    assert "top-k" in capsys.readouterr().err
+
+
+def test_generate_cli_raw_and_stdin(ckpt: Path, monkeypatch, capfdbinary) -> None:
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(b"from stdin")))
+    assert main(["generate", str(ckpt), "--prompt", "-", "-n", "20", "--seed", "4", "--raw", "--no-prompt"]) == 0
+    raw = capfdbinary.readouterr().out
+    assert len(raw) == 20
+    want = generate(load_model(ckpt), b"from stdin", 20, seed=4).data
+    assert raw == want
+
+
+# --- scoring ---------------------------------------------------------------------------------------------------
+
+
+def by_hand(model: SHARNN, context: bytes, text: bytes) -> float:
+    ids = torch.tensor(list(context + text)).unsqueeze(1)
+    with torch.no_grad():
+        lp = F.log_softmax(model(ids[:-1]).logits, -1)[:, 0]
+    n = len(text)
+    return float(lp[-n:].gather(-1, ids[-n:, :1]).sum())
+
+
+def test_score_lines_match_hand_computation(model: SHARNN) -> None:
+    lines = [b"a short one", b"", b"and a somewhat longer line of text", b"x"]
+    scores = list(score_lines(model, BYTES, lines, per_token=True, batch_size=3))
+    for line, s in zip(lines, scores):
+        assert s.tokens == len(line) + 1
+        assert s.logprob == pytest.approx(by_hand(model, b"\n", line + b"\n"), abs=1e-4)
+        assert sum(lp for _, lp in s.token_logprobs) == pytest.approx(s.logprob, abs=1e-6)
+        assert s.bpc == pytest.approx(-s.logprob / math.log(2) / s.tokens)
+    one_by_one = [next(iter(score_lines(model, BYTES, [line]))).logprob for line in lines]
+    assert one_by_one == pytest.approx([s.logprob for s in scores], abs=1e-4)  # padding never leaks
+    ctx = list(score_lines(model, BYTES, [b"the end"], context=b"some context\n", eos=False))[0]
+    assert ctx.logprob == pytest.approx(by_hand(model, b"some context\n", b"the end"), abs=1e-4)
+
+
+def test_score_document_matches_eval_and_streams(model: SHARNN) -> None:
+    doc = b"A document of several lines.\nIt keeps going for a while, " * 5
+    whole = score_stream(model, BYTES, io.BytesIO(doc))
+    pieces = score_stream(model, BYTES, io.BytesIO(doc), read_bytes=7, chunk=5)
+    assert whole.logprob == pytest.approx(pieces.logprob, abs=1e-3)
+    ev = evaluate(model, np.frombuffer(b"\n" + doc, dtype=np.uint8), 1, 16)
+    assert ev.predictions == whole.tokens == len(doc)
+    assert whole.bpc == pytest.approx(ev.bpc, rel=1e-5)
+    with pytest.raises(SharnnError, match="empty"):
+        score_stream(model, BYTES, io.BytesIO(b""))
+
+
+def test_score_cli(ckpt: Path, tmp_path: Path, capsys) -> None:
+    f = tmp_path / "in.txt"
+    f.write_bytes(b"first line\nsecond line\n")
+    assert main(["score", str(ckpt), str(f), "--per-token"]) == 0
+    rows = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    assert [r["text"] for r in rows] == ["first line", "second line"]
+    assert len(rows[0]["per_token"]) == 11 and rows[0]["per_token"][-1]["token"] == "\n"
+    assert rows[0]["log2prob"] == pytest.approx(rows[0]["logprob"] / math.log(2))
+    assert main(["score", str(ckpt), "--document", str(f), str(f), "--json"]) == 0
+    docs = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    assert len(docs) == 2 and docs[0]["tokens"] == f.stat().st_size
+    assert main(["score", str(ckpt), str(tmp_path / "missing.txt")]) == 2
+
+
+# --- checkpoints -------------------------------------------------------------------------------------------------
+
+
+class _Evil:
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_crafted_pickles_never_run(ckpt: Path, tmp_path: Path, capsys) -> None:
+    marker = tmp_path / "PWNED"
+    evil = tmp_path / "evil.pt"
+    torch.save({"x": _Evil(marker)}, evil)
+    with open(tmp_path / "plain.pkl", "wb") as f:
+        pickle.dump(_Evil(marker), f)
+    # as a reference state dict
+    assert main(["import-reference", str(evil), str(tmp_path / "out")]) == 2
+    assert "refusing" in capsys.readouterr().err
+    # as a checkpoint path, and hidden inside a checkpoint as its weights or its training state
+    assert main(["eval", str(tmp_path / "plain.pkl"), "--data", str(evil)]) == 2
+    (ckpt / "train_state.pt").write_bytes(evil.read_bytes())
+    from sharnn.checkpoint import load_train_state
+
+    with pytest.raises(SharnnError, match="refusing"):
+        load_train_state(ckpt)
+    (ckpt / "model.safetensors").write_bytes(evil.read_bytes())
+    with pytest.raises(SharnnError, match="corrupt"):
+        load_model(ckpt)
+    assert not marker.exists()
+
+
+def test_save_and_from_pretrained(model: SHARNN, tmp_path: Path) -> None:
+    model.save_pretrained(tmp_path / "pre")
+    again = SHARNN.from_pretrained(tmp_path / "pre")
+    x = torch.randint(0, 256, (9, 2))
+    assert torch.equal(again.eval()(x).logits, model(x).logits)
+    assert again.vocab == BYTES
+    with pytest.raises(SharnnError, match="neither a local folder"):
+        SHARNN.from_pretrained(tmp_path / "nope" / "deeper")
+
+
+def test_collapse_keeps_outputs(model: SHARNN, ckpt: Path, tmp_path: Path, capsys) -> None:
+    small = model.collapse()
+    x = torch.randint(0, 256, (9, 2))
+    assert torch.allclose(small(x).logits, model(x).logits, atol=1e-6)
+    assert count_parameters(small) == count_parameters(model) - (16 * 32 + 32 + 16) + 16
+    assert main(["collapse", str(ckpt), str(tmp_path / "c")]) == 0
+    loaded = load_model(tmp_path / "c")
+    assert loaded.cfg.collapsed_gate and torch.allclose(loaded.eval()(x).logits, model(x).logits, atol=1e-6)
+
+
+# --- the reference's naming ---------------------------------------------------------------------------------
+
+
+def reference_forward(sd: dict[str, torch.Tensor], tokens: torch.Tensor, nlayers: int, attn: set[int]) -> torch.Tensor:
+    """The paper's forward pass written out from the reference's state dict, independently of sharnn.model."""
+    E = sd["encoder.weight"].shape[1]
+
+    def ln(x: torch.Tensor, name: str) -> torch.Tensor:
+        return F.layer_norm(x, (E,), sd[f"{name}.weight"], sd[f"{name}.bias"], eps=1e-12)
+
+    h = sd["encoder.weight"][tokens]  # (T, B, E)
+    T = h.shape[0]
+    for i in range(nlayers):
+        p = f"blocks.{i}."
+        lstm = torch.nn.LSTM(E, E)
+        lstm.load_state_dict({k: sd[p + "rnn." + k] for k in ("weight_ih_l0", "weight_hh_l0", "bias_ih_l0", "bias_hh_l0")})
+        h, _ = lstm(ln(h, p + "lnstart"))
+        if i in attn:
+            mh, h = ln(h, p + "lnmem"), ln(h, p + "lnmid")
+            q = F.layer_norm(F.linear(h, sd[p + "attn.q.weight"], sd[p + "attn.q.bias"]), (E,),
+                             sd[p + "attn.qln.weight"], sd[p + "attn.qln.bias"], eps=1e-12)
+            c, f = F.linear(torch.sigmoid(sd[p + "attn.vs"]), sd[p + "attn.vq.l1.weight"], sd[p + "attn.vq.l1.bias"]).chunk(2, -1)
+            q = torch.sigmoid(sd[p + "attn.qs"]) * q
+            k = torch.sigmoid(sd[p + "attn.ks"]) * mh
+            v = torch.sigmoid(f) * torch.tanh(c) * mh
+            scores = torch.einsum("tbe,sbe->bts", q, k) / math.sqrt(E)
+            scores = scores + torch.full((T, T), float("-inf")).triu(1)
+            h = h + torch.einsum("bts,sbe->tbe", scores.softmax(-1), v)
+        h, x = ln(h, p + "lnff"), ln(h, p + "lnxff")
+        u = F.linear(x, sd[p + "ff.linear1.weight"], sd[p + "ff.linear1.bias"])
+        u = u * torch.sigmoid(1.702 * u)
+        h = h + u.view(T, -1, u.shape[-1] // E, E).sum(-2)
+    return F.linear(h, sd["encoder.weight"], sd["decoder.bias"])
+
+
+def test_import_reference(tmp_path: Path, capsys) -> None:
+    # A corpus with 10 distinct bytes; the reference numbers them by frequency over train, ties by first appearance.
+    train = b"bb\naaab\ncc\nz" * 30 + b"yxwvu"
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "train.txt").write_bytes(train)
+    (corpus / "valid.txt").write_bytes(b"abc\nab")
+    (corpus / "test.txt").write_bytes(b"cab\nba")
+    vocab = reference_vocab(np.frombuffer(train, dtype=np.uint8))
+    assert vocab.symbols == ("98", "<eos>", "97", "99", "122", "121", "120", "119", "118", "117")
+
+    torch.manual_seed(5)
+    cfg = SHARNNConfig(vocab_size=10, emsize=16, nhid=48, nlayers=3, attn_layers=(1,), dropoute=0.0)
+    source = SHARNN(cfg)
+    with torch.no_grad():
+        source.blocks[1].attn.vs.normal_()
+        source.blocks[1].attn.ks.normal_()
+    sd = {k: v.clone() for k, v in source.state_dict().items()}
+    sd["blocks.1.attn.qkvs"] = torch.zeros(1, 3, 16)  # unused by the reference's forward
+    sd["blocks.1.attn.r_gate"] = torch.ones(1, 1, 16)
+    for i in range(3):
+        sd[f"blocks.{i}.lnout.weight"], sd[f"blocks.{i}.lnout.bias"] = torch.ones(16), torch.zeros(16)
+    path = tmp_path / "ref.pt"
+    torch.save(sd, path)
+
+    assert main(["import-reference", str(path), str(tmp_path / "imported"), "--vocab-from", str(corpus)]) == 0
+    assert "imported 10,394 parameters" in capsys.readouterr().out
+    imported = load_model(tmp_path / "imported").eval()
+    assert imported.vocab == vocab
+    ids = torch.from_numpy(vocab.encode(b"ab\ncab\nzz").astype(np.int64)).unsqueeze(1)
+    want = reference_forward(sd, ids, 3, {1})
+    assert torch.allclose(imported(ids).logits, want, atol=1e-5)
+
+    # Byte text is read through the table: eval and score work on the imported model.
+    assert main(["eval", str(tmp_path / "imported"), "--data", str(corpus), "--split", "valid", "--json",
+                 "--batch_size", "2"]) == 0
+    assert math.isfinite(json.loads(capsys.readouterr().out)["bpc"])
+    # Without --vocab-from the symbol order is unknown, and a different corpus is refused.
+    assert main(["import-reference", str(path), str(tmp_path / "x")]) == 2
+    other = tmp_path / "other.txt"
+    other.write_bytes(bytes(range(256)) * 10)
+    assert main(["import-reference", str(path), str(tmp_path / "x"), "--vocab-from", str(other)]) == 2
+    assert "distinct symbols" in capsys.readouterr().err
+
+
+def test_table_vocab_round_trip() -> None:
+    v = Vocab("table", ("<eos>", "97", "98"))
+    ids = v.encode(b"ab\nba")
+    assert ids.tolist() == [1, 2, 0, 2, 1] and v.decode(ids) == b"ab\nba"
+    with pytest.raises(SharnnError, match="lacks"):
+        v.encode(b"abc")
+    assert Vocab.from_dict(v.to_dict()) == v
