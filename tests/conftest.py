@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
+
+# Tiny models run fastest on one thread, and a busy machine (CI shares its cores) makes several OpenMP threads
+# spin against each other: one thread here and in the subprocesses tests start.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+torch.set_num_threads(1)
 
 from sharnn.config import SHARNNConfig
 

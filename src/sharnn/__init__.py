@@ -1,0 +1,8 @@
+"""sharnn: the Single Headed Attention RNN (Merity 2019) — model, training, evaluation, generation, scoring."""
+
+from .config import SHARNNConfig, TrainConfig
+from .errors import SharnnError
+from .model import SHARNN, BlockState, SHARNNOutput, State
+
+__all__ = ["SHARNN", "SHARNNConfig", "TrainConfig", "SharnnError", "BlockState", "SHARNNOutput", "State"]
+__version__ = "0.1.0"

@@ -1,21 +1,30 @@
 """Checkpoints: a folder that can be read back without running any code from it.
 
-    <ckpt>/config.json        format marker, SHARNNConfig, vocabulary, progress (epoch, step, best bpc)
+    <ckpt>/config.json        format marker, SHARNNConfig, vocabulary, progress (epoch, step, best bpc), and the
+                              size and SHA-256 of every other file (written last: truncation or corruption shows)
            train_config.json  the resolved TrainConfig of the run that wrote it
            model.safetensors  weights (tensors only; tied weights stored once)
            train_state.pt     optimizer, RNG states, data position, carried RNN state and memory; written with
                               torch.save but only ever read with weights_only=True (no arbitrary unpickling)
 
-A run folder (`--save`) holds `best/` (best validation bpc, the paper's rule) and `last/` (latest, for resume).
-Each checkpoint is written to a temporary folder and renamed into place, so a crash while saving leaves the
-previous one readable.
+A run folder (`--save`) holds `best/` (best validation bpc, the paper's rule), `last/` (latest, for resume) and,
+with `--keep K`, the newest K periodic checkpoints `step-NNNNNN/` (`last/` is then hard links to the newest).
+
+Crash safety. A checkpoint is built in `.NAME.tmp` (every file and the folder fsynced), then swapped in with two
+renames: NAME -> `.NAME.old`, `.NAME.tmp` -> NAME, and only then is `.NAME.old` deleted. Killed at any moment,
+the folder therefore holds a complete NAME or, between the two renames, a complete `.NAME.old`, which
+`resolve_checkpoint` falls back to and `clean_run_folder` renames back. Folders being deleted are renamed to
+`.NAME.del` first, so a half-deleted checkpoint is never visible under its name.
 """
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
 import os
 import pickle
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -32,6 +41,12 @@ from .vocab import BYTES, Vocab
 
 FORMAT = "sharnn-checkpoint"
 VERSION = 1
+STEP_DIR = re.compile(r"step-(\d+)")
+
+
+def step_name(step: int) -> str:
+    """The folder name of the periodic checkpoint after optimizer step `step`: step-000050."""
+    return f"step-{step:06d}"
 
 
 def save_checkpoint(
@@ -42,32 +57,121 @@ def save_checkpoint(
     train_state: dict[str, Any] | None = None,
     vocab: Vocab | None = None,
 ) -> Path:
-    """Write a checkpoint folder atomically (build in a temp folder, then rename over the old one)."""
+    """Write a checkpoint folder atomically (build in `.NAME.tmp`, fsync, swap in by renames; see the top).
+
+    A failed write (disk full, permissions, ...) removes the temporary folder, leaves the previous checkpoint as
+    it was and raises `SharnnError`.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    old = path.with_name(f".{path.name}.old")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    meta = {"format": FORMAT, "version": VERSION, "model": model.cfg.to_dict(), "vocab": (vocab or BYTES).to_dict(),
-            "progress": progress or {}}
-    _write_text(tmp / "config.json", json.dumps(meta, indent=2) + "\n")
-    if train_cfg is not None:
-        _write_text(tmp / "train_config.json", json.dumps(train_cfg.to_dict(), indent=2) + "\n")
-    st_save_model(_unwrap(model), str(tmp / "model.safetensors"))
-    if train_state is not None:
-        with open(tmp / "train_state.pt", "wb") as f:
-            torch.save(train_state, f)
-            f.flush()
-            os.fsync(f.fileno())
-    _fsync_dir(tmp)
-    if path.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(path, old)
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-    shutil.rmtree(old, ignore_errors=True)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _remove(tmp)
+        tmp.mkdir()
+        if train_cfg is not None:
+            _write_text(tmp / "train_config.json", json.dumps(train_cfg.to_dict(), indent=2) + "\n")
+        st_save_model(_unwrap(model), str(tmp / "model.safetensors"))
+        _fsync(tmp / "model.safetensors")
+        if train_state is not None:
+            with open(tmp / "train_state.pt", "wb") as f:
+                torch.save(train_state, f)
+                f.flush()
+                os.fsync(f.fileno())
+        meta = {"format": FORMAT, "version": VERSION, "model": _unwrap(model).cfg.to_dict(),
+                "vocab": (vocab or BYTES).to_dict(), "progress": progress or {}, "files": _manifest(tmp)}
+        _write_text(tmp / "config.json", json.dumps(meta, indent=2) + "\n")  # last: its presence means complete
+        _fsync(tmp)
+        _swap_in(tmp, path)
+    except BaseException as e:
+        _remove(tmp)
+        if isinstance(e, (OSError, SafetensorError)):
+            raise SharnnError(f"cannot write checkpoint {path}: {_reason(e)}; "
+                              "the previous checkpoint there, if any, is intact") from None
+        raise
     return path
+
+
+def link_checkpoint(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
+    """Make `dst` a copy of checkpoint `src` as hard links (no extra disk, no copying), swapped in atomically.
+
+    Files are never changed in place once written, so two names for them are safe. Where hard links are not
+    supported the files are copied.
+    """
+    src, dst = Path(src), Path(dst)
+    tmp = dst.with_name(f".{dst.name}.tmp")
+    try:
+        _remove(tmp)
+        tmp.mkdir()
+        for f in sorted(src.iterdir()):
+            try:
+                os.link(f, tmp / f.name)
+            except OSError as e:
+                if e.errno not in (errno.EPERM, errno.EXDEV, errno.EMLINK, errno.ENOTSUP, errno.EOPNOTSUPP):
+                    raise
+                shutil.copyfile(f, tmp / f.name)
+                _fsync(tmp / f.name)
+        _fsync(tmp)
+        _swap_in(tmp, dst)
+    except BaseException as e:
+        _remove(tmp)
+        if isinstance(e, OSError):
+            raise SharnnError(f"cannot write checkpoint {dst}: {_reason(e)}; the previous one, if any, is intact") from None
+        raise
+    return dst
+
+
+def _swap_in(tmp: Path, path: Path) -> None:
+    """Replace `path` by the complete folder `tmp`; at every moment a complete checkpoint is on disk."""
+    old = path.with_name(f".{path.name}.old")
+    if path.exists():
+        _remove(old)  # garbage: `path` itself is complete
+        os.replace(path, old)
+    os.replace(tmp, path)  # killed just before this: `path` is missing and `old` complete (resolve_checkpoint)
+    _fsync(path.parent)
+    _remove(old)
+
+
+def step_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
+    """The periodic checkpoints `step-NNNNNN/` of a run folder, oldest (lowest step) first."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return []
+    found = [p for p in run_dir.iterdir() if STEP_DIR.fullmatch(p.name) and p.is_dir()]
+    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
+
+
+def prune_checkpoints(run_dir: str | os.PathLike, keep: int) -> None:
+    """Delete all but the newest `keep` periodic checkpoints (each renamed out of sight first)."""
+    steps = step_checkpoints(run_dir)
+    for p in steps[: max(0, len(steps) - keep)]:
+        trash = p.with_name(f".{p.name}.del")
+        _remove(trash)
+        os.replace(p, trash)
+        _remove(trash)
+
+
+def clean_run_folder(run_dir: str | os.PathLike) -> None:
+    """Tidy what a killed save left in a run folder: drop `.X.tmp`/`.X.del`, put a lone `.X.old` back as X."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return
+    for p in sorted(run_dir.iterdir()):
+        m = re.fullmatch(r"\.(.+)\.(tmp|old|del)", p.name)
+        if not m or not p.is_dir():
+            continue
+        name, kind = m.groups()
+        if kind == "old" and not (run_dir / name).exists():
+            os.replace(p, run_dir / name)  # complete: a checkpoint is renamed to .old whole, deleted only later
+        else:
+            _remove(p)
+
+
+def _remove(p: Path) -> None:
+    shutil.rmtree(p, ignore_errors=True)
+
+
+def _reason(e: BaseException) -> str:
+    return getattr(e, "strerror", None) or str(e) or type(e).__name__
 
 
 def _write_text(p: Path, text: str) -> None:
@@ -77,15 +181,48 @@ def _write_text(p: Path, text: str) -> None:
         os.fsync(f.fileno())
 
 
-def _fsync_dir(p: Path) -> None:
+def _fsync(p: Path) -> None:
+    """Flush a file's or a folder's data and metadata to disk (folders: best effort, not every OS allows it)."""
     try:
         fd = os.open(p, os.O_RDONLY)
     except OSError:
-        return
+        if p.is_dir():
+            return
+        raise
     try:
         os.fsync(fd)
+    except OSError:
+        if not p.is_dir():
+            raise
     finally:
         os.close(fd)
+
+
+def _sha256(p: Path) -> str:
+    h = hashlib.sha256()
+    with open(p, "rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _manifest(folder: Path) -> dict[str, dict[str, Any]]:
+    return {f.name: {"bytes": f.stat().st_size, "sha256": _sha256(f)} for f in sorted(folder.iterdir())}
+
+
+def _verify(ckpt: Path, name: str, meta: dict[str, Any]) -> None:
+    """Refuse a file whose size or SHA-256 differs from what config.json recorded when it was written."""
+    want = (meta.get("files") or {}).get(name)
+    if not isinstance(want, dict):
+        return  # written before checksums were recorded
+    p = ckpt / name
+    size = p.stat().st_size
+    if size != want.get("bytes"):
+        raise SharnnError(f"{p} is truncated or corrupt: {size:,} bytes, but {want.get('bytes')} were written; "
+                          "use another checkpoint (a run folder also has best/, last/ and step-*/)")
+    if _sha256(p) != want.get("sha256"):
+        raise SharnnError(f"{p} is corrupt: its SHA-256 differs from the one recorded when it was written; "
+                          "use another checkpoint (a run folder also has best/, last/ and step-*/)")
 
 
 def _unwrap(model: torch.nn.Module) -> SHARNN:
@@ -93,11 +230,11 @@ def _unwrap(model: torch.nn.Module) -> SHARNN:
 
 
 def resolve_checkpoint(path: str | os.PathLike, prefer: str = "best") -> Path:
-    """A checkpoint folder from a checkpoint folder or a run folder (its `best/` or `last/`)."""
+    """A checkpoint folder from a checkpoint folder or a run folder (its `best/`, `last/`, or newest `step-*/`)."""
     p = Path(path)
     if not p.exists():
         old = p.with_name(f".{p.name}.old")  # a crash between the two renames of a save leaves this
-        if old.is_dir():
+        if (old / "config.json").is_file():
             return old
         raise SharnnError(f"checkpoint {p} does not exist")
     if p.is_dir() and (p / "config.json").is_file():
@@ -108,6 +245,9 @@ def resolve_checkpoint(path: str | os.PathLike, prefer: str = "best") -> Path:
             for cand in (p / name, p / f".{name}.old"):
                 if (cand / "config.json").is_file():
                     return cand
+        for cand in reversed(step_checkpoints(p)):
+            if (cand / "config.json").is_file():
+                return cand
     raise SharnnError(
         f"{p} is not a sharnn checkpoint (no config.json + model.safetensors); "
         "pass a folder written by `sharnn train --save`"
@@ -139,6 +279,7 @@ def load_model(path: str | os.PathLike, device: torch.device | str = "cpu", pref
     weights = ckpt / "model.safetensors"
     if not weights.is_file():
         raise SharnnError(f"{ckpt} has no model.safetensors; the checkpoint is incomplete")
+    _verify(ckpt, "model.safetensors", meta)
     try:
         missing, unexpected = st_load_model(model, str(weights), strict=False, device="cpu")
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
@@ -158,6 +299,7 @@ def load_train_config(ckpt: Path) -> TrainConfig | None:
     p = ckpt / "train_config.json"
     if not p.is_file():
         return None
+    _verify(ckpt, p.name, read_meta(ckpt))
     try:
         return TrainConfig.from_dict(json.loads(p.read_text()))
     except (ValueError, TypeError) as e:
@@ -169,11 +311,13 @@ def load_train_state(ckpt: Path, device: torch.device | str = "cpu") -> dict[str
     if not p.is_file():
         raise SharnnError(f"{ckpt} has no train_state.pt, so it cannot be resumed (it holds weights only)")
     try:
-        return torch.load(p, map_location=device, weights_only=True)
+        state = torch.load(p, map_location=device, weights_only=True)
     except pickle.UnpicklingError as e:
         raise SharnnError(f"{p} holds objects other than tensors and plain values; refusing to load it ({e})") from None
     except (RuntimeError, EOFError, OSError, ValueError) as e:
         raise SharnnError(f"{p} is truncated or corrupt ({e})") from None
+    _verify(ckpt, p.name, read_meta(ckpt))  # after loading: a crafted pickle is reported as such
+    return state
 
 
 def load_pretrained(name_or_path: str | os.PathLike, device: torch.device | str = "cpu") -> SHARNN:

@@ -75,10 +75,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     d = sub.add_parser("data", help="fetch and prepare a corpus", description="Fetch and prepare a corpus.")
-    d.add_argument("corpus", choices=["enwik8"], help="which corpus")
-    d.add_argument("dir", help="folder to write train.bin, valid.bin, test.bin into")
-    d.add_argument("--from-zip", metavar="PATH", help="use this enwik8.zip instead of downloading it")
-    d.add_argument("--url", default=None, help="download from this address instead of the Hutter Prize site")
+    d.add_argument("corpus", choices=["enwik8", "ptb", "ptb-char", "wikitext-2", "wikitext-103"], help="which corpus")
+    d.add_argument("dir", help="folder to write the train, valid and test splits into")
+    d.add_argument("--from-zip", "--from-archive", dest="archive", metavar="PATH",
+                   help="use this archive (enwik8.zip, simple-examples.tgz, wikitext-*.zip) instead of downloading")
+    d.add_argument("--url", default=None, help="download from this address instead of the usual one")
 
     t = sub.add_parser(
         "train", help="train a model",
@@ -176,18 +177,27 @@ def cmd_train(args: argparse.Namespace) -> int:
     if not args.quiet:
         print("settings: " + json.dumps({"model": model_cfg.to_dict(), "train": cfg.to_dict()}), file=sys.stderr)
     result = train(model_cfg, cfg, quiet=args.quiet, model_overrides=model_given)
+    from .checkpoint import load_vocab
+
+    metric = load_vocab(result.run_dir).metric  # bpc, or perplexity for word-level corpora
     if args.json:
         print(json.dumps({
             "run_dir": str(result.run_dir), "steps": result.steps, "seconds": round(result.seconds, 2),
             "train_chars_per_s": round(result.train_chars_per_s, 1), "best_valid_bpc": result.best_valid_bpc,
+            "metric": metric,
             "valid_bpc": result.valid.bpc if result.valid else None,
             "test_bpc": result.test.bpc if result.test else None,
+            "valid_ppl": result.valid.ppl if result.valid else None,
+            "test_ppl": result.test.ppl if result.test else None,
             "sample": result.sample.decode("utf-8", errors="replace"),
         }))
         return 0
+    unit = "tokens/s" if metric == "ppl" else "chars/s"
     print(f"run folder: {result.run_dir} (best checkpoint in {result.run_dir / 'best'})")
-    print(f"trained {result.steps} steps in {result.seconds:.1f} s, {result.train_chars_per_s:,.0f} chars/s")
-    if result.valid and result.test:
+    print(f"trained {result.steps} steps in {result.seconds:.1f} s, {result.train_chars_per_s:,.0f} {unit}")
+    if result.valid and result.test and metric == "ppl":
+        print(f"valid ppl {result.valid.ppl:.3f} | test ppl {result.test.ppl:.3f} | test loss {result.test.loss:.4f}")
+    elif result.valid and result.test:
         print(f"valid bpc {result.valid.bpc:.4f} | test bpc {result.test.bpc:.4f} | test ppl {result.test.ppl:.3f}")
     if result.sample:
         print("--- sample (prompt: the test split's first 64 bytes) ---")
@@ -228,7 +238,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     res = evaluate(model, corpus.split(args.split), bsz, bptt, device, progress=not args.json, what=f"{args.split} split")
     if args.json:
         print(json.dumps({"checkpoint": str(ckpt), "data": data, "split": args.split, "loss": res.loss,
-                          "bpc": res.bpc, "ppl": res.ppl, "predictions": res.predictions,
+                          "metric": corpus.vocab.metric, "bpc": res.bpc, "ppl": res.ppl, "predictions": res.predictions,
                           "batch_size": bsz, "bptt": bptt, "seconds": round(res.seconds, 3)}))
     else:
         print(f"{args.split}: loss {res.loss:.4f} nats | bpc {res.bpc:.4f} | ppl {res.ppl:.4f} | "
@@ -266,8 +276,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
             sys.stdout.write(decoder.decode(data, final))
         out.flush()
 
-    if not args.no_prompt:
-        emit(prompt)
+    if not args.no_prompt:  # word models show the prompt as they read it (tokens, <unk>s, spacing)
+        emit(model.vocab.decode(ids) if model.vocab.kind == "words" else prompt)
     for token, _, _ in generate_ids(model, ids, args.length, args.temperature, args.top_k, args.top_p, args.seed):
         emit(model.vocab.decode([token]))
     emit(b"", final=True)
@@ -357,10 +367,13 @@ def cmd_collapse(args: argparse.Namespace) -> int:
 
 
 def cmd_data(args: argparse.Namespace) -> int:
-    from .data import ENWIK8_URL, prepare_enwik8
+    from .data import ENWIK8_URL, prepare_awd, prepare_enwik8
 
-    sizes = prepare_enwik8(args.dir, zip_path=args.from_zip, url=args.url or ENWIK8_URL)
-    print(f"enwik8 ready in {args.dir}: " + ", ".join(f"{k} {v:,} bytes" for k, v in sizes.items()))
+    if args.corpus == "enwik8":
+        sizes = prepare_enwik8(args.dir, zip_path=args.archive, url=args.url or ENWIK8_URL)
+    else:
+        sizes = prepare_awd(args.corpus, args.dir, archive=args.archive, url=args.url)
+    print(f"{args.corpus} ready in {args.dir}: " + ", ".join(f"{k} {v:,} bytes" for k, v in sizes.items()))
     return 0
 
 
@@ -377,8 +390,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return commands[args.command](args)
     except SharnnError as e:
-        print(f"sharnn: error: {e}", file=sys.stderr)
-        return 2
+        # train.TrainingInterrupted (SIGINT/SIGTERM, checkpoint saved) is no error: 128 + the signal's number.
+        status = getattr(e, "exit_status", 2)
+        print(f"sharnn: {'error: ' if status == 2 else ''}{e}", file=sys.stderr)
+        return status
     except KeyboardInterrupt:
         print("sharnn: interrupted", file=sys.stderr)
         return 130

@@ -106,6 +106,10 @@ class TrainConfig:
         "corpus: an enwik8 folder from `sharnn data`, any file or folder of bytes, or 'python-stdlib'",
         default="data/enwik8/",
     )
+    tokens: str = _doc(
+        "auto (what the corpus folder's meta.json says, else bytes), bytes, words (awd-lstm word level) or chars",
+        default="auto",
+    )
     batch_size: int = _doc("parallel streams per batch", default=16)
     bptt: int = _doc("mean segment length (varied per batch as in the paper)", default=1024)
     lr: float = _doc("peak learning rate", default=2e-3)
@@ -124,6 +128,17 @@ class TrainConfig:
     log_interval: int = _doc("batches between log lines", default=10)
     save: str = _doc("run folder: best/ and last/ checkpoints and the logs", default="runs/sharnn")
     resume: str | None = _doc("checkpoint (or run folder) to resume from", default=None)
+    save_every: int | None = _doc("also save a resumable checkpoint (last/) every N optimizer steps", default=None)
+    save_every_minutes: float | None = _doc(
+        "also save a resumable checkpoint (last/) every N minutes of training (none = off)", default=30.0
+    )
+    keep: int = _doc(
+        "keep the newest K periodic checkpoints as step-NNNNNN/ folders besides last/ (0 = last/ only)", default=0
+    )
+    nonfinite_limit: int = _doc(
+        "stop after this many optimizer steps in a row with a non-finite loss or gradient (each one is skipped)",
+        default=10,
+    )
     device: str = _doc("auto, cpu or cuda (--cuda is short for --device cuda)", default="auto")
     max_steps: int | None = _doc("stop after this many optimizer steps (CPU budget)", default=None)
     max_time: float | None = _doc("stop after this many seconds of training (CPU budget)", default=None)
@@ -145,8 +160,18 @@ class TrainConfig:
             v = getattr(self, name)
             if v is not None and v < 1:
                 raise SharnnError(f"--{name} must be at least 1 (or left unset), got {v}")
+        if self.save_every is not None and self.save_every < 1:
+            raise SharnnError(f"--save-every must be at least 1 (or left unset), got {self.save_every}")
+        if self.save_every_minutes is not None and self.save_every_minutes <= 0:
+            raise SharnnError(f"--save-every-minutes must be positive (or none), got {self.save_every_minutes}")
+        if self.keep < 0 or self.nonfinite_limit < 1:
+            raise SharnnError("--keep must not be negative and --nonfinite-limit must be at least 1")
+        if self.keep and self.save_every is None and self.save_every_minutes is None:
+            raise SharnnError("--keep keeps periodic checkpoints: also give --save-every or --save-every-minutes")
         if self.max_time is not None and self.max_time <= 0:
             raise SharnnError(f"--max-time must be positive, got {self.max_time}")
+        if self.tokens not in ("auto", "bytes", "words", "chars"):
+            raise SharnnError(f"unknown --tokens {self.tokens!r}; use auto, bytes, words or chars")
         if self.optimizer not in OPTIMIZERS:
             raise SharnnError(f"unknown --optimizer {self.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
         if self.optimizer == "sgd" and self.nonmono > 0:

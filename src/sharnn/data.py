@@ -19,6 +19,7 @@ import json
 import os
 import shutil
 import sysconfig
+import tarfile
 import urllib.error
 import urllib.request
 import zipfile
@@ -65,15 +66,57 @@ class Corpus:
 # --- loading ------------------------------------------------------------------------------------------------
 
 
-def load_corpus(spec: str | os.PathLike, vocab: Vocab | None = None) -> Corpus:
-    """Open a byte-level corpus; see the module docstring for what `spec` may be.
+def load_corpus(spec: str | os.PathLike, vocab: Vocab | None = None, tokens: str = "auto") -> Corpus:
+    """Open a corpus; see the module docstring for what `spec` may be.
 
-    With `vocab` (a checkpoint's), the bytes are mapped to that vocabulary's ids.
+    Args:
+        spec: 'python-stdlib', a file, or a folder.
+        vocab: a checkpoint's vocabulary: the text is mapped to its ids (and `tokens` follows it).
+        tokens: 'bytes', 'words' (awd-lstm word level), 'chars' (the same layout, characters as tokens,
+            reported in bpc), or 'auto': what the folder's meta.json (written by `sharnn data`) says, else bytes.
     """
+    if vocab is not None and vocab.kind == "words":
+        tokens = "words" if vocab.level == "word" else "chars"
+    if tokens == "auto":
+        tokens = _meta_tokens(spec)
+    if tokens in ("words", "chars"):
+        return _load_word_corpus(Path(spec), "word" if tokens == "words" else "char", vocab)
+    if tokens != "bytes":
+        raise SharnnError(f"unknown --tokens {tokens!r}; use auto, bytes, words or chars")
     corpus = _load_bytes_corpus(spec)
     if vocab is None or vocab == corpus.vocab:
         return corpus
     return Corpus(vocab.encode(corpus.train), vocab.encode(corpus.valid), vocab.encode(corpus.test), vocab, corpus.name)
+
+
+def _meta_tokens(spec: str | os.PathLike) -> str:
+    meta = Path(spec) / "meta.json"
+    if str(spec) != STDLIB_CORPUS and meta.is_file():
+        try:
+            return str(json.loads(meta.read_text()).get("tokens", "bytes"))
+        except (ValueError, AttributeError):
+            raise SharnnError(f"{meta} is not valid JSON; delete it or prepare the corpus again") from None
+    return "bytes"
+
+
+def _load_word_corpus(folder: Path, level: str, vocab: Vocab | None) -> Corpus:
+    """awd-lstm layout: train/valid/test text files, whitespace-separated tokens, <eos> after every line."""
+    if not folder.is_dir():
+        raise SharnnError(f"a word-level corpus is a folder with train.txt, valid.txt and test.txt; {folder} is not")
+    files = {name: _find_split_file(folder, name) for name in SPLIT_NAMES}
+    if missing := [n for n, p in files.items() if p is None]:
+        raise SharnnError(f"{folder} lacks {', '.join(f'{m}.txt' for m in missing)} for a word-level corpus")
+    texts = {}
+    for name, p in files.items():
+        try:
+            texts[name] = p.read_text(encoding="utf-8").splitlines()  # type: ignore[union-attr]
+        except UnicodeDecodeError as e:
+            raise SharnnError(f"{p} is not UTF-8 text ({e.reason} at byte {e.start}); word corpora must be "
+                              "UTF-8 (a byte-level model, --tokens bytes, reads any bytes)") from None
+    if vocab is None:
+        vocab = Vocab.from_words(texts["train"], level)
+    splits = {name: vocab.encode_lines(lines, f"the {name} split of {folder}") for name, lines in texts.items()}
+    return Corpus(**splits, vocab=vocab, name=str(folder))
 
 
 def _load_bytes_corpus(spec: str | os.PathLike) -> Corpus:
@@ -275,6 +318,69 @@ def prepare_enwik8(
     meta = {"source": "enwik8", "format": "bytes", "sha256": sha.hexdigest(), "sizes": sizes}
     (out / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
     return sizes
+
+
+# --- awd-lstm corpora (Penn Treebank, WikiText) ---------------------------------------------------------------
+
+# name: (archive address, tokens, {split: file name inside the archive})
+AWD_CORPORA = {
+    "ptb": ("http://www.fit.vutbr.cz/~imikolov/rnnlm/simple-examples.tgz", "words",
+            {"train": "ptb.train.txt", "valid": "ptb.valid.txt", "test": "ptb.test.txt"}),
+    "ptb-char": ("http://www.fit.vutbr.cz/~imikolov/rnnlm/simple-examples.tgz", "chars",
+                 {"train": "ptb.char.train.txt", "valid": "ptb.char.valid.txt", "test": "ptb.char.test.txt"}),
+    "wikitext-2": ("https://wikitext.smerity.com/wikitext-2-v1.zip", "words",
+                   {"train": "wiki.train.tokens", "valid": "wiki.valid.tokens", "test": "wiki.test.tokens"}),
+    "wikitext-103": ("https://wikitext.smerity.com/wikitext-103-v1.zip", "words",
+                     {"train": "wiki.train.tokens", "valid": "wiki.valid.tokens", "test": "wiki.test.tokens"}),
+}
+
+
+def prepare_awd(name: str, out_dir: str | os.PathLike, archive: str | os.PathLike | None = None,
+                url: str | None = None) -> dict[str, int]:
+    """Fetch (unless `archive`) a word or character corpus and write train.txt, valid.txt, test.txt, meta.json.
+
+    Like the awd-lstm getdata script; only the three split files are read out of the archive (nothing is
+    extracted to disk under the archive's own paths). Returns the split sizes in bytes.
+    """
+    default_url, tokens, members = AWD_CORPORA[name]
+    out = Path(out_dir)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise SharnnError(f"cannot create {out}: {e.strerror}") from None
+    if archive is None:
+        archive = out / Path(url or default_url).name
+        if not Path(archive).exists():
+            download(url or default_url, Path(archive))
+    archive = Path(archive)
+    if not archive.is_file():
+        raise SharnnError(f"{archive} not found")
+    wanted = {v: k for k, v in members.items()}
+    found: dict[str, bytes] = {}
+    try:
+        if zipfile.is_zipfile(archive):
+            with zipfile.ZipFile(archive) as zf:
+                for info in zf.infolist():
+                    if (base := Path(info.filename).name) in wanted and base not in found:
+                        found[base] = zf.read(info)
+        else:
+            with tarfile.open(archive) as tf:
+                for m in tf:
+                    if m.isfile() and (base := Path(m.name).name) in wanted and base not in found:
+                        found[base] = tf.extractfile(m).read()  # type: ignore[union-attr]
+    except (tarfile.TarError, zipfile.BadZipFile, EOFError, zlib.error, OSError) as e:
+        raise SharnnError(f"{archive} is damaged or not a zip/tar archive ({e}); delete it and fetch it again") from None
+    if missing := [m for m in members.values() if m not in found]:
+        raise SharnnError(f"{archive} has no {', '.join(missing)}; is it the {name} archive?")
+    sizes = {}
+    for member, data in found.items():
+        split = wanted[member]
+        tmp = out / f"{split}.txt.part"
+        tmp.write_bytes(data)
+        os.replace(tmp, out / f"{split}.txt")
+        sizes[split] = len(data)
+    (out / "meta.json").write_text(json.dumps({"source": name, "tokens": tokens, "sizes": sizes}, indent=2) + "\n")
+    return {k: sizes[k] for k in SPLIT_NAMES}
 
 
 def download(url: str, dest: Path) -> None:

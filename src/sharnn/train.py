@@ -1,31 +1,50 @@
 """The training loop: build, train epoch by epoch with the paper's variable BPTT, validate, keep the best.
 
-Reads top to bottom: `train()` sets up (data, model, optimizer, resume), runs `_run_epochs`, then measures
+Reads top to bottom: `train()` sets up (data, model, optimizer, resume), runs `_Loop.run`, then measures
 the best checkpoint on valid and test. Small helpers (`ar_tar`, `resolve_device`, ...) are importable by tests.
+
+What survives what (the README's "What we guarantee"):
+- Resume is exact: a checkpoint holds every RNG stream, the data position, the carried state and memory, the
+  optimizer, the gradients gathered so far in an unfinished `--accumulate` step and the log window, so N steps,
+  a stop and M more give the same weights and log lines as N+M straight (on CPU).
+- SIGINT/SIGTERM finish the current batch, save `last/` and raise `TrainingInterrupted` (the CLI exits 130 or
+  143: 128 + the signal's number); a second signal stops at once. Handlers live only while the loop runs.
+- A non-finite loss or gradient skips its optimizer step (weights and optimizer untouched, recurrent state
+  reset); `--nonfinite-limit` of them in a row stop the run with the pre-trouble weights saved in `last/`.
+- Checkpoints are atomic (see checkpoint.py); `--save-every`/`--save-every-minutes` add periodic ones.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import os
 import random
+import shutil
+import signal
 import sys
+import threading
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
 from .checkpoint import (
+    clean_run_folder,
+    link_checkpoint,
     load_model,
     load_train_config,
     load_train_state,
     load_vocab,
+    prune_checkpoints,
     resolve_checkpoint,
     save_checkpoint,
+    step_name,
 )
 from .config import SHARNNConfig, TrainConfig
 from .data import Corpus, Streams, load_corpus, train_segments
@@ -36,6 +55,18 @@ from .model import SHARNN, BlockState, SHARNNOutput, State, count_parameters, de
 from .optim import build_optimizer, lr_at, set_lr
 
 LN2 = math.log(2)
+# Model settings a resumed run may change; every other SHARNNConfig field shapes the weights.
+RESUME_ADJUSTABLE = {"dropout", "dropouth", "dropouti", "dropoute", "wdrop", "attn_span"}
+
+
+class TrainingInterrupted(SharnnError):
+    """SIGINT or SIGTERM stopped training after a resumable checkpoint was saved. Not a mistake: the CLI prints
+    the message (how to resume) and exits with 128 + the signal's number (130 for SIGINT, 143 for SIGTERM)."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.signum = signum
+        self.exit_status = 128 + signum
 
 
 @dataclass
@@ -49,6 +80,7 @@ class TrainResult:
     valid: EvalResult | None
     test: EvalResult | None
     sample: bytes = b""
+    skipped_steps: int = 0  # optimizer steps skipped for a non-finite loss or gradient
 
 
 def resolve_device(name: str) -> torch.device:
@@ -96,14 +128,20 @@ class RunLog:
     def __init__(self, run_dir: Path, quiet: bool = False):
         self.path = run_dir / "log.jsonl"
         self.quiet = quiet
+        self.broken = False
 
     def line(self, text: str) -> None:
         if not self.quiet:
             tqdm.write(text, file=sys.stderr)
 
     def record(self, event: str, **values: Any) -> None:
-        with open(self.path, "a") as f:
-            f.write(json.dumps({"event": event, "time": round(time.time(), 3), **values}) + "\n")
+        try:
+            with open(self.path, "a") as f:
+                f.write(json.dumps({"event": event, "time": round(time.time(), 3), **values}) + "\n")
+        except OSError as e:  # a full disk must not end a long run over a log line; the next save reports it
+            if not self.broken:
+                self.broken = True
+                tqdm.write(f"warning: cannot append to {self.path} ({e.strerror}); continuing", file=sys.stderr)
 
 
 def train(model_cfg: SHARNNConfig, cfg: TrainConfig, quiet: bool = False,
@@ -113,13 +151,17 @@ def train(model_cfg: SHARNNConfig, cfg: TrainConfig, quiet: bool = False,
     With `cfg.resume`, the architecture, weights, optimizer, schedule position, RNG streams, data position and
     carried state come from the checkpoint; run settings (lr, budgets, ...) come from `cfg`, and so do the
     non-architecture model settings in `model_overrides` (dropouts, attention span) when given.
+
+    Raises `TrainingInterrupted` when SIGINT/SIGTERM stopped the run (after saving `last/`), and `SharnnError`
+    when too many steps in a row were non-finite (after saving the weights from before them).
     """
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = resolve_device(cfg.device)
     run_dir = Path(cfg.save)
     check_writable(run_dir)
-    corpus = load_corpus(cfg.data)
+    clean_run_folder(run_dir)  # what a killed save may have left
+    corpus = load_corpus(cfg.data, tokens=cfg.tokens)
     log = RunLog(run_dir, quiet)
     seed_everything(cfg.seed)  # before the model is built: its initial weights come from this seed
 
@@ -128,11 +170,7 @@ def train(model_cfg: SHARNNConfig, cfg: TrainConfig, quiet: bool = False,
         ckpt = resolve_checkpoint(cfg.resume, prefer="last")
         model = load_model(ckpt, device)
         if model_overrides:
-            new_cfg = replace(model.cfg, **{k: v for k, v in model_overrides.items() if k != "vocab_size"})
-            if new_cfg != model.cfg:
-                rebuilt = SHARNN(new_cfg).to(device)
-                rebuilt.load_state_dict(model.state_dict())
-                model = rebuilt
+            model = _with_overrides(model, model_overrides, ckpt, device)
         resume_state = load_train_state(ckpt, device)
         old_cfg = load_train_config(ckpt)
         if load_vocab(ckpt) != corpus.vocab:
@@ -170,9 +208,11 @@ def train(model_cfg: SHARNNConfig, cfg: TrainConfig, quiet: bool = False,
     log.line(f"SHA-RNN: {n_params:,} parameters | corpus {corpus.name}: train {len(corpus.train):,} "
              f"valid {len(corpus.valid):,} test {len(corpus.test):,} tokens | device {device}")
     log.record("start", params=n_params, model=model.cfg.to_dict(), train=cfg.to_dict(), device=str(device))
+    _warn_if_disk_small(run_dir, n_params, cfg, log)
 
     loop = _Loop(model, optimizer, cfg, corpus, train_streams, rng, device, run_dir, log, resume_state)
-    loop.run()
+    with _stop_on_signals(loop):
+        loop.run()
 
     # Final numbers come from the best checkpoint, as the paper reports them.
     best_dir = run_dir / "best"
@@ -188,7 +228,36 @@ def train(model_cfg: SHARNNConfig, cfg: TrainConfig, quiet: bool = False,
         text = prompt + generate(final_model, prompt, cfg.sample, temperature=0.8, seed=cfg.seed,
                                  vocab=corpus.vocab).data
     return TrainResult(run_dir, loop.step, loop.epochs_done, loop.seconds, loop.chars_per_s,
-                       loop.best_bpc, valid, test, text)
+                       loop.best_bpc, valid, test, text, loop.nonfinite_total)
+
+
+def _with_overrides(model: SHARNN, overrides: dict[str, Any], ckpt: Path, device: torch.device) -> SHARNN:
+    """The resumed model with the run settings the user gave (dropouts, span); architecture changes are refused."""
+    names = {f.name for f in fields(SHARNNConfig)}
+    wanted = {k: v for k, v in overrides.items() if k in names and k != "vocab_size"}
+    new_cfg = SHARNNConfig.from_dict(model.cfg.to_dict() | wanted)
+    clash = [k for k in wanted if k not in RESUME_ADJUSTABLE and getattr(new_cfg, k) != getattr(model.cfg, k)]
+    if clash:
+        k = clash[0]
+        raise SharnnError(f"--{k} {getattr(new_cfg, k)} conflicts with the checkpoint {ckpt} ({getattr(model.cfg, k)}): "
+                          "on --resume the architecture comes from the checkpoint; drop the setting")
+    if new_cfg == model.cfg:
+        return model
+    rebuilt = SHARNN(new_cfg).to(device)
+    rebuilt.load_state_dict(model.state_dict())
+    rebuilt.vocab = getattr(model, "vocab", None)
+    return rebuilt
+
+
+def _warn_if_disk_small(run_dir: Path, n_params: int, cfg: TrainConfig, log: RunLog) -> None:
+    """Say at the start when the save folder's disk looks too small for the checkpoints this run will write."""
+    moments = 2 if cfg.optimizer in ("lamb", "adam", "adamw") else 0
+    per_checkpoint = 4 * n_params * (1 + moments)  # float32 weights and optimizer moments
+    need = per_checkpoint * (3 + cfg.keep)  # best, last, one being written, the kept step-* folders
+    free = shutil.disk_usage(run_dir).free
+    if free < need:
+        log.line(f"warning: {run_dir} has {free / 1e9:.2f} GB free, but this run's checkpoints may need about "
+                 f"{need / 1e9:.2f} GB; a save that finds the disk full stops training (the last good one stays)")
 
 
 def _eval_ids(ids: np.ndarray, cfg: TrainConfig) -> np.ndarray:
@@ -196,7 +265,11 @@ def _eval_ids(ids: np.ndarray, cfg: TrainConfig) -> np.ndarray:
 
 
 def _rng_state(rng: np.random.Generator) -> dict[str, Any]:
+    """Every random stream training draws from, as tensors and plain values (loadable with weights_only)."""
+    _, keys, pos, has_gauss, gauss = np.random.get_state(legacy=True)
     return {"numpy": rng.bit_generator.state, "torch": torch.get_rng_state(), "python": random.getstate(),
+            "numpy_global": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                             "has_gauss": int(has_gauss), "gauss": float(gauss)},
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
 
 
@@ -204,6 +277,10 @@ def _set_rng_state(rng: np.random.Generator, s: dict[str, Any]) -> None:
     rng.bit_generator.state = s["numpy"]
     torch.set_rng_state(s["torch"].cpu())
     random.setstate(_as_tuple(s["python"]))
+    if "numpy_global" in s:
+        g = s["numpy_global"]
+        np.random.set_state(("MT19937", g["keys"].cpu().numpy().astype(np.uint32), g["pos"], g["has_gauss"],
+                             g["gauss"]))
     if s.get("cuda") and torch.cuda.is_available():
         torch.cuda.set_rng_state_all([t.cpu() for t in s["cuda"]])
 
@@ -212,8 +289,35 @@ def _as_tuple(x: Any) -> Any:
     return tuple(_as_tuple(v) for v in x) if isinstance(x, (list, tuple)) else x
 
 
+@contextlib.contextmanager
+def _stop_on_signals(loop: _Loop) -> Iterator[None]:
+    """While the loop runs, SIGINT/SIGTERM ask it to stop after the current batch and save; a second signal
+    stops at once (KeyboardInterrupt). The previous handlers come back afterwards."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # Python delivers signals to the main thread only
+        return
+
+    def ask_to_stop(signum: int, frame: Any) -> None:
+        if loop.stop_signal is not None:
+            raise KeyboardInterrupt
+        loop.stop_signal = signum
+        if not loop.log.quiet:  # os.write: safe wherever the main thread was interrupted
+            os.write(2, f"\nsharnn: got {signal.Signals(signum).name}; finishing this batch, then saving a "
+                        "resumable checkpoint (send it again to stop at once, without saving)\n".encode())
+
+    previous = {s: signal.signal(s, ask_to_stop) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler if handler is not None else signal.SIG_DFL)
+
+
 class _Loop:
-    """The epoch/step loop and the bookkeeping it carries (step, epoch, position, best bpc)."""
+    """The epoch/step loop and the bookkeeping it carries (step, epoch, position, best bpc, ...).
+
+    Everything a resume needs to continue exactly is an attribute here and goes into `train_state` (`save`).
+    """
 
     def __init__(self, model: SHARNN, optimizer: torch.optim.Optimizer, cfg: TrainConfig, corpus: Corpus,
                  streams: Streams, rng: np.random.Generator, device: torch.device, run_dir: Path, log: RunLog,
@@ -225,14 +329,28 @@ class _Loop:
         self.position = 0  # where the next segment of this epoch starts
         self.best_bpc = math.inf
         self.carried: State | None = None
+        self.micro = 0  # segments whose gradients are gathered for the next optimizer step (--accumulate)
+        self.bad_in_step = False  # a non-finite loss among them
+        self.nonfinite_run = 0  # skipped optimizer steps in a row
+        self.nonfinite_total = 0
+        self.window = {"loss": 0.0, "batches": 0, "finite": 0, "chars": 0}  # since the last log line
         if resume is not None:
             self.step, self.epoch, self.position = resume["step"], resume["epoch"], resume["position"]
             self.best_bpc = resume["best_bpc"]
             self.carried = _state_from_list(resume.get("carried"))
+            self.micro = resume.get("micro", 0)
+            self.bad_in_step = resume.get("bad_in_step", False)
+            self.nonfinite_run = resume.get("nonfinite_run", 0)
+            self.nonfinite_total = resume.get("nonfinite_total", 0)
+            self.window.update(resume.get("window", {}))
+            if self.micro:
+                self._restore_grads(resume["grads"])
+        self.stop_signal: int | None = None  # set by the SIGINT/SIGTERM handler
         self.epochs_done = 0
         self.seconds = 0.0
         self.chars = 0
-        self.start_time = time.perf_counter()
+        self.start_time = self.last_save_time = self.window_start = time.perf_counter()
+        self.saved_at_epoch_start = False  # the epoch-end validation and save just happened, nothing since
 
     @property
     def chars_per_s(self) -> float:
@@ -246,90 +364,188 @@ class _Loop:
 
     def run(self) -> None:
         cfg = self.cfg
-        stopped = False
-        while self.epoch <= cfg.epochs and not stopped:
-            stopped = self._train_epoch()
-            if not stopped:
-                # Move to the next epoch first, so that checkpoints written now resume at its start.
-                self.epochs_done += 1
-                self.epoch, self.position, self.carried = self.epoch + 1, 0, None
-                self.validate(f"end of epoch {self.epoch - 1:3d}")
-                self.save("last")
-        if stopped:
-            self.log.line(f"stopping at step {self.step}: budget reached (--max-steps/--max-time)")
-            self.validate(f"validation at epoch {self.epoch:3d}")
+        reason = None
+        while self.epoch <= cfg.epochs:
+            reason = self._stop_reason() or self._train_epoch()
+            if reason:
+                break
+            # Move to the next epoch first, so that checkpoints written now resume at its start.
+            self.epochs_done += 1
+            self.epoch, self.position, self.carried = self.epoch + 1, 0, None
+            self.window = {"loss": 0.0, "batches": 0, "finite": 0, "chars": 0}
+            self.validate(f"end of epoch {self.epoch - 1:3d}")
             self.save("last")
+            self.saved_at_epoch_start = True
+        if reason == "budget":
+            self.log.line(f"stopping at step {self.step}: budget reached (--max-steps/--max-time)")
+            if not self.saved_at_epoch_start:
+                self.validate(f"validation at epoch {self.epoch:3d}")
+                self.save("last")
+        if self.stop_signal is not None:  # also when it came during a validation after the last batch
+            self.save("last")
+            self._interrupted()
 
-    def _train_epoch(self) -> bool:
-        """Train from the current position to the end of the epoch; True if a budget stopped it early."""
+    def _stop_reason(self) -> str | None:
+        if self.stop_signal is not None:
+            return "signal"
+        if self.micro == 0 and self.out_of_budget():
+            return "budget"
+        return None
+
+    def _interrupted(self) -> None:
+        name = signal.Signals(self.stop_signal).name  # type: ignore[arg-type]
+        where = f"epoch {self.epoch}, step {self.step}" + (f" (+{self.micro} gathered segments)" if self.micro else "")
+        self.log.line(f"stopped by {name} at {where}; saved {self.run_dir / 'last'}")
+        self.log.record("interrupted", signal=name, epoch=self.epoch, step=self.step)
+        raise TrainingInterrupted(
+            f"stopped by {name} at {where}; a resumable checkpoint is in {self.run_dir / 'last'}. "
+            f"To continue, run the same command with --resume {self.run_dir}",
+            self.stop_signal,  # type: ignore[arg-type]
+        )
+
+    def _train_epoch(self) -> str | None:
+        """Train from the current position to the end of the epoch.
+
+        Returns None at the epoch's end, or why it stopped early: 'budget' (--max-steps/--max-time, checked
+        after each optimizer step) or 'signal' (SIGINT/SIGTERM, checked after each batch).
+        """
         cfg, model, opt = self.cfg, self.model, self.optimizer
         model.train()
         state = self.carried
         est_batches = max(1, (self.streams.n - 1) // cfg.bptt)
         bar = tqdm(total=est_batches, desc=f"epoch {self.epoch}", unit="batch", leave=False, file=sys.stderr,
                    disable=True if self.log.quiet else None, initial=min(self.position // cfg.bptt, est_batches))
-        window_loss, window_batches, window_chars, window_start = 0.0, 0, 0, time.perf_counter()
-        micro = 0
-        opt.zero_grad(set_to_none=True)
-        for pos, seq_len in train_segments(self.streams, cfg.bptt, self.rng, start=self.position):
-            if micro == 0:
-                set_lr(opt, lr_at(self.step + 1, self.epoch, cfg))
-            x, y = self.streams.segment(pos, seq_len, self.device)
-            t0 = time.perf_counter()
-            out = model(x, state, targets=y)
-            loss = (out.loss + ar_tar(out, cfg)) / cfg.accumulate  # accumulate = mean over segments
-            loss.backward()
-            state = detach_state(out.state)
-            micro += 1
-            self.position = pos + seq_len
-            if micro == cfg.accumulate:
-                if cfg.clip:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-                micro = 0
-                self.step += 1
-            self.carried = state
-            window_loss += out.loss.item()
-            window_batches += 1
-            window_chars += y.numel()
-            self.chars += y.numel()
-            self.seconds += time.perf_counter() - t0
-            bar.update(1)
-            if window_batches == cfg.log_interval:
-                self._log_window(window_loss, window_batches, window_chars, window_start, est_batches)
-                window_loss, window_batches, window_chars, window_start = 0.0, 0, 0, time.perf_counter()
-            if micro == 0 and cfg.eval_interval and self.step % cfg.eval_interval == 0:
-                self.validate(f"validation at epoch {self.epoch:3d}")
-                model.train()
-            if micro == 0 and self.out_of_budget():
-                bar.close()
-                return True
-        if micro:  # an epoch that ends mid-accumulation still applies what it gathered, scaled to a mean
-            for p in model.parameters():
-                if p.grad is not None:
-                    p.grad.mul_(cfg.accumulate / micro)
-            if cfg.clip:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
+        self.window_start = time.perf_counter()
+        try:
+            for pos, seq_len in train_segments(self.streams, cfg.bptt, self.rng, start=self.position):
+                self.saved_at_epoch_start = False
+                if self.micro == 0:
+                    set_lr(opt, lr_at(self.step + 1, self.epoch, cfg))
+                x, y = self.streams.segment(pos, seq_len, self.device)
+                t0 = time.perf_counter()
+                out = model(x, state, targets=y)
+                loss = (out.loss + ar_tar(out, cfg)) / cfg.accumulate  # accumulate = mean over segments
+                loss.backward()
+                state = detach_state(out.state)
+                self.micro += 1
+                self.position = pos + seq_len
+                checks = [out.loss.detach(), loss.detach()]
+                if self.micro >= cfg.accumulate:
+                    checks.append(self._grad_norm())
+                # The loop's one host sync per batch: the loss for the log, and whether anything is non-finite.
+                values = torch.stack([c.float() for c in checks]).tolist()
+                finite = all(math.isfinite(v) for v in values)
+                self.bad_in_step |= not finite
+                stepped = False
+                if self.micro >= cfg.accumulate:
+                    stepped = self._finish_step()
+                    if not stepped:
+                        state = None  # the state that produced non-finite values would poison what follows
+                self.carried = state
+                w = self.window
+                w["batches"] += 1
+                if finite:
+                    w["loss"] += values[0]
+                    w["finite"] += 1
+                w["chars"] += y.numel()
+                self.chars += y.numel()
+                self.seconds += time.perf_counter() - t0
+                bar.update(1)
+                if w["batches"] == cfg.log_interval:
+                    self._log_window(est_batches)
+                if stepped:
+                    if cfg.eval_interval and self.step % cfg.eval_interval == 0:
+                        self.validate(f"validation at epoch {self.epoch:3d}")
+                        model.train()
+                    if self._save_due():
+                        self.save_periodic()
+                    if self.out_of_budget():
+                        return "budget"
+                if self.stop_signal is not None:
+                    return "signal"
+            if self.micro:  # an epoch that ends mid-accumulation still applies what it gathered, scaled to a mean
+                for p in model.parameters():
+                    if p.grad is not None:
+                        p.grad.mul_(cfg.accumulate / self.micro)
+                self.bad_in_step |= not math.isfinite(self._grad_norm().item())
+                self._finish_step()
+            return None
+        finally:
+            bar.close()
+
+    def _grad_norm(self) -> torch.Tensor:
+        """The global gradient norm, clipping to --clip when it is set; non-finite when any gradient is."""
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        if self.cfg.clip:
+            return torch.nn.utils.clip_grad_norm_(params, self.cfg.clip)
+        if not params:
+            return torch.zeros(())
+        return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad.detach()) for p in params]))
+
+    def _finish_step(self) -> bool:
+        """Apply the gathered gradients, or skip them if any loss or gradient was non-finite. True if applied."""
+        opt = self.optimizer
+        self.micro = 0
+        if not self.bad_in_step:
             opt.step()
             opt.zero_grad(set_to_none=True)
             self.step += 1
-        bar.close()
+            self.nonfinite_run = 0
+            return True
+        opt.zero_grad(set_to_none=True)
+        self.bad_in_step = False
+        self.carried = None
+        self.nonfinite_run += 1
+        self.nonfinite_total += 1
+        limit = self.cfg.nonfinite_limit
+        self.log.line(f"warning: non-finite loss or gradient at epoch {self.epoch}, position {self.position}: "
+                      f"update skipped, recurrent state reset ({self.nonfinite_run} in a row of at most {limit}, "
+                      f"{self.nonfinite_total} in all)")
+        self.log.record("nonfinite", epoch=self.epoch, step=self.step, position=self.position,
+                        in_a_row=self.nonfinite_run, total=self.nonfinite_total)
+        if self.nonfinite_run >= limit:
+            self.save("last")  # weights and optimizer as they were before the trouble: no bad update was applied
+            raise SharnnError(
+                f"stopped: {self.nonfinite_run} optimizer steps in a row had a non-finite loss or gradient (epoch "
+                f"{self.epoch}, after step {self.step}). None of them was applied: {self.run_dir / 'last'} holds the "
+                f"weights from step {self.step}, before the trouble, and resumes after the bad batches; "
+                "try it with a lower --lr or a smaller --clip"
+            )
         return False
 
-    def _log_window(self, loss_sum: float, batches: int, chars: int, start: float, est_batches: int) -> None:
-        elapsed = time.perf_counter() - start
-        loss = loss_sum / batches
+    def _save_due(self) -> bool:
+        cfg = self.cfg
+        if cfg.save_every and self.step % cfg.save_every == 0:
+            return True
+        return (cfg.save_every_minutes is not None
+                and time.perf_counter() - self.last_save_time >= 60 * cfg.save_every_minutes)
+
+    def save_periodic(self) -> None:
+        """`last/`, and with --keep K also `step-NNNNNN/` (last/ then shares its files), the newest K kept."""
+        if self.cfg.keep:
+            name = step_name(self.step)
+            self.save(name)
+            link_checkpoint(self.run_dir / name, self.run_dir / "last")
+            prune_checkpoints(self.run_dir, self.cfg.keep)
+        else:
+            self.save("last")
+
+    def _log_window(self, est_batches: int) -> None:
+        w = self.window
+        elapsed = time.perf_counter() - self.window_start
+        loss = w["loss"] / w["finite"] if w["finite"] else math.nan
         lr = self.optimizer.param_groups[0]["lr"]
         batch = min(self.position // self.cfg.bptt, est_batches)
         self.log.line(
             f"| epoch {self.epoch:3d} | {batch:5d}/{est_batches:5d} batches | lr {lr:.3g} | "
-            f"ms/batch {1000 * elapsed / batches:7.1f} | loss {loss:5.3f} | bpc {loss / LN2:6.3f} | "
-            f"chars/s {chars / elapsed:8.0f}"
+            f"ms/batch {1000 * elapsed / w['batches']:7.1f} | loss {loss:5.3f} | bpc {loss / LN2:6.3f} | "
+            f"chars/s {w['chars'] / elapsed:8.0f}"
         )
         self.log.record("train", epoch=self.epoch, step=self.step, batch=batch, lr=lr,
-                        ms_per_batch=1000 * elapsed / batches, loss=loss, bpc=loss / LN2,
-                        chars_per_s=chars / elapsed)
+                        ms_per_batch=1000 * elapsed / w["batches"], loss=loss, bpc=loss / LN2,
+                        chars_per_s=w["chars"] / elapsed)
+        self.window = {"loss": 0.0, "batches": 0, "finite": 0, "chars": 0}
+        self.window_start = time.perf_counter()
 
     def validate(self, label: str) -> float:
         cfg = self.cfg
@@ -359,8 +575,24 @@ class _Loop:
             "optimizer": self.optimizer.state_dict(),
             "rng": _rng_state(self.rng),
             "carried": _state_to_list(self.carried),
+            "micro": self.micro,  # > 0: stopped inside an --accumulate step; its gradients so far come along
+            "grads": [p.grad for p in self.model.parameters()] if self.micro else None,
+            "bad_in_step": self.bad_in_step,
+            "nonfinite_run": self.nonfinite_run,
+            "nonfinite_total": self.nonfinite_total,
+            "window": dict(self.window),
         }
         save_checkpoint(self.run_dir / name, self.model, self.cfg, progress, train_state, vocab=self.corpus.vocab)
+        if name != "best":
+            self.last_save_time = time.perf_counter()
+            self.log.record("save", name=name, epoch=self.epoch, step=self.step, position=self.position)
+
+    def _restore_grads(self, grads: list[torch.Tensor | None] | None) -> None:
+        params = list(self.model.parameters())
+        if grads is None or len(grads) != len(params):
+            raise SharnnError("cannot resume: the checkpoint's gathered gradients do not fit the model")
+        for p, g in zip(params, grads):
+            p.grad = None if g is None else g.to(p.device)
 
 
 def _state_to_list(state: State | None) -> list[dict[str, Any]] | None:

@@ -1,0 +1,131 @@
+"""Word- and character-level corpora in the awd-lstm layout, and `sharnn data ptb|ptb-char|wikitext-*`."""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from sharnn.cli import main
+from sharnn.data import load_corpus, prepare_awd
+from sharnn.errors import SharnnError
+from sharnn.vocab import Vocab
+
+
+def write_layout(folder: Path, train: str, valid: str, test: str) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, text in (("train", train), ("valid", valid), ("test", test)):
+        (folder / f"{name}.txt").write_text(text)
+    return folder
+
+
+def test_word_vocab_order_and_eos() -> None:
+    v = Vocab.from_words(["b a b", "c"])
+    assert v.symbols == ("b", "a", "<eos>", "c") and v.metric == "ppl"
+    assert v.encode_lines(["a b", "c c"]).tolist() == [1, 0, 2, 3, 3, 2]
+    assert v.encode(b"a b\nc").tolist() == [1, 0, 2, 3]  # no <eos> after an unfinished last line
+    assert v.encode(b"a b\n").tolist() == [1, 0, 2]
+    assert v.decode([1, 0, 2, 3]) == b"a b \nc "
+    assert Vocab.from_dict(v.to_dict()) == v
+
+
+def test_word_corpus_from_train_vocabulary(tmp_path: Path) -> None:
+    d = write_layout(tmp_path / "w", "the cat sat\nthe dog\n", "the dog sat\n", "cat cat\n")
+    c = load_corpus(d, tokens="words")
+    assert c.vocab.symbols == ("the", "cat", "sat", "<eos>", "dog")
+    assert c.train.tolist() == [0, 1, 2, 3, 0, 4, 3]
+    assert c.valid.tolist() == [0, 4, 2, 3] and c.test.tolist() == [1, 1, 3]
+    assert c.train.dtype == np.int32
+
+
+def test_unknown_words_are_named_or_mapped_to_unk(tmp_path: Path) -> None:
+    d = write_layout(tmp_path / "w", "a b c\n", "a zebra\n", "quokka b\n")
+    with pytest.raises(SharnnError, match=r"valid split .* 1 words .*\['zebra'\]"):
+        load_corpus(d, tokens="words")
+    d = write_layout(tmp_path / "u", "a <unk> b\n", "a zebra\n", "quokka b\n")
+    c = load_corpus(d, tokens="words")
+    unk = c.vocab.symbols.index("<unk>")
+    assert c.valid.tolist()[1] == unk and c.test.tolist()[0] == unk
+
+
+def test_char_level_layout_reports_bpc(tmp_path: Path) -> None:
+    d = write_layout(tmp_path / "c", "a b _ c a\n", "a _ b\n", "c\n")
+    c = load_corpus(d, tokens="chars")
+    assert c.vocab.level == "char" and c.vocab.metric == "bpc"
+    assert c.vocab.symbols == ("a", "b", "_", "c", "<eos>")
+
+
+def test_non_utf8_word_corpus_is_refused_but_bytes_work(tmp_path: Path) -> None:
+    d = write_layout(tmp_path / "l1", "x", "y", "z")
+    (d / "train.txt").write_bytes("café au lait\n".encode("latin-1") * 20)
+    with pytest.raises(SharnnError, match="not UTF-8"):
+        load_corpus(d, tokens="words")
+    assert len(load_corpus(d, tokens="bytes").train) == 13 * 20
+
+
+def _ptb_tgz(path: Path) -> Path:
+    files = {
+        "ptb.train.txt": b" the cat sat \n the dog <unk> \n" * 20, "ptb.valid.txt": b" the cat \n",
+        "ptb.test.txt": b" the dog \n", "ptb.char.train.txt": b"t h e _ c a t\n" * 20,
+        "ptb.char.valid.txt": b"c a t\n", "ptb.char.test.txt": b"t h e\n",
+    }
+    with tarfile.open(path, "w:gz") as tf:
+        for name, data in files.items():
+            info = tarfile.TarInfo(f"./simple-examples/data/{name}")
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    return path
+
+
+def test_prepare_ptb_and_ptb_char(tmp_path: Path) -> None:
+    tgz = _ptb_tgz(tmp_path / "simple-examples.tgz")
+    sizes = prepare_awd("ptb", tmp_path / "ptb", archive=tgz)
+    assert sizes == {"train": 600, "valid": 10, "test": 10}
+    assert json.loads((tmp_path / "ptb" / "meta.json").read_text())["tokens"] == "words"
+    c = load_corpus(tmp_path / "ptb")  # tokens=auto follows meta.json
+    assert c.vocab.kind == "words" and c.vocab.level == "word"
+    assert main(["data", "ptb-char", str(tmp_path / "pc"), "--from-archive", str(tgz)]) == 0
+    assert load_corpus(tmp_path / "pc").vocab.level == "char"
+    # the download path, through a local file:// address
+    prepare_awd("ptb", tmp_path / "dl", url=tgz.resolve().as_uri())
+    assert (tmp_path / "dl" / "train.txt").read_bytes() == (tmp_path / "ptb" / "train.txt").read_bytes()
+
+
+def test_prepare_wikitext_and_bad_archives(tmp_path: Path) -> None:
+    z = tmp_path / "wikitext-2-v1.zip"
+    with zipfile.ZipFile(z, "w") as zf:
+        for split in ("train", "valid", "test"):
+            zf.writestr(f"wikitext-2/wiki.{split}.tokens", f" = Title = \n words in {split} \n")
+    assert prepare_awd("wikitext-2", tmp_path / "wt2", archive=z)["train"] > 0
+    with pytest.raises(SharnnError, match="has no wiki.train.tokens"):
+        prepare_awd("wikitext-103", tmp_path / "x", archive=_ptb_tgz(tmp_path / "p.tgz"))
+    bad = tmp_path / "bad.zip"
+    bad.write_bytes(b"not an archive at all")
+    with pytest.raises(SharnnError, match="damaged"):
+        prepare_awd("ptb", tmp_path / "y", archive=bad)
+
+
+def test_word_model_trains_evaluates_generates_scores(tmp_path: Path, capsys) -> None:
+    d = write_layout(tmp_path / "w", "the cat sat on the mat\nthe dog sat\n" * 40, "the cat sat\n" * 3,
+                     "the dog sat on the mat\n" * 3)
+    run = tmp_path / "run"
+    flags = ["--emsize", "16", "--nhid", "32", "--nlayers", "2", "--attn-layers", "1", "--attn-span", "16",
+             "--bptt", "8", "--batch_size", "2", "--test-batch-size", "2", "--max-steps", "40", "--lr", "1e-2",
+             "--warmup", "5", "--quiet", "--json"]
+    assert main(["train", "--data", str(d), "--tokens", "words", "--save", str(run), *flags]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["test_ppl"] < 7  # 6 words + <eos>: better than uniform after training
+    assert main(["eval", str(run), "--split", "valid", "--batch_size", "1", "--json"]) == 0
+    ev = json.loads(capsys.readouterr().out)
+    assert ev["metric"] == "ppl" and ev["ppl"] < 7
+    assert main(["generate", str(run), "--prompt", "the", "-n", "6", "--seed", "0"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("the ") and len(out.split()) >= 4
+    assert main(["score", str(run), "--json", str(d / "valid.txt")]) == 0
+    rows = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    assert rows[0]["tokens"] == 4  # the cat sat <eos>
