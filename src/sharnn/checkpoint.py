@@ -115,7 +115,8 @@ def link_checkpoint(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
     except BaseException as e:
         _remove(tmp)
         if isinstance(e, OSError):
-            raise SharnnError(f"cannot write checkpoint {dst}: {_reason(e)}; the previous one, if any, is intact") from None
+            raise SharnnError(f"cannot write checkpoint {dst}: {_reason(e)}; "
+                              "the previous checkpoint there, if any, is intact") from None
         raise
     return dst
 
@@ -161,7 +162,10 @@ def clean_run_folder(run_dir: str | os.PathLike) -> None:
             continue
         name, kind = m.groups()
         if kind == "old" and not (run_dir / name).exists():
-            os.replace(p, run_dir / name)  # complete: a checkpoint is renamed to .old whole, deleted only later
+            try:
+                os.replace(p, run_dir / name)  # complete: a checkpoint is renamed to .old whole, deleted only later
+            except OSError:
+                pass  # resolve_checkpoint still finds it under its .old name
         else:
             _remove(p)
 

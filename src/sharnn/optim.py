@@ -107,3 +107,42 @@ def lr_at(step: int, epoch: int, cfg: TrainConfig) -> float:
 def set_lr(optimizer: Optimizer, lr: float) -> None:
     for group in optimizer.param_groups:
         group["lr"] = lr
+
+
+# --- SGD -> averaged SGD (AWD-LSTM's non-monotonically triggered ASGD) -------------------------------------------
+
+
+def should_switch_to_asgd(previous: list[float], current: float, nonmono: int) -> bool:
+    """AWD-LSTM's trigger: validation is worse than the best of all but the last `nonmono` earlier checks."""
+    return nonmono > 0 and len(previous) > nonmono and current > min(previous[:-nonmono])
+
+
+def build_asgd(params: Iterable[Tensor], cfg: TrainConfig, lr: float) -> torch.optim.ASGD:
+    """Averaging from the first step after the switch (t0=0) and no learning-rate decay (lambd=0)."""
+    return torch.optim.ASGD(params, lr=lr, t0=0, lambd=0.0, weight_decay=cfg.wdecay)
+
+
+class averaged_weights:
+    """Context manager: inside it the model holds ASGD's averaged weights ('ax'); outside, the live ones.
+
+    A no-op for any other optimizer, so evaluation and saving can always use it.
+    """
+
+    def __init__(self, params: Iterable[Tensor], optimizer: Optimizer):
+        self.pairs = []
+        if isinstance(optimizer, torch.optim.ASGD):
+            self.pairs = [(p, optimizer.state[p]["ax"]) for p in params if "ax" in optimizer.state.get(p, {})]
+
+    def __enter__(self) -> "averaged_weights":
+        self._swap()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._swap()
+
+    @torch.no_grad()
+    def _swap(self) -> None:
+        for p, ax in self.pairs:
+            tmp = p.detach().clone()
+            p.copy_(ax)
+            ax.copy_(tmp)

@@ -239,8 +239,9 @@ def _with_overrides(model: SHARNN, overrides: dict[str, Any], ckpt: Path, device
     clash = [k for k in wanted if k not in RESUME_ADJUSTABLE and getattr(new_cfg, k) != getattr(model.cfg, k)]
     if clash:
         k = clash[0]
-        raise SharnnError(f"--{k} {getattr(new_cfg, k)} conflicts with the checkpoint {ckpt} ({getattr(model.cfg, k)}): "
-                          "on --resume the architecture comes from the checkpoint; drop the setting")
+        raise SharnnError(f"--{k} {getattr(new_cfg, k)} conflicts with the checkpoint {ckpt} "
+                          f"({getattr(model.cfg, k)}): on --resume the architecture comes from the checkpoint; "
+                          "drop the setting")
     if new_cfg == model.cfg:
         return model
     rebuilt = SHARNN(new_cfg).to(device)
@@ -382,7 +383,8 @@ class _Loop:
                 self.validate(f"validation at epoch {self.epoch:3d}")
                 self.save("last")
         if self.stop_signal is not None:  # also when it came during a validation after the last batch
-            self.save("last")
+            if reason == "signal" and not self.saved_at_epoch_start:  # else last/ was just saved
+                self.save("last")
             self._interrupted()
 
     def _stop_reason(self) -> str | None:
@@ -479,7 +481,7 @@ class _Loop:
         if self.cfg.clip:
             return torch.nn.utils.clip_grad_norm_(params, self.cfg.clip)
         if not params:
-            return torch.zeros(())
+            return torch.zeros((), device=self.device)
         return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad.detach()) for p in params]))
 
     def _finish_step(self) -> bool:
