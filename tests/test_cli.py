@@ -64,10 +64,10 @@ def _bad_train_cases(tmp_path: Path, text_file: Path) -> dict[str, tuple[list[st
             ["--data", str(tiny_corpus), "--batch_size", "16", "--bptt", "64"], "too few for 16 streams"),
         "nhid not a multiple": (data + ["--nhid", "40"], "must be a multiple of emsize=16"),
         "unknown preset": (data + ["--preset", "huge"], "unknown preset 'huge'"),
-        "GRU": (data + ["--model", "GRU"], "not implemented"),
+        "qrnn window": (data + ["--model", "QRNN", "--qrnn-window", "3"], "--qrnn-window must be 1 or 2"),
         "unknown model": (data + ["--model", "Transformer"], "unknown --model"),
-        "wdrop": (data + ["--wdrop", "0.5"], "--wdrop"),
-        "sgd without nonmono 0": (data + ["--optimizer", "sgd"], "--nonmono 0"),
+        "wdrop": (data + ["--wdrop", "1"], "--wdrop must be in [0, 1)"),
+        "negative nonmono": (data + ["--optimizer", "sgd", "--nonmono", "-1"], "--nonmono must not be negative"),
         "bad TOML": (data + ["--config", str(bad_toml)], "not valid TOML"),
         "unknown config key": (data + ["--config", str(unknown_key)], "hidden_size"),
         "missing config": (data + ["--config", str(tmp_path / "none.toml")], "not found"),
@@ -77,8 +77,8 @@ def _bad_train_cases(tmp_path: Path, text_file: Path) -> dict[str, tuple[list[st
 
 
 @pytest.mark.parametrize("case", [
-    "missing data", "corpus smaller than a batch", "nhid not a multiple", "unknown preset", "GRU",
-    "unknown model", "wdrop", "sgd without nonmono 0", "bad TOML", "unknown config key", "missing config", "attn layer out of range", "bptt too short",
+    "missing data", "corpus smaller than a batch", "nhid not a multiple", "unknown preset", "qrnn window",
+    "unknown model", "wdrop", "negative nonmono", "bad TOML", "unknown config key", "missing config", "attn layer out of range", "bptt too short",
 ])
 def test_train_bad_input(case: str, tmp_path: Path, text_file: Path, capsys: pytest.CaptureFixture[str]) -> None:
     extra, fragment = _bad_train_cases(tmp_path, text_file)[case]

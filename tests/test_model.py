@@ -174,5 +174,5 @@ def test_config_errors_and_round_trip(tiny_config: SHARNNConfig) -> None:
         SHARNNConfig.from_dict({"emsize": 16, "bogus": 1})
     with pytest.raises(SharnnError, match="out of range"):
         SHARNNConfig(nlayers=2, attn_layers=(2,))
-    with pytest.raises(SharnnError, match="not implemented"):
-        SHARNNConfig(model="QRNN")
+    with pytest.raises(SharnnError, match="unknown --model"):
+        SHARNNConfig(model="Transformer")

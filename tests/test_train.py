@@ -123,6 +123,7 @@ def test_when_is_applied_in_training(text_file: Path, tmp_path: Path) -> None:
     lrs = {r["epoch"]: r["lr"] for r in map(json.loads, (run / "log.jsonl").read_text().splitlines())
            if r["event"] == "train"}
     assert lrs[1] == pytest.approx(2e-2) and lrs[2] == pytest.approx(2e-3)
+    assert load_train_state(run / "epoch-001")["epoch"] == 2  # saved before the drop, resumable
 
 
 def test_resume_refuses_other_vocabulary_and_missing_state(text_file: Path, tmp_path: Path) -> None:
@@ -159,3 +160,45 @@ def test_alpha_beta_change_training(text_file: Path, tmp_path: Path) -> None:
     train(MODEL, cfg_for(text_file, tmp_path / "on", max_steps=3, alpha=2.0, beta=1.0), quiet=True)
     a, b = _weights(tmp_path / "off"), _weights(tmp_path / "on")
     assert any(not torch.equal(a[k], b[k]) for k in a)
+
+
+def test_asgd_switch_rule_and_averaging() -> None:
+    from sharnn.optim import averaged_weights, should_switch_to_asgd
+
+    assert not should_switch_to_asgd([3.0, 2.0], 2.5, nonmono=2)  # too little history
+    assert should_switch_to_asgd([3.0, 2.0, 1.9], 3.5, nonmono=2)  # worse than the best before the last two
+    assert not should_switch_to_asgd([3.0, 2.0, 1.9], 2.5, nonmono=2)
+    assert not should_switch_to_asgd([3.0, 2.0, 1.9], 1.8, nonmono=2)
+    assert not should_switch_to_asgd([3.0, 2.0, 1.9], 9.9, nonmono=0)  # 0 = never
+    p = torch.nn.Parameter(torch.zeros(3))
+    opt = torch.optim.ASGD([p], lr=1.0, t0=0, lambd=0.0)
+    for g in (1.0, 3.0, 5.0):  # p: -1, -4, -9; torch's ASGD averages from its second iterate: -6.5
+        p.grad = torch.full((3,), g)
+        opt.step()
+    with averaged_weights([p], opt):
+        assert torch.allclose(p.data, torch.full((3,), -6.5))
+    assert torch.allclose(p.data, torch.full((3,), -9.0))
+
+
+def test_sgd_switches_to_asgd_and_resumes(text_file: Path, tmp_path: Path, monkeypatch) -> None:
+    import sharnn.train as train_module
+    from sharnn.evaluate import EvalResult
+
+    real_evaluate = train_module.evaluate
+    losses = iter([1.5, 2.0, 1.6])  # epoch 3 (1.6) is worse than the best before the last one (1.5): switch
+
+    def fake_validation(model, ids, *args, **kw):  # noqa: ANN001, ANN002, ANN003
+        if kw.get("what") == "valid" and (loss := next(losses, None)) is not None:
+            return EvalResult(loss, 100, 0.0)
+        return real_evaluate(model, ids, *args, **kw)
+
+    monkeypatch.setattr(train_module, "evaluate", fake_validation)
+    run = tmp_path / "sgd"
+    cfg = cfg_for(text_file, run, optimizer="sgd", nonmono=1, lr=0.5, warmup=0, epochs=4)
+    train(MODEL, cfg, quiet=True)
+    events = [json.loads(x) for x in (run / "log.jsonl").read_text().splitlines()]
+    assert any(e["event"] == "asgd" for e in events)
+    state = load_train_state(run / "last")
+    assert state["asgd"] and "ax" in state["optimizer"]["state"][0]
+    res = train(MODEL, replace(cfg, epochs=5, resume=str(run)), quiet=True)
+    assert res.epochs_done == 1

@@ -122,7 +122,7 @@ class TrainConfig:
     alpha: float = _doc("AR: weight of the L2 penalty on the final block's dropped output", default=2.0)
     beta: float = _doc("TAR: weight of the L2 penalty on the final block's step-to-step change", default=1.0)
     optimizer: str = _doc("lamb, adam, adamw or sgd", default="lamb")
-    nonmono: int = _doc("with sgd: epochs without validation gain before averaged SGD (not implemented yet)", default=5)
+    nonmono: int = _doc("with sgd: switch to averaged SGD once validation is worse than the best before the last N epochs (0 = never)", default=5)
     seed: int = _doc("random seed", default=1111)
     when: tuple[int, ...] = _doc("epochs after which the learning rate is divided by 10", default=(-1,))
     log_interval: int = _doc("batches between log lines", default=10)
@@ -174,11 +174,8 @@ class TrainConfig:
             raise SharnnError(f"unknown --tokens {self.tokens!r}; use auto, bytes, words or chars")
         if self.optimizer not in OPTIMIZERS:
             raise SharnnError(f"unknown --optimizer {self.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
-        if self.optimizer == "sgd" and self.nonmono > 0:
-            raise SharnnError(
-                "--optimizer sgd switches to averaged SGD after --nonmono epochs, which is not implemented yet; "
-                "pass --nonmono 0 for plain SGD"
-            )
+        if self.nonmono < 0:
+            raise SharnnError(f"--nonmono must not be negative, got {self.nonmono}")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise SharnnError(f"unknown --device {self.device!r}; use auto, cpu or cuda")
         if self.lr <= 0 or self.clip < 0 or self.warmup < 0 or self.wdecay < 0:

@@ -165,16 +165,17 @@ def forget_mult(f: Tensor, z: Tensor, c0: Tensor) -> Tensor:
     if n * K > T:  # identity steps (f = 1, b = 0) after the end change nothing before it
         f = torch.cat([f, f.new_ones(n * K - T, B, E)])
         b = torch.cat([b, b.new_zeros(n * K - T, B, E)])
-    f, b = f.reshape(n, K, B, E), b.reshape(n, K, B, E)
-    local, prod = [b[:, 0]], [f[:, 0]]  # each (n, B, E)
+    # unbind, not indexing in the loops: the backward of each index would fill a zero tensor of the full size.
+    fk, bk = f.reshape(n, K, B, E).unbind(1), b.reshape(n, K, B, E).unbind(1)  # K tensors (n, B, E)
+    local, prod = [bk[0]], [fk[0]]
     for k in range(1, K):  # inside every chunk at once, from a zero cell
-        local.append(torch.addcmul(b[:, k], f[:, k], local[-1]))
-        prod.append(f[:, k] * prod[-1])
-    local_all, prod_all = torch.stack(local, 1), torch.stack(prod, 1)  # (n, K, B, E)
+        local.append(torch.addcmul(bk[k], fk[k], local[-1]))
+        prod.append(fk[k] * prod[-1])
+    ends, decays = local[-1].unbind(0), prod[-1].unbind(0)  # per chunk (B, E): its last cell and total decay
     carry = [c0[0]]  # the cell each chunk starts from, (B, E)
     for j in range(n - 1):
-        carry.append(torch.addcmul(local_all[j, -1], prod_all[j, -1], carry[-1]))
-    c = torch.addcmul(local_all, prod_all, torch.stack(carry)[:, None])  # (n, K, B, E)
+        carry.append(torch.addcmul(ends[j], decays[j], carry[-1]))
+    c = torch.addcmul(torch.stack(local, 1), torch.stack(prod, 1), torch.stack(carry)[:, None])  # (n, K, B, E)
     return c.reshape(n * K, B, E)[:T]
 
 

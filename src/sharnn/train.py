@@ -52,7 +52,7 @@ from .errors import SharnnError
 from .evaluate import EvalResult, evaluate
 from .generate import generate
 from .model import SHARNN, BlockState, SHARNNOutput, State, count_parameters, detach_state
-from .optim import build_optimizer, lr_at, set_lr
+from .optim import averaged_weights, build_asgd, build_optimizer, lr_at, set_lr, should_switch_to_asgd
 
 LN2 = math.log(2)
 # Model settings a resumed run may change; every other SHARNNConfig field shapes the weights.
@@ -195,6 +195,8 @@ def train(model_cfg: SHARNNConfig, cfg: TrainConfig, quiet: bool = False,
     Streams(_eval_ids(corpus.test, cfg), cfg.test_batch_size, what="test split")
 
     optimizer = build_optimizer(model.parameters(), cfg)
+    if resume_state is not None and resume_state.get("asgd") and cfg.optimizer == "sgd":
+        optimizer = build_asgd(model.parameters(), cfg, cfg.lr)  # the run had switched: its state is ASGD's
     rng = np.random.default_rng(cfg.seed)
     if resume_state is not None:
         try:
@@ -335,6 +337,8 @@ class _Loop:
         self.nonfinite_run = 0  # skipped optimizer steps in a row
         self.nonfinite_total = 0
         self.window = {"loss": 0.0, "batches": 0, "finite": 0, "chars": 0}  # since the last log line
+        self.val_history: list[float] = []  # end-of-epoch validation losses, for the SGD -> ASGD switch
+        self.asgd = isinstance(optimizer, torch.optim.ASGD)
         if resume is not None:
             self.step, self.epoch, self.position = resume["step"], resume["epoch"], resume["position"]
             self.best_bpc = resume["best_bpc"]
@@ -344,6 +348,7 @@ class _Loop:
             self.nonfinite_run = resume.get("nonfinite_run", 0)
             self.nonfinite_total = resume.get("nonfinite_total", 0)
             self.window.update(resume.get("window", {}))
+            self.val_history = list(resume.get("val_history", []))
             if self.micro:
                 self._restore_grads(resume["grads"])
         self.stop_signal: int | None = None  # set by the SIGINT/SIGTERM handler
@@ -374,8 +379,10 @@ class _Loop:
             self.epochs_done += 1
             self.epoch, self.position, self.carried = self.epoch + 1, 0, None
             self.window = {"loss": 0.0, "batches": 0, "finite": 0, "chars": 0}
-            self.validate(f"end of epoch {self.epoch - 1:3d}")
+            self.validate(f"end of epoch {self.epoch - 1:3d}", end_of_epoch=True)
             self.save("last")
+            if self.epoch - 1 in cfg.when:  # as the reference did: keep the model from before the LR drops
+                self.save(f"epoch-{self.epoch - 1:03d}")
             self.saved_at_epoch_start = True
         if reason == "budget":
             self.log.line(f"stopping at step {self.step}: budget reached (--max-steps/--max-time)")
@@ -549,14 +556,17 @@ class _Loop:
         self.window = {"loss": 0.0, "batches": 0, "finite": 0, "chars": 0}
         self.window_start = time.perf_counter()
 
-    def validate(self, label: str) -> float:
+    def validate(self, label: str, end_of_epoch: bool = False) -> float:
         cfg = self.cfg
         ids = _eval_ids(self.corpus.valid, cfg)
-        res = evaluate(self.model, ids, cfg.eval_batch_size or cfg.batch_size, cfg.bptt, self.device,
-                       progress=not self.log.quiet, what="valid")
-        improved = res.bpc < self.best_bpc
-        if improved:
-            self.best_bpc = res.bpc
+        # After the switch to averaged SGD, the averaged weights are the model: evaluate and keep those.
+        with averaged_weights(self.model.parameters(), self.optimizer):
+            res = evaluate(self.model, ids, cfg.eval_batch_size or cfg.batch_size, cfg.bptt, self.device,
+                           progress=not self.log.quiet, what="valid")
+            improved = res.bpc < self.best_bpc
+            if improved:
+                self.best_bpc = res.bpc
+                self.save("best")
         self.log.line("-" * 89)
         self.log.line(
             f"| {label} | step {self.step} | "
@@ -566,8 +576,14 @@ class _Loop:
         self.log.line("-" * 89)
         self.log.record("valid", epoch=self.epoch, step=self.step, loss=res.loss, bpc=res.bpc, ppl=res.ppl,
                         best=improved)
-        if improved:
-            self.save("best")
+        if end_of_epoch:
+            if cfg.optimizer == "sgd" and not self.asgd and should_switch_to_asgd(self.val_history, res.loss, cfg.nonmono):
+                lr = self.optimizer.param_groups[0]["lr"]
+                self.optimizer = build_asgd(self.model.parameters(), cfg, lr)
+                self.asgd = True
+                self.log.line(f"switching to averaged SGD: validation has not improved for {cfg.nonmono} epochs")
+                self.log.record("asgd", epoch=self.epoch, step=self.step)
+            self.val_history.append(res.loss)
         return res.bpc
 
     def save(self, name: str) -> None:
@@ -583,6 +599,8 @@ class _Loop:
             "nonfinite_run": self.nonfinite_run,
             "nonfinite_total": self.nonfinite_total,
             "window": dict(self.window),
+            "asgd": self.asgd,
+            "val_history": list(self.val_history),
         }
         save_checkpoint(self.run_dir / name, self.model, self.cfg, progress, train_state, vocab=self.corpus.vocab)
         if name != "best":
