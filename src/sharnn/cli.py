@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from dataclasses import fields
 from typing import Any, Sequence
@@ -174,9 +175,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     model_cfg, cfg, model_given = resolve_train_settings(args)
     if cfg.resume:
         _check_resume_architecture(cfg.resume, model_given)
-    if not args.quiet:
+    if not args.quiet and os.environ.get("RANK", "0") == "0":
         print("settings: " + json.dumps({"model": model_cfg.to_dict(), "train": cfg.to_dict()}), file=sys.stderr)
-    result = train(model_cfg, cfg, quiet=args.quiet, model_overrides=model_given)
+    result = train(model_cfg, cfg, quiet=args.quiet or os.environ.get("RANK", "0") != "0",
+                   model_overrides=model_given)
+    if result.valid is None:  # a rank other than 0 under torchrun: rank 0 reports
+        return 0
     from .checkpoint import load_vocab
 
     metric = load_vocab(result.run_dir).metric  # bpc, or perplexity for word-level corpora

@@ -208,17 +208,22 @@ class Streams:
     """A split cut into `batch_size` contiguous streams, read as (T, B) segments.
 
     Stream b is ids[b*n : (b+1)*n] with n = len(ids) // batch_size; the leftover tail is dropped, as in the
-    reference. Nothing is copied until a segment is read.
+    reference. Nothing is copied until a segment is read. With `world` > 1 the split is cut into
+    batch_size * world streams and this process (`rank`) reads its own contiguous `batch_size` of them, so the
+    ranks together see exactly what one process with the combined batch would.
     """
 
-    def __init__(self, ids: np.ndarray, batch_size: int, *, min_len: int = 2, what: str = "split"):
-        n = len(ids) // batch_size
+    def __init__(self, ids: np.ndarray, batch_size: int, *, min_len: int = 2, what: str = "split",
+                 rank: int = 0, world: int = 1):
+        total = batch_size * world
+        n = len(ids) // total
         if n < min_len:
             raise SharnnError(
-                f"the {what} has {len(ids):,} tokens: too few for {batch_size} streams of at least {min_len} "
-                f"(needs {batch_size * min_len:,}); use a smaller --batch_size or --bptt, or more data"
+                f"the {what} has {len(ids):,} tokens: too few for {total} streams of at least {min_len} "
+                f"(needs {total * min_len:,}); use a smaller --batch_size or --bptt, or more data"
             )
-        self.view = ids[: n * batch_size].reshape(batch_size, n)  # (B, n), a view of a memmap stays one
+        # (B, n): this rank's streams; a view of a memmap stays one
+        self.view = ids[: n * total].reshape(total, n)[rank * batch_size : (rank + 1) * batch_size]
         self.n = n
         self.batch_size = batch_size
 

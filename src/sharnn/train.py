@@ -48,6 +48,7 @@ from .checkpoint import (
 )
 from .config import SHARNNConfig, TrainConfig
 from .data import Corpus, Streams, load_corpus, train_segments
+from .distributed import Dist, init_from_env, shutdown
 from .errors import SharnnError
 from .evaluate import EvalResult, evaluate
 from .generate import generate
@@ -125,10 +126,10 @@ def check_writable(folder: Path) -> None:
 class RunLog:
     """Human log lines to stderr (above the progress bar) and the same numbers as JSON lines in the run folder."""
 
-    def __init__(self, run_dir: Path, quiet: bool = False):
+    def __init__(self, run_dir: Path, quiet: bool = False, write: bool = True):
         self.path = run_dir / "log.jsonl"
         self.quiet = quiet
-        self.broken = False
+        self.broken = not write  # other ranks than 0 never write the log
 
     def line(self, text: str) -> None:
         if not self.quiet:
@@ -157,12 +158,22 @@ def train(model_cfg: SHARNNConfig, cfg: TrainConfig, quiet: bool = False,
     """
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    device = resolve_device(cfg.device)
+    ranks, device_name = init_from_env(cfg.device)  # under torchrun: join its process group
+    try:
+        return _train(model_cfg, cfg, quiet, model_overrides, ranks, resolve_device(device_name))
+    finally:
+        shutdown(ranks)
+
+
+def _train(model_cfg: SHARNNConfig, cfg: TrainConfig, quiet: bool, model_overrides: dict[str, Any] | None,
+           ranks: Dist, device: torch.device) -> TrainResult:
     run_dir = Path(cfg.save)
-    check_writable(run_dir)
-    clean_run_folder(run_dir)  # what a killed save may have left
+    if ranks.is_main:
+        check_writable(run_dir)
+        clean_run_folder(run_dir)  # what a killed save may have left
+    ranks.barrier()
     corpus = load_corpus(cfg.data, tokens=cfg.tokens)
-    log = RunLog(run_dir, quiet)
+    log = RunLog(run_dir, quiet or not ranks.is_main, write=ranks.is_main)
     seed_everything(cfg.seed)  # before the model is built: its initial weights come from this seed
 
     resume_state: dict[str, Any] | None = None
@@ -180,16 +191,22 @@ def train(model_cfg: SHARNNConfig, cfg: TrainConfig, quiet: bool = False,
             )
         if old_cfg is not None and old_cfg.seed != cfg.seed:
             resume_state.pop("rng", None)  # a new --seed on resume asks for fresh randomness (paper's 2nd pass)
-        if old_cfg is not None and old_cfg.batch_size != cfg.batch_size:
-            # Stream boundaries move with the batch size: the saved position and carried state mean nothing now.
-            log.line(f"--batch_size changed ({old_cfg.batch_size} -> {cfg.batch_size}): epoch restarts at its start")
-            resume_state.update(position=0, carried=None)
+        old_global = (old_cfg.batch_size if old_cfg else cfg.batch_size) * resume_state.get("world", 1)
+        if old_global != cfg.batch_size * ranks.world:
+            # Stream boundaries move with the global batch: the saved position and carried state mean nothing now.
+            log.line(f"global batch changed ({old_global} -> {cfg.batch_size * ranks.world} streams): "
+                     "the epoch restarts at its start")
+            resume_state.update(position=0, carried=None, micro=0)
+        else:  # the same global streams, perhaps over another number of ranks: take this rank's share
+            carried = ranks.shard_state(_state_from_list(resume_state.get("carried")), cfg.batch_size)
+            resume_state["carried"] = _state_to_list(carried)
         log.line(f"resuming from {ckpt} at epoch {resume_state['epoch']}, step {resume_state['step']}")
     else:
         model = SHARNN(replace(model_cfg, vocab_size=corpus.vocab_size)).to(device)
 
     # Fail on data that is too small before any training happens.
-    train_streams = Streams(corpus.train, cfg.batch_size, min_len=cfg.bptt + 1, what="train split")
+    train_streams = Streams(corpus.train, cfg.batch_size, min_len=cfg.bptt + 1, what="train split",
+                            rank=ranks.rank, world=ranks.world)
     eval_bsz = cfg.eval_batch_size or cfg.batch_size
     Streams(_eval_ids(corpus.valid, cfg), eval_bsz, what="valid split")
     Streams(_eval_ids(corpus.test, cfg), cfg.test_batch_size, what="test split")
@@ -205,16 +222,27 @@ def train(model_cfg: SHARNNConfig, cfg: TrainConfig, quiet: bool = False,
             raise SharnnError(f"cannot resume: the saved optimizer state does not fit --optimizer {cfg.optimizer} ({e})") from None
         if "rng" in resume_state:
             _set_rng_state(rng, resume_state["rng"])
+    if ranks.enabled:  # same initial weights everywhere (DDP also broadcasts rank 0's), but each rank its own dropout
+        torch.manual_seed(cfg.seed + 7919 * ranks.rank + 104729 * (resume_state or {}).get("step", 0))
 
     n_params = count_parameters(model)
     log.line(f"SHA-RNN: {n_params:,} parameters | corpus {corpus.name}: train {len(corpus.train):,} "
              f"valid {len(corpus.valid):,} test {len(corpus.test):,} tokens | device {device}")
-    log.record("start", params=n_params, model=model.cfg.to_dict(), train=cfg.to_dict(), device=str(device))
-    _warn_if_disk_small(run_dir, n_params, cfg, log)
+    if ranks.enabled:
+        log.line(f"distributed: {ranks.world} ranks x batch {cfg.batch_size} = global batch "
+                 f"{ranks.world * cfg.batch_size} streams ({'nccl' if device.type == 'cuda' else 'gloo'})")
+    log.record("start", params=n_params, model=model.cfg.to_dict(), train=cfg.to_dict(), device=str(device),
+               world=ranks.world, global_batch=ranks.world * cfg.batch_size)
+    if ranks.is_main:
+        _warn_if_disk_small(run_dir, n_params, cfg, log)
 
-    loop = _Loop(model, optimizer, cfg, corpus, train_streams, rng, device, run_dir, log, resume_state)
+    loop = _Loop(model, optimizer, cfg, corpus, train_streams, rng, device, run_dir, log, resume_state, ranks)
     with _stop_on_signals(loop):
         loop.run()
+    ranks.barrier()
+    if not ranks.is_main:  # rank 0 measures the result
+        return TrainResult(run_dir, loop.step, loop.epochs_done, loop.seconds, loop.chars_per_s,
+                           loop.best_bpc, None, None, b"", loop.nonfinite_total)
 
     # Final numbers come from the best checkpoint, as the paper reports them.
     best_dir = run_dir / "best"
@@ -324,8 +352,15 @@ class _Loop:
 
     def __init__(self, model: SHARNN, optimizer: torch.optim.Optimizer, cfg: TrainConfig, corpus: Corpus,
                  streams: Streams, rng: np.random.Generator, device: torch.device, run_dir: Path, log: RunLog,
-                 resume: dict[str, Any] | None):
+                 resume: dict[str, Any] | None, ranks: Dist | None = None):
         self.model, self.optimizer, self.cfg, self.corpus = model, optimizer, cfg, corpus
+        self.ranks = ranks or Dist()
+        # What the training step calls: the model itself, or its DistributedDataParallel wrapper (which averages
+        # gradients over the ranks during backward). Evaluation and saving use the model itself.
+        self.forward_model: torch.nn.Module = model
+        if self.ranks.enabled:
+            ids = [device.index] if device.type == "cuda" else None
+            self.forward_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
         self.streams, self.rng, self.device, self.run_dir, self.log = streams, rng, device, run_dir, log
         self.step = 0  # optimizer steps taken, across epochs and resumes
         self.epoch = 1  # 1-based, as in the paper's logs
@@ -395,11 +430,12 @@ class _Loop:
             self._interrupted()
 
     def _stop_reason(self) -> str | None:
-        if self.stop_signal is not None:
+        signalled, over = self.ranks.any(self.stop_signal is not None, self.micro == 0 and self.out_of_budget(),
+                                         device=self.device)
+        if signalled:
+            self.stop_signal = self.stop_signal or signal.SIGTERM  # another rank got it
             return "signal"
-        if self.micro == 0 and self.out_of_budget():
-            return "budget"
-        return None
+        return "budget" if over else None
 
     def _interrupted(self) -> None:
         name = signal.Signals(self.stop_signal).name  # type: ignore[arg-type]
@@ -432,9 +468,13 @@ class _Loop:
                     set_lr(opt, lr_at(self.step + 1, self.epoch, cfg))
                 x, y = self.streams.segment(pos, seq_len, self.device)
                 t0 = time.perf_counter()
-                out = model(x, state, targets=y)
-                loss = (out.loss + ar_tar(out, cfg)) / cfg.accumulate  # accumulate = mean over segments
-                loss.backward()
+                # Under DDP, gradients are averaged over the ranks only on the segment that completes a step.
+                sync = (self.forward_model.no_sync() if self.ranks.enabled and self.micro + 1 < cfg.accumulate
+                        else contextlib.nullcontext())
+                with sync:
+                    out = self.forward_model(x, state, targets=y)
+                    loss = (out.loss + ar_tar(out, cfg)) / cfg.accumulate  # accumulate = mean over segments
+                    loss.backward()
                 state = detach_state(out.state)
                 self.micro += 1
                 self.position = pos + seq_len
@@ -456,21 +496,26 @@ class _Loop:
                 if finite:
                     w["loss"] += values[0]
                     w["finite"] += 1
-                w["chars"] += y.numel()
-                self.chars += y.numel()
+                w["chars"] += y.numel() * self.ranks.world  # throughput of all ranks together
+                self.chars += y.numel() * self.ranks.world
                 self.seconds += time.perf_counter() - t0
                 bar.update(1)
                 if w["batches"] == cfg.log_interval:
                     self._log_window(est_batches)
+                # Decisions every rank must take together (one all-reduce under torchrun, none otherwise).
+                save_due, over, signalled = self.ranks.any(
+                    stepped and self._save_due(), stepped and self.out_of_budget(), self.stop_signal is not None,
+                    device=self.device)
                 if stepped:
                     if cfg.eval_interval and self.step % cfg.eval_interval == 0:
                         self.validate(f"validation at epoch {self.epoch:3d}")
                         model.train()
-                    if self._save_due():
+                    if save_due:
                         self.save_periodic()
-                    if self.out_of_budget():
+                    if over:
                         return "budget"
-                if self.stop_signal is not None:
+                if signalled:
+                    self.stop_signal = self.stop_signal or signal.SIGTERM  # another rank got it
                     return "signal"
             if self.micro:  # an epoch that ends mid-accumulation still applies what it gathered, scaled to a mean
                 for p in model.parameters():
@@ -534,8 +579,9 @@ class _Loop:
         if self.cfg.keep:
             name = step_name(self.step)
             self.save(name)
-            link_checkpoint(self.run_dir / name, self.run_dir / "last")
-            prune_checkpoints(self.run_dir, self.cfg.keep)
+            if self.ranks.is_main:
+                link_checkpoint(self.run_dir / name, self.run_dir / "last")
+                prune_checkpoints(self.run_dir, self.cfg.keep)
         else:
             self.save("last")
 
@@ -561,8 +607,12 @@ class _Loop:
         ids = _eval_ids(self.corpus.valid, cfg)
         # After the switch to averaged SGD, the averaged weights are the model: evaluate and keep those.
         with averaged_weights(self.model.parameters(), self.optimizer):
-            res = evaluate(self.model, ids, cfg.eval_batch_size or cfg.batch_size, cfg.bptt, self.device,
-                           progress=not self.log.quiet, what="valid")
+            if self.ranks.is_main:  # rank 0 evaluates; the others take its number (they must agree on "best")
+                res = evaluate(self.model, ids, cfg.eval_batch_size or cfg.batch_size, cfg.bptt, self.device,
+                               progress=not self.log.quiet, what="valid")
+            loss = self.ranks.broadcast(res.loss if self.ranks.is_main else 0.0, self.device)
+            if not self.ranks.is_main:
+                res = EvalResult(loss, 0, 0.0)
             improved = res.bpc < self.best_bpc
             if improved:
                 self.best_bpc = res.bpc
@@ -587,12 +637,19 @@ class _Loop:
         return res.bpc
 
     def save(self, name: str) -> None:
+        """Write a checkpoint (rank 0); under torchrun every rank calls this, to gather the carried state."""
+        carried = self.ranks.gather_state(self.carried)  # all ranks' streams: resumable on any number of ranks
+        if not self.ranks.is_main:
+            if name != "best":
+                self.last_save_time = time.perf_counter()
+            return
         progress = {"epoch": self.epoch, "step": self.step, "position": self.position, "best_bpc": self.best_bpc}
         train_state = {
             **progress,
             "optimizer": self.optimizer.state_dict(),
             "rng": _rng_state(self.rng),
-            "carried": _state_to_list(self.carried),
+            "carried": _state_to_list(carried),
+            "world": self.ranks.world,
             "micro": self.micro,  # > 0: stopped inside an --accumulate step; its gradients so far come along
             "grads": [p.grad for p in self.model.parameters()] if self.micro else None,
             "bad_in_step": self.bad_in_step,
