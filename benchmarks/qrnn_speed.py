@@ -56,7 +56,7 @@ def training_step(cfg: SHARNNConfig, bptt: int, batch: int) -> Callable[[], floa
 
 
 def core_step(cfg: SHARNNConfig, bptt: int, batch: int) -> Callable[[], float]:
-    """A function that runs the recurrent core's forward and backward on one segment and returns its seconds."""
+    """A function that runs the recurrent core's forward and backward on a segment; returns its seconds."""
     torch.manual_seed(0)
     block = Block(cfg, use_attn=False).train()
     state = SHARNN(replace(cfg, nlayers=1, attn_layers=())).initial_state(batch)[0].rnn
@@ -91,9 +91,9 @@ def main() -> None:
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, fastest of {args.steps} timed rounds")
-    print("| config | core | params | bptt x batch | s/step | train chars/s | step / LSTM's | core s (fwd+bwd) "
-          "| core / LSTM's |")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, fastest of {args.steps} rounds")
+    print("| config | core | params | bptt x batch | s/step | train chars/s | step / LSTM's "
+          "| core s (fwd+bwd) | core / LSTM's |")
     print("|---|---|---|---|---|---|---|---|---|")
     for name in args.configs:
         base, bptt, batch = CONFIGS[name]

@@ -65,6 +65,7 @@ def _bad_train_cases(tmp_path: Path, text_file: Path) -> dict[str, tuple[list[st
         "nhid not a multiple": (data + ["--nhid", "40"], "must be a multiple of emsize=16"),
         "unknown preset": (data + ["--preset", "huge"], "unknown preset 'huge'"),
         "qrnn window": (data + ["--model", "QRNN", "--qrnn-window", "3"], "--qrnn-window must be 1 or 2"),
+        "qrnn window on lstm": (data + ["--qrnn-window", "1"], "applies to --model QRNN only"),
         "unknown model": (data + ["--model", "Transformer"], "unknown --model"),
         "wdrop": (data + ["--wdrop", "1"], "--wdrop must be in [0, 1)"),
         "negative nonmono": (data + ["--optimizer", "sgd", "--nonmono", "-1"], "--nonmono must not be negative"),
@@ -77,7 +78,7 @@ def _bad_train_cases(tmp_path: Path, text_file: Path) -> dict[str, tuple[list[st
 
 
 @pytest.mark.parametrize("case", [
-    "missing data", "corpus smaller than a batch", "nhid not a multiple", "unknown preset", "qrnn window",
+    "missing data", "corpus smaller than a batch", "nhid not a multiple", "unknown preset", "qrnn window", "qrnn window on lstm",
     "unknown model", "wdrop", "negative nonmono", "bad TOML", "unknown config key", "missing config", "attn layer out of range", "bptt too short",
 ])
 def test_train_bad_input(case: str, tmp_path: Path, text_file: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -68,7 +68,8 @@ def test_forget_mult_stable_with_tiny_gates() -> None:
     # cumulative products or takes their logarithm would give inf/nan here.
     T = 300
     g = torch.Generator().manual_seed(0)
-    f = torch.where(torch.rand(T, 3, 4, generator=g) < 0.5, torch.tensor(1e-20), torch.rand(T, 3, 4, generator=g))
+    tiny = torch.rand(T, 3, 4, generator=g) < 0.5
+    f = torch.where(tiny, torch.tensor(1e-20), torch.rand(T, 3, 4, generator=g))
     f.requires_grad_()
     z = torch.randn(T, 3, 4, generator=g, requires_grad=True)
     c0 = torch.randn(1, 3, 4, generator=g)
@@ -99,11 +100,12 @@ def test_qrnn_follows_its_equations(tiny_config: SHARNNConfig, window: int) -> N
         assert torch.equal(rest[0], x[-1:])  # the last input, for the next segment's convolution
 
 
-# --- every core: state, memory, carry, causality, generation, checkpoints, resume ----------------------------
+# --- every core: state, memory, carry, causality, generation, checkpoints, resume -------------------------
 
 
 @pytest.mark.parametrize("core", CORES, ids=CORE_IDS)
-def test_state_layout_and_round_trips(tiny_config: SHARNNConfig, ids: torch.Tensor, core: tuple[str, int]) -> None:
+def test_state_layout_and_round_trips(tiny_config: SHARNNConfig, ids: torch.Tensor,
+                                      core: tuple[str, int]) -> None:
     model = SHARNN(with_core(tiny_config, core)).train()
     n = STATE_LEN.get(core[0], core[1])
     assert all(len(s.rnn) == n for s in model.initial_state(3))
@@ -117,7 +119,8 @@ def test_state_layout_and_round_trips(tiny_config: SHARNNConfig, ids: torch.Tens
 
 
 @pytest.mark.parametrize("core", CORES, ids=CORE_IDS)
-def test_state_carry_matches_one_pass(tiny_config: SHARNNConfig, ids: torch.Tensor, core: tuple[str, int]) -> None:
+def test_state_carry_matches_one_pass(tiny_config: SHARNNConfig, ids: torch.Tensor,
+                                      core: tuple[str, int]) -> None:
     torch.manual_seed(0)
     model = SHARNN(with_core(tiny_config, core)).eval()
     whole = model(ids).logits
@@ -216,7 +219,7 @@ def test_resume_is_exact(text_file: Path, tmp_path: Path, core: tuple[str, int],
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-# --- DropConnect (--wdrop) ------------------------------------------------------------------------------------
+# --- DropConnect (--wdrop) ---------------------------------------------------------------------------------
 
 
 def core_block(model: str, wdrop: float) -> Block:
@@ -277,7 +280,7 @@ def test_wdrop_emits_no_warning(tiny_config: SHARNNConfig, ids: torch.Tensor, mo
             m(x[:-1], detach_state(out.state), targets=x[1:]).loss.backward()
 
 
-# --- flags and settings ---------------------------------------------------------------------------------------
+# --- flags and settings ------------------------------------------------------------------------------------
 
 TINY = ["--emsize", "16", "--nhid", "32", "--nlayers", "2", "--attn-layers", "1", "--attn-span", "24",
         "--bptt", "16", "--batch_size", "2", "--max-steps", "3", "--warmup", "2", "--quiet", "--json"]
@@ -327,7 +330,8 @@ def test_flag_changes_training(corpus: Path, tmp_path: Path, baselines: dict, ba
 
 
 def test_core_settings_are_checked() -> None:
-    assert SHARNNConfig.from_dict(SHARNNConfig(model="QRNN", qrnn_window=1, wdrop=0.2).to_dict()).qrnn_window == 1
+    cfg = SHARNNConfig(model="QRNN", qrnn_window=1, wdrop=0.2)
+    assert SHARNNConfig.from_dict(cfg.to_dict()) == cfg
     with pytest.raises(SharnnError, match="unknown --model"):
         SHARNNConfig(model="RNN_TANH")
     with pytest.raises(SharnnError, match="--wdrop must be in"):

@@ -173,6 +173,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .train import train
 
     model_cfg, cfg, model_given = resolve_train_settings(args)
+    if "qrnn_window" in model_given and model_cfg.model != "QRNN":
+        raise SharnnError(f"--qrnn-window applies to --model QRNN only, not {model_cfg.model}")
     if cfg.resume:
         _check_resume_architecture(cfg.resume, model_given)
     if not args.quiet and os.environ.get("RANK", "0") == "0":

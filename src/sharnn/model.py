@@ -155,8 +155,8 @@ def forget_mult(f: Tensor, z: Tensor, c0: Tensor) -> Tensor:
     run in every chunk side by side from a zero cell, keeping the running product of the gates; then n steps
     carry each chunk's last cell into the next, and c_t = local_t + product_t * carry. That is ~2 sqrt(T)
     small ops instead of T, on CPU and GPU alike. Only products of numbers in [0, 1] and sums appear: no
-    division by a cumulative product and no logarithm, so a tiny f cannot overflow anything (a product that
-    underflows to 0 is the right limit).
+    division by a cumulative product and no logarithm, so tiny gates cannot produce inf or nan (a product
+    that underflows to 0 is the right limit).
     """
     T, B, E = f.shape
     K = math.isqrt(T - 1) + 1  # ceil(sqrt(T))
@@ -175,7 +175,7 @@ def forget_mult(f: Tensor, z: Tensor, c0: Tensor) -> Tensor:
     carry = [c0[0]]  # the cell each chunk starts from, (B, E)
     for j in range(n - 1):
         carry.append(torch.addcmul(ends[j], decays[j], carry[-1]))
-    c = torch.addcmul(torch.stack(local, 1), torch.stack(prod, 1), torch.stack(carry)[:, None])  # (n, K, B, E)
+    c = torch.addcmul(torch.stack(local, 1), torch.stack(prod, 1), torch.stack(carry)[:, None])  # (n,K,B,E)
     return c.reshape(n * K, B, E)[:T]
 
 
@@ -238,7 +238,7 @@ class Block(nn.Module):
         self.span = cfg.attn_span
 
     def run_rnn(self, x: Tensor, state: tuple[Tensor, ...]) -> tuple[Tensor, tuple[Tensor, ...]]:
-        """The core on (T, B, E) from its state -> (T, B, E) output and its next state (a tuple, as stored)."""
+        """The core on (T, B, E) from BlockState.rnn -> (T, B, E) output and the next BlockState.rnn."""
         # Only the LSTM and GRU use wdrop here; the QRNN masks its own weight.
         if isinstance(self.rnn, QRNN):
             return self.rnn(x, state)

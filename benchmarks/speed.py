@@ -1,0 +1,195 @@
+"""Speed and memory of SHA-RNN on this machine, next to the machine's own ceilings.
+
+    python benchmarks/speed.py                       # paper and small configurations, fp32
+    python benchmarks/speed.py --configs small --repeats 5 --dtype bf16
+
+For each configuration it measures, each in a fresh subprocess (so peak memory is that measurement's own):
+training chars/s (forward, backward, clip, LAMB step; state and memory carried), evaluation chars/s (no grad,
+state carried), and batch-1 generation chars/s with the attention memory full. In the same run it measures
+the ceilings: fp32 and bf16 matrix multiply GFLOP/s and memory bandwidth. FLOPs per character are counted
+from the shapes (matmuls only), and utilisation is achieved FLOP/s over the matching matmul ceiling.
+It waits (up to --quiet-wait seconds) for the 1-minute load average to fall below --quiet-load, and reports
+medians of --repeats timed repetitions after one warm-up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from contextlib import nullcontext
+
+import torch
+
+from sharnn.config import SHARNNConfig
+from sharnn.model import SHARNN, count_parameters, detach_state
+from sharnn.optim import Lamb
+
+CONFIGS = {
+    # name: (model config, bptt, batch)
+    "paper": (SHARNNConfig(), 1024, 16),
+    "small": (SHARNNConfig(emsize=256, nhid=1024), 256, 16),
+    "tiny": (SHARNNConfig(emsize=128, nhid=512, attn_span=256), 128, 16),
+}
+
+
+def flops_per_char(cfg: SHARNNConfig, keys: int) -> float:
+    """Forward matmul FLOPs per predicted character, with `keys` attention positions per query."""
+    E, H, V = cfg.emsize, cfg.nhid, cfg.vocab_size
+    per_block = 2 * 8 * E * E + 2 * E * H  # LSTM (input and hidden maps, 4 gates) and the Boom's E -> H
+    attn = 2 * E * E + 2 * 2 * E * keys  # the query map; scores and mix over the keys
+    return cfg.nlayers * per_block + len(cfg.attn_layers) * attn + 2 * E * V
+
+
+def autocast(dtype: str):  # noqa: ANN201
+    return torch.autocast("cpu", dtype=torch.bfloat16) if dtype == "bf16" else nullcontext()
+
+
+def measure_train(cfg: SHARNNConfig, bptt: int, batch: int, repeats: int, dtype: str) -> list[float]:
+    model = SHARNN(cfg).train()
+    opt = Lamb(model.parameters(), lr=1e-3, weight_decay=1.2e-6)
+    state, times = None, []
+    for i in range(repeats + 1):
+        x = torch.randint(0, cfg.vocab_size, (bptt + 1, batch))
+        t0 = time.perf_counter()
+        with autocast(dtype):
+            out = model(x[:-1], state, targets=x[1:])
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 0.25)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        state = detach_state(out.state)
+        if i:
+            times.append(bptt * batch / (time.perf_counter() - t0))
+    return times
+
+
+@torch.no_grad()
+def measure_eval(cfg: SHARNNConfig, bptt: int, batch: int, repeats: int, dtype: str) -> list[float]:
+    model = SHARNN(cfg).eval()
+    state, times = None, []
+    for i in range(repeats + 1):
+        x = torch.randint(0, cfg.vocab_size, (bptt + 1, batch))
+        t0 = time.perf_counter()
+        with autocast(dtype):
+            state = model(x[:-1], state, targets=x[1:]).state
+        if i:
+            times.append(bptt * batch / (time.perf_counter() - t0))
+    return times
+
+
+@torch.no_grad()
+def measure_generate(cfg: SHARNNConfig, repeats: int, dtype: str, tokens: int = 32) -> list[float]:
+    model = SHARNN(cfg).eval()
+    if dtype == "int8":
+        model = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear, torch.nn.LSTM}, dtype=torch.qint8)
+    state = None
+    for chunk in range(0, cfg.attn_span, 1024):  # fill the memory to its span, in segments
+        n = min(1024, cfg.attn_span - chunk)
+        with autocast(dtype):
+            state = model(torch.randint(0, cfg.vocab_size, (n, 1)), state).state
+    token = torch.zeros(1, 1, dtype=torch.long)
+    times = []
+    for i in range(repeats + 1):
+        t0 = time.perf_counter()
+        for _ in range(tokens):
+            with autocast(dtype):
+                out = model(token, state)
+            state = out.state
+            token = out.logits[-1:, :, :].argmax(-1)
+        if i:
+            times.append(tokens / (time.perf_counter() - t0))
+    return times
+
+
+def one(kind: str, name: str, repeats: int, dtype: str) -> None:
+    """Run one measurement (in its own process) and print it as JSON."""
+    cfg, bptt, batch = CONFIGS[name]
+    torch.manual_seed(0)
+    fn = {"train": lambda: measure_train(cfg, bptt, batch, repeats, dtype),
+          "eval": lambda: measure_eval(cfg, bptt, batch, repeats, dtype),
+          "generate": lambda: measure_generate(cfg, repeats, dtype)}[kind]
+    rates = fn()
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print(json.dumps({"chars_per_s": statistics.median(rates), "peak_rss": rss}))
+
+
+def ceilings(seconds: float = 1.0) -> dict[str, float]:
+    """Matrix-multiply GFLOP/s (fp32, bf16) and memory bandwidth GB/s on this machine, now."""
+    out = {}
+    n = 2048
+    for dtype in (torch.float32, torch.bfloat16):
+        a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+        a @ b
+        reps, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < seconds:
+            a @ b
+            reps += 1
+        out[str(dtype).split(".")[-1]] = 2 * n**3 * reps / (time.perf_counter() - t0) / 1e9
+    src = torch.ones(64 * 2**20 // 4)  # 256 MB: well past the caches
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    reps, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        dst.copy_(src)
+        reps += 1
+    out["bandwidth_gbs"] = 2 * src.numel() * 4 * reps / (time.perf_counter() - t0) / 1e9  # read + write
+    return out
+
+
+def wait_for_quiet(load: float, max_wait: float) -> float:
+    t0 = time.time()
+    while os.getloadavg()[0] > load and time.time() - t0 < max_wait:
+        time.sleep(5)
+    return os.getloadavg()[0]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--configs", nargs="+", default=["paper", "small"], choices=sorted(CONFIGS))
+    ap.add_argument("--kinds", nargs="+", default=["train", "eval", "generate"], choices=["train", "eval", "generate"])
+    ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "int8"],
+                    help="bf16: autocast on CPU; int8: dynamic quantisation (generation only)")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--quiet-load", type=float, default=0.5)
+    ap.add_argument("--quiet-wait", type=float, default=120)
+    ap.add_argument("--one", nargs=2, metavar=("KIND", "CONFIG"), help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.one:
+        one(args.one[0], args.one[1], args.repeats, args.dtype)
+        return
+    load = wait_for_quiet(args.quiet_load, args.quiet_wait)
+    ceil = ceilings()
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, load average {load:.2f} at start")
+    print(f"ceilings: fp32 matmul {ceil['float32']:.0f} GFLOP/s, bf16 matmul {ceil['bfloat16']:.0f} GFLOP/s, "
+          f"memory {ceil['bandwidth_gbs']:.1f} GB/s")
+    print()
+    print(f"| config | params | what ({args.dtype}) | chars/s (median of {args.repeats}) | MFLOP/char | "
+          "GFLOP/s | utilisation | peak RSS |")
+    print("|---|---|---|---|---|---|---|---|")
+    matmul_ceiling = ceil["bfloat16"] if args.dtype == "bf16" else ceil["float32"]
+    for name in args.configs:
+        cfg, bptt, batch = CONFIGS[name]
+        with torch.device("meta"):
+            params = count_parameters(SHARNN(cfg))
+        for kind in args.kinds:
+            if kind != "generate" and args.dtype == "int8":
+                continue
+            cmd = [sys.executable, __file__, "--one", kind, name, "--repeats", str(args.repeats), "--dtype", args.dtype]
+            res = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.splitlines()[-1])
+            fpc = flops_per_char(cfg, cfg.attn_span) * (3 if kind == "train" else 1)
+            rate = res["chars_per_s"]
+            gflops = fpc * rate / 1e9
+            what = {"train": f"train {bptt}x{batch}", "eval": f"eval {bptt}x{batch}",
+                    "generate": "generate batch 1, memory full"}[kind]
+            print(f"| {name} | {params / 1e6:.1f}M | {what} | {rate:,.0f} | {fpc / 1e6:.0f} | {gflops:.1f} | "
+                  f"{gflops / matmul_ceiling:.0%} | {res['peak_rss'] / 2**30:.2f} GB |")
+
+
+if __name__ == "__main__":
+    main()
