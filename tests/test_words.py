@@ -129,3 +129,42 @@ def test_word_model_trains_evaluates_generates_scores(tmp_path: Path, capsys) ->
     assert main(["score", str(run), "--json", str(d / "valid.txt")]) == 0
     rows = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
     assert rows[0]["tokens"] == 4  # the cat sat <eos>
+
+
+def test_adaptive_softmax(tmp_path: Path, capsys) -> None:
+    import math
+
+    import torch
+
+    from sharnn.config import SHARNNConfig, auto_cutoffs
+    from sharnn.model import SHARNN
+
+    assert auto_cutoffs(10_000) == () and auto_cutoffs(267_735) == (2800, 20000, 76000)
+    assert auto_cutoffs(800_000) == (4200, 35000, 180000)
+    with pytest.raises(SharnnError, match="--no-tied"):
+        SHARNNConfig(vocab_size=50, emsize=16, nhid=32, adaptive_cutoffs=(10, 20))
+    with pytest.raises(SharnnError, match="increase strictly"):
+        SHARNNConfig(vocab_size=50, emsize=16, nhid=32, adaptive_cutoffs=(20, 10), tied=False)
+    cfg = SHARNNConfig(vocab_size=50, emsize=16, nhid=32, nlayers=2, attn_layers=(1,), adaptive_cutoffs=(10, 30),
+                       tied=False)
+    model = SHARNN(cfg).eval()
+    x = torch.randint(0, 50, (12, 3))
+    out = model(x[:-1], targets=x[1:])
+    assert out.logits is None  # the full distribution is not formed when the loss is asked for
+    logp = model(x[:-1]).logits  # ... but it is there for generation and scoring
+    assert torch.allclose(logp.exp().sum(-1), torch.ones(11, 3), atol=1e-5)
+    nll = -logp.gather(-1, x[1:].unsqueeze(-1)).mean()
+    assert out.loss.item() == pytest.approx(nll.item(), rel=1e-5)  # perplexity from the loss is exact
+
+    # End to end on a word corpus, the cutoffs given explicitly (the automatic ones need a 75k+ vocabulary).
+    words = " ".join(f"w{i}" for i in range(40))
+    d = write_layout(tmp_path / "w", (words + "\n") * 20, words + "\n", words + "\n")
+    run = tmp_path / "run"
+    assert main(["train", "--data", str(d), "--tokens", "words", "--save", str(run), "--emsize", "16", "--nhid",
+                 "32", "--nlayers", "2", "--attn-layers", "1", "--bptt", "8", "--batch_size", "2",
+                 "--test-batch-size", "1", "--max-steps", "5", "--adaptive-cutoffs", "8", "20", "--no-tied",
+                 "--quiet", "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert math.isfinite(res["test_ppl"]) and res["metric"] == "ppl"
+    assert main(["generate", str(run), "--prompt", "w1 w2", "-n", "5", "--seed", "1"]) == 0
+    assert len(capsys.readouterr().out.split()) == 7

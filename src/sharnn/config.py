@@ -21,6 +21,17 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - exercised on Python 3.10 only
     import tomli as tomllib
 
+ADAPTIVE_ABOVE = 75_000  # vocabularies larger than this get an adaptive softmax unless told otherwise
+
+
+def auto_cutoffs(vocab_size: int) -> tuple[int, ...]:
+    """The reference's split points (its SplitCrossEntropyLoss): WikiText-103 sized, or One Billion Word sized."""
+    if vocab_size <= ADAPTIVE_ABOVE:
+        return ()
+    base = (4200, 35000, 180000) if vocab_size > 500_000 else (2800, 20000, 76000)
+    return tuple(c for c in base if c < vocab_size)
+
+
 # Recurrent cores the table lists (`--model`); model.py's `Block` builds the one named.
 RNN_CORES = ("LSTM", "GRU", "QRNN")
 OPTIMIZERS = ("lamb", "adam", "adamw", "sgd")
@@ -60,6 +71,10 @@ class SHARNNConfig:
         default=0.0,
     )
     tied: bool = _doc("tie decoder and embedding weights", default=True)
+    adaptive_cutoffs: tuple[int, ...] = _doc(
+        "adaptive softmax cluster cutoffs (ids sorted by frequency); empty: automatic, used above "
+        "75,000 symbols; 0: never", default=()
+    )
     collapsed_gate: bool = _doc(
         "attention value gate stored as a constant (set by `sharnn collapse`; same outputs)", default=False
     )
@@ -83,14 +98,24 @@ class SHARNNConfig:
             raise SharnnError(f"attn_layers {bad} out of range for nlayers={self.nlayers} (0..{self.nlayers - 1})")
         if len(set(self.attn_layers)) != len(self.attn_layers):
             raise SharnnError(f"attn_layers {list(self.attn_layers)} lists a block twice")
+        if self.uses_adaptive_softmax:
+            c = self.adaptive_cutoffs
+            if list(c) != sorted(set(c)) or c[0] < 1 or c[-1] >= self.vocab_size:
+                raise SharnnError(f"--adaptive-cutoffs {list(c)} must increase strictly within 1..{self.vocab_size - 1}")
+            if self.tied:
+                raise SharnnError("an adaptive softmax has its own output weights: use it with --no-tied")
         if self.attn_span < 1:
             raise SharnnError(f"attn_span={self.attn_span} must be at least 1")
         for name in ("dropout", "dropouth", "dropouti", "dropoute", "wdrop"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise SharnnError(f"--{name} must be in [0, 1), got {getattr(self, name)}")
 
+    @property
+    def uses_adaptive_softmax(self) -> bool:
+        return bool(self.adaptive_cutoffs) and self.adaptive_cutoffs != (0,)
+
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self) | {"attn_layers": list(self.attn_layers)}
+        return asdict(self) | {"attn_layers": list(self.attn_layers), "adaptive_cutoffs": list(self.adaptive_cutoffs)}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> SHARNNConfig:

@@ -41,7 +41,7 @@ State = tuple[BlockState, ...]  # one entry per block, in order
 
 
 class SHARNNOutput(NamedTuple):
-    logits: Tensor  # (T, B, V)
+    logits: Tensor | None  # (T, B, V); None when an adaptive softmax computed the loss from the targets
     loss: Tensor | None  # mean cross-entropy in nats over the T*B targets, or None without targets
     state: State  # feed it back in to continue the sequence
     hidden: Tensor  # (T, B, E) last block's output, before the output dropout (TAR uses it)
@@ -291,11 +291,18 @@ class SHARNN(nn.Module):
         self.idrop = nn.Dropout(cfg.dropouti)
         self.blocks = nn.ModuleList(Block(cfg, i in cfg.attn_layers) for i in range(cfg.nlayers))
         self.drop = nn.Dropout(cfg.dropout)
-        self.decoder = nn.Linear(cfg.emsize, cfg.vocab_size)
+        self.decoder: nn.Module
+        if cfg.uses_adaptive_softmax:
+            # Large vocabularies (WikiText-103's 267k words): PyTorch's adaptive softmax gives the frequent words
+            # a small full softmax and the rare ones smaller clusters, so training never forms all V scores.
+            self.decoder = nn.AdaptiveLogSoftmaxWithLoss(cfg.emsize, cfg.vocab_size, list(cfg.adaptive_cutoffs),
+                                                         div_value=4.0)
+        else:
+            self.decoder = nn.Linear(cfg.emsize, cfg.vocab_size)
         self.vocab: Any = None  # set by the checkpoint loader: how bytes map to ids (sharnn.vocab.Vocab)
         self.apply(self._init_weights)
         if cfg.tied:
-            self.decoder.weight = self.encoder.weight
+            self.decoder.weight = self.encoder.weight  # type: ignore[union-attr]
 
     def _init_weights(self, module: nn.Module) -> None:
         # The reference's init: N(0, (0.1/sqrt(E))^2) for every Linear and Embedding weight, zero biases.
@@ -347,10 +354,16 @@ class SHARNN(nn.Module):
             h, s = block(h, block_state)
             new_state.append(s)
         dropped = self.drop(h)
-        logits = self.decoder(dropped)  # (T, B, V)
         loss = None
-        if targets is not None:
-            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1))
+        if isinstance(self.decoder, nn.AdaptiveLogSoftmaxWithLoss):
+            flat = dropped.reshape(-1, dropped.shape[-1]).float()
+            if targets is not None:  # the loss without the full distribution: logits stay None
+                return SHARNNOutput(None, self.decoder(flat, targets.reshape(-1)).loss, tuple(new_state), h, dropped)
+            logits = self.decoder.log_prob(flat).view(*dropped.shape[:-1], -1)  # log-probabilities, (T, B, V)
+        else:
+            logits = self.decoder(dropped)  # (T, B, V)
+            if targets is not None:
+                loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1))
         return SHARNNOutput(logits, loss, tuple(new_state), h, dropped)
 
     # --- conveniences for using a trained model; the work is done in generate.py and checkpoint.py ---------

@@ -46,7 +46,7 @@ from .checkpoint import (
     save_checkpoint,
     step_name,
 )
-from .config import SHARNNConfig, TrainConfig
+from .config import SHARNNConfig, TrainConfig, auto_cutoffs
 from .data import Corpus, Streams, load_corpus, train_segments
 from .distributed import Dist, init_from_env, shutdown
 from .errors import SharnnError
@@ -202,7 +202,12 @@ def _train(model_cfg: SHARNNConfig, cfg: TrainConfig, quiet: bool, model_overrid
             resume_state["carried"] = _state_to_list(carried)
         log.line(f"resuming from {ckpt} at epoch {resume_state['epoch']}, step {resume_state['step']}")
     else:
-        model = SHARNN(replace(model_cfg, vocab_size=corpus.vocab_size)).to(device)
+        mcfg = replace(model_cfg, vocab_size=corpus.vocab_size)
+        if not mcfg.adaptive_cutoffs and (cutoffs := auto_cutoffs(mcfg.vocab_size)):
+            mcfg = replace(mcfg, adaptive_cutoffs=cutoffs, tied=False)
+            log.line(f"{mcfg.vocab_size:,} symbols: adaptive softmax with cutoffs {list(cutoffs)} (untied decoder); "
+                     "--adaptive-cutoffs 0 turns it off")
+        model = SHARNN(mcfg).to(device)
 
     # Fail on data that is too small before any training happens.
     train_streams = Streams(corpus.train, cfg.batch_size, min_len=cfg.bptt + 1, what="train split",
