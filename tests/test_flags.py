@@ -44,7 +44,7 @@ def baseline(corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str
     ["--warmup", "0"], ["--cooldown", "1"], ["--accumulate", "2"], ["--bptt", "9"], ["--batch_size", "3"],
     ["--dropout", "0.5"], ["--dropouth", "0.5"], ["--dropouti", "0.5"], ["--dropoute", "0.5"],
     ["--alpha", "0"], ["--beta", "0"], ["--attn-span", "3"], ["--optimizer", "adam"], ["--optimizer", "adamw"],
-    ["--optimizer", "sgd", "--nonmono", "0"], ["--attn-layers", "0"], ["--nlayers", "3"],
+    ["--optimizer", "sgd", "--nonmono", "0"], ["--attn-layers", "0"], ["--nlayers", "3"], ["--precision", "bf16"],
 ])
 def test_flag_changes_training(corpus: Path, tmp_path: Path, baseline: dict[str, torch.Tensor], flags: list[str]) -> None:
     _, weights = run(corpus, tmp_path / "run", *flags)

@@ -173,6 +173,8 @@ class TrainConfig:
     max_eval_bytes: int | None = _doc("validate and test on only the first N tokens of each split (quick checks)", default=None)
     sample: int = _doc("after training, generate this many bytes of sample text (0 = none)", default=0)
     threads: int | None = _doc("CPU threads for torch (default: torch's choice)", default=None)
+    precision: str = _doc("fp32, or bf16 (autocast: matmuls in bfloat16 on CPU or GPU, weights stay fp32)",
+                          default="fp32")
 
     def __post_init__(self) -> None:
         positive = ("batch_size", "bptt", "epochs", "accumulate", "log_interval", "test_batch_size")
@@ -195,6 +197,8 @@ class TrainConfig:
             raise SharnnError("--keep keeps periodic checkpoints: also give --save-every or --save-every-minutes")
         if self.max_time is not None and self.max_time <= 0:
             raise SharnnError(f"--max-time must be positive, got {self.max_time}")
+        if self.precision not in ("fp32", "bf16"):
+            raise SharnnError(f"unknown --precision {self.precision!r}; use fp32 or bf16")
         if self.tokens not in ("auto", "bytes", "words", "chars"):
             raise SharnnError(f"unknown --tokens {self.tokens!r}; use auto, bytes, words or chars")
         if self.optimizer not in OPTIMIZERS:

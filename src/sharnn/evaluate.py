@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from typing import NamedTuple
@@ -29,6 +30,16 @@ class EvalResult(NamedTuple):
         return math.exp(min(self.loss, 700.0))
 
 
+def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """bf16 autocast on the device (matmuls in bfloat16, reductions and the loss in float32), or nothing.
+
+    bf16 keeps float32's range, so no loss scaler is needed (unlike fp16).
+    """
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16)
+
+
 @torch.no_grad()
 def evaluate(
     model: SHARNN,
@@ -36,6 +47,7 @@ def evaluate(
     batch_size: int,
     bptt: int,
     device: torch.device | str = "cpu",
+    precision: str = "fp32",
     progress: bool = False,
     what: str = "split",
 ) -> EvalResult:
@@ -53,7 +65,8 @@ def evaluate(
     segments = list(eval_segments(streams, bptt))
     for i, seq_len in tqdm(segments, desc=f"eval {what}", disable=None if progress else True, leave=False, unit="seg"):
         x, y = streams.segment(i, seq_len, device)
-        out = model(x, state, targets=y)
+        with autocast(torch.device(device), precision):
+            out = model(x, state, targets=y)
         state = out.state
         total += out.loss.item() * y.numel()
         count += y.numel()

@@ -50,7 +50,7 @@ from .config import SHARNNConfig, TrainConfig, auto_cutoffs
 from .data import Corpus, Streams, load_corpus, train_segments
 from .distributed import Dist, init_from_env, shutdown
 from .errors import SharnnError
-from .evaluate import EvalResult, evaluate
+from .evaluate import EvalResult, autocast, evaluate
 from .generate import generate
 from .model import SHARNN, BlockState, SHARNNOutput, State, count_parameters, detach_state
 from .optim import averaged_weights, build_asgd, build_optimizer, lr_at, set_lr, should_switch_to_asgd
@@ -252,9 +252,10 @@ def _train(model_cfg: SHARNNConfig, cfg: TrainConfig, quiet: bool, model_overrid
     # Final numbers come from the best checkpoint, as the paper reports them.
     best_dir = run_dir / "best"
     final_model = load_model(best_dir, device) if (best_dir / "config.json").is_file() else model
-    valid = evaluate(final_model, _eval_ids(corpus.valid, cfg), eval_bsz, cfg.bptt, device, progress=not quiet,
+    valid = evaluate(final_model, _eval_ids(corpus.valid, cfg), eval_bsz, cfg.bptt, device, cfg.precision,
+                     progress=not quiet,
                      what="valid")
-    test = evaluate(final_model, _eval_ids(corpus.test, cfg), cfg.test_batch_size, cfg.bptt, device,
+    test = evaluate(final_model, _eval_ids(corpus.test, cfg), cfg.test_batch_size, cfg.bptt, device, cfg.precision,
                     progress=not quiet, what="test")
     log.record("final", valid_bpc=valid.bpc, test_bpc=test.bpc, valid_loss=valid.loss, test_loss=test.loss)
     text = b""
@@ -477,8 +478,9 @@ class _Loop:
                 sync = (self.forward_model.no_sync() if self.ranks.enabled and self.micro + 1 < cfg.accumulate
                         else contextlib.nullcontext())
                 with sync:
-                    out = self.forward_model(x, state, targets=y)
-                    loss = (out.loss + ar_tar(out, cfg)) / cfg.accumulate  # accumulate = mean over segments
+                    with autocast(self.device, cfg.precision):
+                        out = self.forward_model(x, state, targets=y)
+                        loss = (out.loss + ar_tar(out, cfg)) / cfg.accumulate  # accumulate = mean over segments
                     loss.backward()
                 state = detach_state(out.state)
                 self.micro += 1
@@ -613,7 +615,7 @@ class _Loop:
         # After the switch to averaged SGD, the averaged weights are the model: evaluate and keep those.
         with averaged_weights(self.model.parameters(), self.optimizer):
             if self.ranks.is_main:  # rank 0 evaluates; the others take its number (they must agree on "best")
-                res = evaluate(self.model, ids, cfg.eval_batch_size or cfg.batch_size, cfg.bptt, self.device,
+                res = evaluate(self.model, ids, cfg.eval_batch_size or cfg.batch_size, cfg.bptt, self.device, cfg.precision,
                                progress=not self.log.quiet, what="valid")
             loss = self.ranks.broadcast(res.loss if self.ranks.is_main else 0.0, self.device)
             if not self.ranks.is_main:
