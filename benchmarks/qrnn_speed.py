@@ -16,14 +16,14 @@ from __future__ import annotations
 
 import argparse
 import time
+from collections.abc import Callable
 from dataclasses import replace
-from typing import Callable
 
 import torch
+from speed import training_step  # benchmarks/speed.py: one full training step, state carried
 
 from sharnn.config import SHARNNConfig
-from sharnn.model import SHARNN, Block, count_parameters, detach_state
-from sharnn.optim import Lamb
+from sharnn.model import SHARNN, Block, count_parameters
 
 CONFIGS = {
     # name: (model config, bptt, batch)
@@ -31,28 +31,6 @@ CONFIGS = {
     "large": (SHARNNConfig(emsize=1024, nhid=4096), 256, 16),
 }
 CORES = ("LSTM", "QRNN", "GRU")
-
-
-def training_step(cfg: SHARNNConfig, bptt: int, batch: int) -> Callable[[], float]:
-    """A function that runs one training step (state carried from its last call) and returns its seconds."""
-    torch.manual_seed(0)
-    model = SHARNN(cfg).train()
-    opt = Lamb(model.parameters(), lr=1e-3, weight_decay=1.2e-6)
-    state = None
-
-    def step() -> float:
-        nonlocal state
-        x = torch.randint(0, cfg.vocab_size, (bptt + 1, batch))
-        t0 = time.perf_counter()
-        out = model(x[:-1], state, targets=x[1:])
-        out.loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 0.25)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        state = detach_state(out.state)
-        return time.perf_counter() - t0
-
-    return step
 
 
 def core_step(cfg: SHARNNConfig, bptt: int, batch: int) -> Callable[[], float]:

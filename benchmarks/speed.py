@@ -22,6 +22,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 
 import torch
@@ -46,15 +47,19 @@ def flops_per_char(cfg: SHARNNConfig, keys: int) -> float:
     return cfg.nlayers * per_block + len(cfg.attn_layers) * attn + 2 * E * V
 
 
-def autocast(dtype: str):  # noqa: ANN201
+def autocast(dtype: str):
     return torch.autocast("cpu", dtype=torch.bfloat16) if dtype == "bf16" else nullcontext()
 
 
-def measure_train(cfg: SHARNNConfig, bptt: int, batch: int, repeats: int, dtype: str) -> list[float]:
+def training_step(cfg: SHARNNConfig, bptt: int, batch: int, dtype: str = "fp32") -> Callable[[], float]:
+    """A function that runs one training step (state carried from its last call) and returns its seconds."""
+    torch.manual_seed(0)
     model = SHARNN(cfg).train()
     opt = Lamb(model.parameters(), lr=1e-3, weight_decay=1.2e-6)
-    state, times = None, []
-    for i in range(repeats + 1):
+    state = None
+
+    def step() -> float:
+        nonlocal state
         x = torch.randint(0, cfg.vocab_size, (bptt + 1, batch))
         t0 = time.perf_counter()
         with autocast(dtype):
@@ -64,9 +69,15 @@ def measure_train(cfg: SHARNNConfig, bptt: int, batch: int, repeats: int, dtype:
         opt.step()
         opt.zero_grad(set_to_none=True)
         state = detach_state(out.state)
-        if i:
-            times.append(bptt * batch / (time.perf_counter() - t0))
-    return times
+        return time.perf_counter() - t0
+
+    return step
+
+
+def measure_train(cfg: SHARNNConfig, bptt: int, batch: int, repeats: int, dtype: str) -> list[float]:
+    step = training_step(cfg, bptt, batch, dtype)
+    step()  # warm-up: allocations, memory filling
+    return [bptt * batch / step() for _ in range(repeats)]
 
 
 @torch.no_grad()

@@ -187,7 +187,7 @@ def test_tiny_train_then_eval(tmp_path: Path, text_file: Path, capsys: pytest.Ca
 # --- settings precedence and spellings ----------------------------------------------------------------------
 
 
-def settings(*argv: str):  # noqa: ANN201 - (SHARNNConfig, TrainConfig, dict)
+def settings(*argv: str):
     return resolve_train_settings(build_parser().parse_args(["train", *argv]))
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import TINY, write_sentences
 from safetensors.torch import load_file
 
 from sharnn.checkpoint import load_model, load_train_state, save_checkpoint
@@ -282,15 +283,11 @@ def test_wdrop_emits_no_warning(tiny_config: SHARNNConfig, ids: torch.Tensor, mo
 
 # --- flags and settings ------------------------------------------------------------------------------------
 
-TINY = ["--emsize", "16", "--nhid", "32", "--nlayers", "2", "--attn-layers", "1", "--attn-span", "24",
-        "--bptt", "16", "--batch_size", "2", "--max-steps", "3", "--warmup", "2", "--quiet", "--json"]
 
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    p = tmp_path_factory.mktemp("corpus") / "text.txt"
-    p.write_bytes(b"Colourless green ideas sleep furiously; the cat sat on the mat. " * 60)
-    return p
+    return write_sentences(tmp_path_factory.mktemp("corpus"))
 
 
 @pytest.fixture(scope="module")

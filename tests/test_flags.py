@@ -7,21 +7,17 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import TINY, write_sentences
 from safetensors.torch import load_file
 
 from sharnn.cli import main
 from sharnn.errors import SharnnError
 from sharnn.train import resolve_device
 
-TINY = ["--emsize", "16", "--nhid", "32", "--nlayers", "2", "--attn-layers", "1", "--attn-span", "24",
-        "--bptt", "16", "--batch_size", "2", "--max-steps", "3", "--warmup", "2", "--quiet", "--json"]
-
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    p = tmp_path_factory.mktemp("corpus") / "text.txt"
-    p.write_bytes(b"Colourless green ideas sleep furiously; the cat sat on the mat. " * 60)
-    return p
+    return write_sentences(tmp_path_factory.mktemp("corpus"))
 
 
 def run(corpus: Path, out: Path, *flags: str) -> tuple[dict, dict[str, torch.Tensor]]:

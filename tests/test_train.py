@@ -187,7 +187,7 @@ def test_sgd_switches_to_asgd_and_resumes(text_file: Path, tmp_path: Path, monke
     real_evaluate = train_module.evaluate
     losses = iter([1.5, 2.0, 1.6])  # epoch 3 (1.6) is worse than the best before the last one (1.5): switch
 
-    def fake_validation(model, ids, *args, **kw):  # noqa: ANN001, ANN002, ANN003
+    def fake_validation(model, ids, *args, **kw):
         if kw.get("what") == "valid" and (loss := next(losses, None)) is not None:
             return EvalResult(loss, 100, 0.0)
         return real_evaluate(model, ids, *args, **kw)

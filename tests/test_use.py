@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from sharnn.checkpoint import load_model, save_checkpoint
 from sharnn.cli import main
 from sharnn.config import SHARNNConfig
-from sharnn.convert import import_reference, reference_vocab
+from sharnn.convert import reference_vocab
 from sharnn.errors import SharnnError
 from sharnn.evaluate import evaluate
 from sharnn.generate import filter_logits, generate

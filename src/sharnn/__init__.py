@@ -4,5 +4,5 @@ from .config import SHARNNConfig, TrainConfig
 from .errors import SharnnError
 from .model import SHARNN, BlockState, SHARNNOutput, State
 
-__all__ = ["SHARNN", "SHARNNConfig", "TrainConfig", "SharnnError", "BlockState", "SHARNNOutput", "State"]
+__all__ = ["SHARNN", "BlockState", "SHARNNConfig", "SHARNNOutput", "SharnnError", "State", "TrainConfig"]
 __version__ = "0.1.0"

@@ -19,8 +19,9 @@ import argparse
 import json
 import os
 import sys
+from collections.abc import Sequence
 from dataclasses import fields
-from typing import Any, Sequence
+from typing import Any
 
 from .config import SHARNNConfig, TrainConfig, load_config_file, load_preset, preset_names, split_settings
 from .errors import SharnnError
@@ -314,7 +315,7 @@ def cmd_score(args: argparse.Namespace) -> int:
     as_json = args.json or args.per_token
     inputs = args.inputs or ["-"]
 
-    def report(name: str, score, text: bytes | None = None) -> None:  # noqa: ANN001
+    def report(name: str, score, text: bytes | None = None) -> None:
         if as_json:
             obj = {"input": name, "logprob": score.logprob, "log2prob": score.bits, "tokens": score.tokens,
                    "bpc": score.bpc}

@@ -15,7 +15,6 @@ from __future__ import annotations
 import os
 import pickle
 import re
-from collections import Counter
 from pathlib import Path
 
 import numpy as np

@@ -24,9 +24,9 @@ import urllib.error
 import urllib.request
 import zipfile
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import torch
@@ -276,17 +276,7 @@ def prepare_enwik8(
     Returns the split sizes in bytes.
     """
     out = Path(out_dir)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise SharnnError(f"cannot create {out}: {e.strerror}") from None
-    if zip_path is None:
-        zip_path = out / "enwik8.zip"
-        if not zip_path.exists():
-            download(url, zip_path)
-    zip_path = Path(zip_path)
-    if not zip_path.is_file():
-        raise SharnnError(f"{zip_path} not found")
+    zip_path = _archive_in(out, zip_path, url, "enwik8.zip")
     sizes = {"train": expected_bytes - 2 * heldout, "valid": heldout, "test": heldout}
     sha = hashlib.sha256()
     try:
@@ -349,17 +339,7 @@ def prepare_awd(name: str, out_dir: str | os.PathLike, archive: str | os.PathLik
     """
     default_url, tokens, members = AWD_CORPORA[name]
     out = Path(out_dir)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise SharnnError(f"cannot create {out}: {e.strerror}") from None
-    if archive is None:
-        archive = out / Path(url or default_url).name
-        if not Path(archive).exists():
-            download(url or default_url, Path(archive))
-    archive = Path(archive)
-    if not archive.is_file():
-        raise SharnnError(f"{archive} not found")
+    archive = _archive_in(out, archive, url or default_url, Path(url or default_url).name)
     wanted = {v: k for k, v in members.items()}
     found: dict[str, bytes] = {}
     try:
@@ -386,6 +366,20 @@ def prepare_awd(name: str, out_dir: str | os.PathLike, archive: str | os.PathLik
         sizes[split] = len(data)
     (out / "meta.json").write_text(json.dumps({"source": name, "tokens": tokens, "sizes": sizes}, indent=2) + "\n")
     return {k: sizes[k] for k in SPLIT_NAMES}
+
+
+def _archive_in(out: Path, given: str | os.PathLike | None, url: str, name: str) -> Path:
+    """Create `out`; return the archive `given`, or out/`name`, fetched from `url` if not there yet."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise SharnnError(f"cannot create {out}: {e.strerror}") from None
+    path = Path(given) if given is not None else out / name
+    if given is None and not path.exists():
+        download(url, path)
+    if not path.is_file():
+        raise SharnnError(f"{path} not found")
+    return path
 
 
 def download(url: str, dest: Path) -> None:

@@ -6,7 +6,8 @@ feeds one token at a time and reuses the returned state, so the past is never re
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Iterator, NamedTuple
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 from torch import Tensor
@@ -128,12 +129,16 @@ def generate(
     vocab = vocab or getattr(model, "vocab", None) or BYTES
     data = prompt.encode("utf-8") if isinstance(prompt, str) else prompt
     ids = [int(i) for i in vocab.encode(data)] if data else []
-    out: list[int] = []
     if length == 0 and ids:  # nothing to sample: just the state after the prompt
+        was_training = model.training
         with torch.no_grad():
             o = model.eval()(torch.tensor(ids, device=model.encoder.weight.device).unsqueeze(1), state)
+        model.train(was_training)
         return Generation(b"", o.state, o.logits[-1, 0])
-    for token, state, logits in generate_ids(model, ids, length, temperature, top_k, top_p, seed, state, logits):
+    out: list[int] = []
+    end_state, end_logits = state, logits
+    for token, end_state, end_logits in generate_ids(model, ids, length, temperature, top_k, top_p, seed,
+                                                     state, logits):
         out.append(token)
-    assert state is not None and logits is not None
-    return Generation(vocab.decode(out), state, logits)
+    assert end_state is not None and end_logits is not None
+    return Generation(vocab.decode(out), end_state, end_logits)

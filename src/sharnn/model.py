@@ -318,7 +318,7 @@ class SHARNN(nn.Module):
         """Zero RNN state and empty attention memory for `batch_size` streams."""
         device = device if device is not None else self.encoder.weight.device
         E, dtype = self.cfg.emsize, self.encoder.weight.dtype
-        zeros = lambda *s: torch.zeros(*s, device=device, dtype=dtype)  # noqa: E731
+        zeros = lambda *s: torch.zeros(*s, device=device, dtype=dtype)
         return tuple(
             BlockState(tuple(zeros(1, batch_size, E) for _ in range(b.rnn_state_len)),
                        zeros(0, batch_size, E) if b.attn is not None else None)

@@ -7,7 +7,7 @@ norm to [0, 10] and never lets the trust ratio fall below `min_trust` (0.25).
 
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 from torch import Tensor
@@ -133,7 +133,7 @@ class averaged_weights:
         if isinstance(optimizer, torch.optim.ASGD):
             self.pairs = [(p, optimizer.state[p]["ax"]) for p in params if "ax" in optimizer.state.get(p, {})]
 
-    def __enter__(self) -> "averaged_weights":
+    def __enter__(self) -> averaged_weights:
         self._swap()
         return self
 

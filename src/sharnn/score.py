@@ -10,7 +10,8 @@ same bits per character as `sharnn eval` over the same bytes.
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, BinaryIO, Iterable, NamedTuple
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, BinaryIO, NamedTuple
 
 import numpy as np
 import torch
