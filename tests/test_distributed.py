@@ -62,3 +62,14 @@ def test_resume_on_another_number_of_ranks(corpus: Path, tmp_path: Path) -> None
            "--resume", str(tmp_path / "r"))
     sharnn(*common, "--batch_size", "4", "--max-steps", "6", "--save", str(tmp_path / "straight"))
     assert_close(weights(tmp_path / "r"), weights(tmp_path / "straight"))
+
+
+def test_epoch_ending_inside_an_accumulation(corpus: Path, tmp_path: Path) -> None:
+    # 2 epochs of a short corpus with --accumulate 3: epochs end mid-accumulation, and that partial step must
+    # be averaged over the ranks too (else the ranks' weights drift apart).
+    small = tmp_path / "small.txt"
+    small.write_bytes(corpus.read_bytes()[:3000])
+    common = ["--data", str(small), *FLAGS, "--epochs", "2", "--accumulate", "3"]
+    sharnn(*common, "--batch_size", "2", "--save", str(tmp_path / "two"), ranks=2)
+    sharnn(*common, "--batch_size", "4", "--save", str(tmp_path / "one"))
+    assert_close(weights(tmp_path / "two"), weights(tmp_path / "one"))

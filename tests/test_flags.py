@@ -95,4 +95,6 @@ def test_cuda_without_gpu_is_refused() -> None:
         pytest.skip("this machine has a GPU")
     with pytest.raises(SharnnError, match="no CUDA GPU"):
         resolve_device("cuda")
+    with pytest.raises(SharnnError, match="unknown device 'gpu'"):
+        resolve_device("gpu")
     assert resolve_device("auto").type == "cpu"

@@ -176,3 +176,20 @@ def test_config_errors_and_round_trip(tiny_config: SHARNNConfig) -> None:
         SHARNNConfig(nlayers=2, attn_layers=(2,))
     with pytest.raises(SharnnError, match="unknown --model"):
         SHARNNConfig(model="Transformer")
+
+
+@pytest.mark.parametrize("mem_len,T", [(0, 6), (5, 4), (11, 1), (30, 3)])
+def test_folded_gates_equal_plain_attention(tiny_config: SHARNNConfig, monkeypatch, mem_len: int, T: int) -> None:
+    # The fast path (gates folded into the query and the output, no mask for a single query) must give the
+    # plain formula's numbers.
+    torch.manual_seed(4)
+    attn = Attention(replace(tiny_config, attn_span=12)).eval()
+    with torch.no_grad():
+        attn.qs.normal_()
+        attn.ks.normal_()
+        attn.vs.normal_()
+    h, big = torch.randn(T, 2, 16), torch.randn(mem_len + T, 2, 16)
+    fast = attn(h, big, mem_len)
+    monkeypatch.setattr(Attention, "folds_gates", property(lambda self: False))
+    plain = attn(h, big, mem_len)
+    assert torch.allclose(fast, plain, atol=1e-6)

@@ -209,3 +209,12 @@ def test_bf16_learns_like_fp32(text_file: Path, tmp_path: Path) -> None:
     fp32 = train(model_cfg, cfg_for(text_file, tmp_path / "a", max_steps=100), quiet=True)
     bf16 = train(model_cfg, cfg_for(text_file, tmp_path / "b", max_steps=100, precision="bf16"), quiet=True)
     assert bf16.valid.bpc < 1.0 and fp32.valid.bpc < 1.0  # both from ~8 bits; bf16 trains as well
+
+
+def test_resume_refuses_another_optimizer_and_takes_new_weight_decay(text_file: Path, tmp_path: Path) -> None:
+    run = tmp_path / "opt"
+    train(MODEL, cfg_for(text_file, run, max_steps=2), quiet=True)
+    with pytest.raises(SharnnError, match="--optimizer lamb using --optimizer adam"):
+        train(MODEL, cfg_for(text_file, run, max_steps=4, optimizer="adam", resume=str(run)), quiet=True)
+    train(MODEL, cfg_for(text_file, run, max_steps=4, wdecay=0.5, resume=str(run)), quiet=True)
+    assert load_train_state(run / "last")["optimizer"]["param_groups"][0]["weight_decay"] == 0.5

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from sharnn.checkpoint import load_model, save_checkpoint
 from sharnn.cli import main
-from sharnn.config import SHARNNConfig
+from sharnn.config import SHARNNConfig, TrainConfig
 from sharnn.convert import reference_vocab
 from sharnn.errors import SharnnError
 from sharnn.evaluate import evaluate
@@ -38,7 +38,7 @@ def model(tiny_config: SHARNNConfig) -> SHARNN:
 
 @pytest.fixture
 def ckpt(model: SHARNN, tmp_path: Path) -> Path:
-    return save_checkpoint(tmp_path / "ckpt", model)
+    return save_checkpoint(tmp_path / "ckpt", model, TrainConfig(bptt=16, batch_size=2))
 
 
 # --- generation -----------------------------------------------------------------------------------------------
@@ -197,6 +197,7 @@ def test_collapse_keeps_outputs(model: SHARNN, ckpt: Path, tmp_path: Path, capsy
     assert torch.allclose(small(x).logits, model(x).logits, atol=1e-6)
     assert count_parameters(small) == count_parameters(model) - (16 * 32 + 32 + 16) + 16
     assert main(["collapse", str(ckpt), str(tmp_path / "c")]) == 0
+    assert (tmp_path / "c" / "train_config.json").read_text() == (ckpt / "train_config.json").read_text()
     loaded = load_model(tmp_path / "c")
     assert loaded.cfg.collapsed_gate and torch.allclose(loaded.eval()(x).logits, model(x).logits, atol=1e-6)
 
@@ -258,6 +259,9 @@ def test_import_reference(tmp_path: Path, capsys) -> None:
     sd["blocks.1.attn.r_gate"] = torch.ones(1, 1, 16)
     for i in range(3):
         sd[f"blocks.{i}.lnout.weight"], sd[f"blocks.{i}.lnout.bias"] = torch.ones(16), torch.zeros(16)
+    for i in (0, 2):  # the reference builds these in every block, and uses them only with attention
+        for ln in ("lnmid", "lnmem"):
+            sd[f"blocks.{i}.{ln}.weight"], sd[f"blocks.{i}.{ln}.bias"] = torch.ones(16), torch.zeros(16)
     path = tmp_path / "ref.pt"
     torch.save(sd, path)
 
@@ -288,3 +292,17 @@ def test_table_vocab_round_trip() -> None:
     with pytest.raises(SharnnError, match="lacks"):
         v.encode(b"abc")
     assert Vocab.from_dict(v.to_dict()) == v
+
+
+def test_word_document_is_scored_like_one_piece(tmp_path: Path) -> None:
+    v = Vocab.from_words(["the cat sat on the mat", "a dog"])
+    torch.manual_seed(0)
+    m = SHARNN(SHARNNConfig(vocab_size=v.size, emsize=16, nhid=32, nlayers=2, attn_layers=(1,))).eval()
+    doc = b"the cat sat\non the mat\na dog sat on the cat\n" * 3 + b"the end"
+    doc = doc.replace(b"end", b"mat")
+    whole = score_stream(m, v, io.BytesIO(doc))
+    pieces = score_stream(m, v, io.BytesIO(doc), read_bytes=5)  # reads that cut words in two
+    assert pieces.tokens == whole.tokens == len(v.encode(doc))
+    assert pieces.logprob == pytest.approx(whole.logprob, abs=1e-4)
+    with pytest.raises(SharnnError, match="empty"):
+        score_stream(m, v, io.BytesIO(b"   "))

@@ -168,3 +168,17 @@ def test_adaptive_softmax(tmp_path: Path, capsys) -> None:
     assert math.isfinite(res["test_ppl"]) and res["metric"] == "ppl"
     assert main(["generate", str(run), "--prompt", "w1 w2", "-n", "5", "--seed", "1"]) == 0
     assert len(capsys.readouterr().out.split()) == 7
+
+
+def test_byte_model_refuses_word_corpus(tmp_path: Path) -> None:
+    from sharnn.vocab import BYTES
+
+    tgz = _ptb_tgz(tmp_path / "s.tgz")
+    prepare_awd("ptb", tmp_path / "ptb", archive=tgz)
+    with pytest.raises(SharnnError, match="reads bytes"):
+        load_corpus(tmp_path / "ptb", vocab=BYTES)
+
+
+def test_address_that_is_not_a_url(tmp_path: Path) -> None:
+    with pytest.raises(SharnnError, match="cannot fetch"):
+        prepare_awd("ptb", tmp_path / "x", url="example.com/simple-examples.tgz")

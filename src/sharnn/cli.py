@@ -365,12 +365,14 @@ def cmd_import_reference(args: argparse.Namespace) -> int:
 
 
 def cmd_collapse(args: argparse.Namespace) -> int:
-    from .checkpoint import load_model, save_checkpoint
+    from .checkpoint import load_model, load_train_config, resolve_checkpoint, save_checkpoint
     from .model import count_parameters
 
     model = load_model(args.checkpoint)
     small = model.collapse()
-    save_checkpoint(args.out, small, vocab=model.vocab, progress={"collapsed_from": str(args.checkpoint)})
+    ckpt = resolve_checkpoint(args.checkpoint)
+    save_checkpoint(args.out, small, load_train_config(ckpt), vocab=model.vocab,  # eval defaults stay the run's
+                    progress={"collapsed_from": str(args.checkpoint)})
     print(f"collapsed {count_parameters(model):,} -> {count_parameters(small):,} parameters into {args.out}")
     return 0
 
@@ -406,6 +408,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("sharnn: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `sharnn generate ... | head`: the reader has what it wanted
+        try:
+            sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - so that the exit flush does not fail again
+        except OSError:
+            pass
+        return 0
 
 
 if __name__ == "__main__":

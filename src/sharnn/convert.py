@@ -105,7 +105,10 @@ def import_reference(
     model = SHARNN(cfg)
     model.vocab = vocab
     wanted = model.state_dict()
-    kept = {k: v for k, v in sd.items() if not UNUSED.search(k)}
+    # The reference builds lnmid/lnmem in every block but uses them only where there is attention.
+    idle_norms = {f"blocks.{i}.{ln}.{p}" for i in range(cfg.nlayers) if i not in cfg.attn_layers
+                  for ln in ("lnmid", "lnmem") for p in ("weight", "bias")}
+    kept = {k: v for k, v in sd.items() if not UNUSED.search(k) and k not in idle_norms}
     if cfg.tied:
         kept.pop("decoder.weight", None)
         wanted.pop("decoder.weight", None)

@@ -79,6 +79,9 @@ def load_corpus(spec: str | os.PathLike, vocab: Vocab | None = None, tokens: str
         tokens = "words" if vocab.level == "word" else "chars"
     if tokens == "auto":
         tokens = _meta_tokens(spec)
+        if vocab is not None and vocab.kind != "words" and tokens in ("words", "chars"):
+            raise SharnnError(f"the model reads bytes but {spec} is a {tokens[:-1]}-level corpus; "
+                              "evaluate it with a model trained on that corpus")
     if tokens in ("words", "chars"):
         return _load_word_corpus(Path(spec), "word" if tokens == "words" else "char", vocab)
     if tokens != "bytes":
@@ -372,8 +375,11 @@ def _archive_in(out: Path, given: str | os.PathLike | None, url: str, name: str)
     """Create `out`; return the archive `given`, or out/`name`, fetched from `url` if not there yet."""
     try:
         out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".sharnn-write-test"
+        probe.write_bytes(b"")
+        probe.unlink()
     except OSError as e:
-        raise SharnnError(f"cannot create {out}: {e.strerror}") from None
+        raise SharnnError(f"cannot write to {out}: {e.strerror}; choose another folder") from None
     path = Path(given) if given is not None else out / name
     if given is None and not path.exists():
         download(url, path)
@@ -397,7 +403,7 @@ def download(url: str, dest: Path) -> None:
                     bar.update(len(buf))
         if total is not None and got != total:
             raise SharnnError(f"download of {url} stopped after {got:,} of {total:,} bytes; run the command again")
-    except (urllib.error.URLError, OSError) as e:
+    except (urllib.error.URLError, OSError, ValueError) as e:  # ValueError: not a URL at all
         part.unlink(missing_ok=True)
         reason = getattr(e, "reason", None) or getattr(e, "strerror", None) or e
         raise SharnnError(f"cannot fetch {url}: {reason}; or download it yourself and pass --from-zip PATH") from None

@@ -73,6 +73,17 @@ class Dist:
                                 None if s.memory is None else s.memory[:, cols].contiguous())
                      for s in state)
 
+    def mean_grads(self, params: list[torch.Tensor]) -> list[torch.Tensor | None]:
+        """The parameters' gradients averaged over the ranks (what the step they belong to would use)."""
+        if not self.enabled:
+            return [p.grad for p in params]
+        out: list[torch.Tensor | None] = []
+        for p in params:
+            t = torch.zeros_like(p) if p.grad is None else p.grad.detach().clone()
+            dist.all_reduce(t)
+            out.append(t / self.world)
+        return out
+
     def barrier(self) -> None:
         if self.enabled:
             dist.barrier()

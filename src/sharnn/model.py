@@ -111,6 +111,11 @@ class Attention(nn.Module):
         """(1, 1, E) the values' gate: Overparam(sigmoid(vs)), or its stored constant once collapsed."""
         return self.vgate if hasattr(self, "vgate") else self.vq(torch.sigmoid(self.vs))
 
+    @property
+    def folds_gates(self) -> bool:
+        """Whether the key and value gates can be applied outside the attention (no dropout on the values)."""
+        return not (self.training and self.dropout_p > 0)
+
     def forward(self, h: Tensor, big: Tensor, mem_len: int) -> Tensor:
         """Attend from the segment to memory + segment.
 
@@ -122,14 +127,25 @@ class Attention(nn.Module):
             (T, B, E) the attention mix.
         """
         T, K = h.shape[0], big.shape[0]
-        q = torch.sigmoid(self.qs) * self.qln(self.q(h))  # (T, B, E)
-        k = torch.sigmoid(self.ks) * big  # (K, B, E)
-        v = self.value_gate() * big  # (K, B, E)
-        q, v = self.drop(q), self.drop(v)
+        q = self.drop(torch.sigmoid(self.qs) * self.qln(self.q(h)))  # (T, B, E)
+        if not self.folds_gates:
+            k = torch.sigmoid(self.ks) * big  # (K, B, E)
+            v = self.drop(self.value_gate() * big)  # (K, B, E)
+            out_gate = None
+        else:
+            # Without dropout on v, both gates are per-channel scalings that fold out of the attention:
+            # q . (g_k * big) = (q * g_k) . big, and w @ (g_v * big) = g_v * (w @ big). The (m + T)-row memory
+            # is then read once, never rescaled into new tensors: what makes a generated token cheap.
+            q = q * torch.sigmoid(self.ks)
+            k = v = big
+            out_gate = self.value_gate()
         # Query i sits at key position mem_len + i and sees keys j with i' - M < j <= i' (sliding window).
-        qpos = torch.arange(T, device=h.device) + mem_len
-        kpos = torch.arange(K, device=h.device)
-        visible = (kpos[None, :] <= qpos[:, None]) & (kpos[None, :] > qpos[:, None] - self.span)  # (T, K)
+        # A single query (generation) sees every key: memory holds at most M - 1 rows.
+        visible = None
+        if T > 1 or K > self.span:
+            qpos = torch.arange(T, device=h.device) + mem_len
+            kpos = torch.arange(K, device=h.device)
+            visible = (kpos[None, :] <= qpos[:, None]) & (kpos[None, :] > qpos[:, None] - self.span)  # (T, K)
         # (B, 1, T, E) layout for one head; scale 1/sqrt(E) is SDPA's default for width E.
         mix = F.scaled_dot_product_attention(
             q.permute(1, 0, 2).unsqueeze(1),
@@ -137,8 +153,8 @@ class Attention(nn.Module):
             v.permute(1, 0, 2).unsqueeze(1),
             attn_mask=visible,
             dropout_p=self.dropout_p if self.training else 0.0,
-        )
-        return mix.squeeze(1).permute(1, 0, 2)  # (T, B, E)
+        ).squeeze(1).permute(1, 0, 2)  # (T, B, E)
+        return mix if out_gate is None else mix * out_gate
 
 
 def forget_mult(f: Tensor, z: Tensor, c0: Tensor) -> Tensor:

@@ -125,24 +125,26 @@ def build_asgd(params: Iterable[Tensor], cfg: TrainConfig, lr: float) -> torch.o
 class averaged_weights:
     """Context manager: inside it the model holds ASGD's averaged weights ('ax'); outside, the live ones.
 
-    A no-op for any other optimizer, so evaluation and saving can always use it.
+    The optimizer's state is left as it is, so a checkpoint written inside holds the averaged weights with a
+    consistent optimizer (what AWD-LSTM keeps as its best model). A no-op for any other optimizer, so
+    evaluation and saving can always use it.
     """
 
     def __init__(self, params: Iterable[Tensor], optimizer: Optimizer):
         self.pairs = []
         if isinstance(optimizer, torch.optim.ASGD):
             self.pairs = [(p, optimizer.state[p]["ax"]) for p in params if "ax" in optimizer.state.get(p, {})]
-
-    def __enter__(self) -> averaged_weights:
-        self._swap()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._swap()
+        self.live: list[Tensor] = []
 
     @torch.no_grad()
-    def _swap(self) -> None:
+    def __enter__(self) -> averaged_weights:
+        self.live = [p.detach().clone() for p, _ in self.pairs]
         for p, ax in self.pairs:
-            tmp = p.detach().clone()
             p.copy_(ax)
-            ax.copy_(tmp)
+        return self
+
+    @torch.no_grad()
+    def __exit__(self, *exc: object) -> None:
+        for (p, _), live in zip(self.pairs, self.live):
+            p.copy_(live)
+        self.live = []

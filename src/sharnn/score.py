@@ -140,18 +140,27 @@ def score_stream(
     state, last = prime(model, vocab.encode(context), chunk)
     total, count = 0.0, 0
     toks: list[tuple[int, float]] | None = [] if per_token else None
-    while piece := stream.read(read_bytes):
-        ids = vocab.encode(piece)
-        seq = torch.empty(len(ids) + 1, 1, dtype=torch.long)
-        seq[0, 0] = last
-        seq[1:, 0] = torch.from_numpy(np.asarray(ids, dtype=np.int64))
-        lp, state = _logprobs(model, seq.to(device), state, chunk)
-        lp = lp[:, 0].double().cpu()
-        total += float(lp.sum())
-        count += len(ids)
-        if toks is not None:
-            toks.extend((int(t), float(v)) for t, v in zip(ids, lp))
-        last = int(ids[-1])
+    pending = b""
+    while True:
+        piece = stream.read(read_bytes)
+        data, pending = pending + piece, b""
+        if piece and vocab.kind == "words":  # whole lines only: a word cut by the read waits for the next one
+            cut = data.rfind(b"\n") + 1
+            data, pending = data[:cut], data[cut:]
+        ids = vocab.encode(data) if data else []
+        if len(ids):
+            seq = torch.empty(len(ids) + 1, 1, dtype=torch.long)
+            seq[0, 0] = last
+            seq[1:, 0] = torch.from_numpy(np.asarray(ids, dtype=np.int64))
+            lp, state = _logprobs(model, seq.to(device), state, chunk)
+            lp = lp[:, 0].double().cpu()
+            total += float(lp.sum())
+            count += len(ids)
+            if toks is not None:
+                toks.extend((int(t), float(v)) for t, v in zip(ids, lp))
+            last = int(ids[-1])
+        if not piece:
+            break
     if count == 0:
         raise SharnnError("the document is empty: nothing to score")
     return Score(total, count, toks)

@@ -86,6 +86,8 @@ class TrainResult:
 
 
 def resolve_device(name: str) -> torch.device:
+    if name != "auto" and name != "cpu" and not (name == "cuda" or name.startswith("cuda:")):
+        raise SharnnError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N")
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
@@ -178,6 +180,7 @@ def _train(model_cfg: SHARNNConfig, cfg: TrainConfig, quiet: bool, model_overrid
     seed_everything(cfg.seed)  # before the model is built: its initial weights come from this seed
 
     resume_state: dict[str, Any] | None = None
+    old_cfg: TrainConfig | None = None
     if cfg.resume:
         ckpt = resolve_checkpoint(cfg.resume, prefer="last")
         model = load_model(ckpt, device)
@@ -222,10 +225,15 @@ def _train(model_cfg: SHARNNConfig, cfg: TrainConfig, quiet: bool, model_overrid
         optimizer = build_asgd(model.parameters(), cfg, cfg.lr)  # the run had switched: its state is ASGD's
     rng = np.random.default_rng(cfg.seed)
     if resume_state is not None:
+        if old_cfg is not None and old_cfg.optimizer != cfg.optimizer:
+            raise SharnnError(f"cannot resume a run trained with --optimizer {old_cfg.optimizer} using "
+                              f"--optimizer {cfg.optimizer}: its saved moments belong to the former; keep it")
         try:
             optimizer.load_state_dict(resume_state["optimizer"])
         except (ValueError, KeyError) as e:
             raise SharnnError(f"cannot resume: the saved optimizer state does not fit --optimizer {cfg.optimizer} ({e})") from None
+        for group in optimizer.param_groups:  # loading brings the old run's settings; this run's flags win
+            group["weight_decay"] = cfg.wdecay
         if "rng" in resume_state:
             _set_rng_state(rng, resume_state["rng"])
     if ranks.enabled:  # same initial weights everywhere (DDP also broadcasts rank 0's), but each rank its own dropout
@@ -367,7 +375,9 @@ class _Loop:
         self.forward_model: torch.nn.Module = model
         if self.ranks.enabled:
             ids = [device.index] if device.type == "cuda" else None
-            self.forward_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
+            # An adaptive softmax skips the clusters that a batch has no targets in.
+            self.forward_model = torch.nn.parallel.DistributedDataParallel(
+                model, device_ids=ids, find_unused_parameters=model.cfg.uses_adaptive_softmax)
         self.streams, self.rng, self.device, self.run_dir, self.log = streams, rng, device, run_dir, log
         self.step = 0  # optimizer steps taken, across epochs and resumes
         self.epoch = 1  # 1-based, as in the paper's logs
@@ -476,7 +486,10 @@ class _Loop:
                 x, y = self.streams.segment(pos, seq_len, self.device)
                 t0 = time.perf_counter()
                 # Under DDP, gradients are averaged over the ranks only on the segment that completes a step.
-                sync = (self.forward_model.no_sync() if self.ranks.enabled and self.micro + 1 < cfg.accumulate
+                # The epoch's last segment always does: a partial step at the epoch's end is applied too.
+                last_of_epoch = pos + seq_len >= self.streams.n - 1
+                sync = (self.forward_model.no_sync()
+                        if self.ranks.enabled and self.micro + 1 < cfg.accumulate and not last_of_epoch
                         else contextlib.nullcontext())
                 with sync:
                     with autocast(self.device, cfg.precision):
@@ -495,6 +508,7 @@ class _Loop:
                 self.bad_in_step |= not finite
                 stepped = False
                 if self.micro >= cfg.accumulate:
+                    self.bad_in_step = self.ranks.any(self.bad_in_step, device=self.device)[0]  # all skip, or none
                     stepped = self._finish_step()
                     if not stepped:
                         state = None  # the state that produced non-finite values would poison what follows
@@ -530,6 +544,7 @@ class _Loop:
                     if p.grad is not None:
                         p.grad.mul_(cfg.accumulate / self.micro)
                 self.bad_in_step |= not math.isfinite(self._grad_norm().item())
+                self.bad_in_step = self.ranks.any(self.bad_in_step, device=self.device)[0]
                 self._finish_step()
             return None
         finally:
@@ -659,7 +674,7 @@ class _Loop:
             "carried": _state_to_list(carried),
             "world": self.ranks.world,
             "micro": self.micro,  # > 0: stopped inside an --accumulate step; its gradients so far come along
-            "grads": [p.grad for p in self.model.parameters()] if self.micro else None,
+            "grads": self.ranks.mean_grads(list(self.model.parameters())) if self.micro else None,
             "bad_in_step": self.bad_in_step,
             "nonfinite_run": self.nonfinite_run,
             "nonfinite_total": self.nonfinite_total,
