@@ -97,8 +97,6 @@ def measure_eval(cfg: SHARNNConfig, bptt: int, batch: int, repeats: int, dtype: 
 @torch.no_grad()
 def measure_generate(cfg: SHARNNConfig, repeats: int, dtype: str, tokens: int = 32) -> list[float]:
     model = SHARNN(cfg).eval()
-    if dtype == "int8":
-        model = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear, torch.nn.LSTM}, dtype=torch.qint8)
     state = None
     for chunk in range(0, cfg.attn_span, 1024):  # fill the memory to its span, in segments
         n = min(1024, cfg.attn_span - chunk)
@@ -164,8 +162,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--configs", nargs="+", default=["paper", "small"], choices=sorted(CONFIGS))
     ap.add_argument("--kinds", nargs="+", default=["train", "eval", "generate"], choices=["train", "eval", "generate"])
-    ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "int8"],
-                    help="bf16: autocast on CPU; int8: dynamic quantisation (generation only)")
+    ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="bf16: autocast on CPU")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--quiet-load", type=float, default=0.5)
     ap.add_argument("--quiet-wait", type=float, default=120)
@@ -189,8 +186,6 @@ def main() -> None:
         with torch.device("meta"):
             params = count_parameters(SHARNN(cfg))
         for kind in args.kinds:
-            if kind != "generate" and args.dtype == "int8":
-                continue
             cmd = [sys.executable, __file__, "--one", kind, name, "--repeats", str(args.repeats), "--dtype", args.dtype]
             res = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.splitlines()[-1])
             fpc = flops_per_char(cfg, cfg.attn_span) * (3 if kind == "train" else 1)

@@ -169,7 +169,7 @@ class TrainConfig:
     max_time: float | None = _doc("stop after this many seconds of training (CPU budget)", default=None)
     eval_interval: int | None = _doc("also validate every N optimizer steps, not only per epoch", default=None)
     eval_batch_size: int | None = _doc("validation streams (default: batch_size, as the paper)", default=None)
-    test_batch_size: int = _doc("test streams (the paper: 8)", default=8)
+    test_batch_size: int = _doc("test streams (the paper's measurement: 8)", default=8)
     max_eval_bytes: int | None = _doc("validate and test on only the first N tokens of each split (quick checks)", default=None)
     sample: int = _doc("after training, generate this many bytes of sample text (0 = none)", default=0)
     threads: int | None = _doc("CPU threads for torch (default: torch's choice)", default=None)
