@@ -218,3 +218,15 @@ def test_resume_refuses_another_optimizer_and_takes_new_weight_decay(text_file: 
         train(MODEL, cfg_for(text_file, run, max_steps=4, optimizer="adam", resume=str(run)), quiet=True)
     train(MODEL, cfg_for(text_file, run, max_steps=4, wdecay=0.5, resume=str(run)), quiet=True)
     assert load_train_state(run / "last")["optimizer"]["param_groups"][0]["weight_decay"] == 0.5
+
+
+def test_new_run_never_replaces_an_old_one_silently(text_file: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    train(MODEL, cfg_for(text_file, run, max_steps=2, save_every=1, keep=2), quiet=True)
+    with pytest.raises(SharnnError, match="already holds a run .*--resume.*--overwrite"):
+        train(MODEL, cfg_for(text_file, run, max_steps=2), quiet=True)
+    train(MODEL, cfg_for(text_file, run, max_steps=1, overwrite=True), quiet=True)
+    assert not list(run.glob("step-*"))  # the old run's checkpoints are gone, not mixed with the new ones
+    assert load_train_state(run / "last")["step"] == 1
+    starts = [x for x in (run / "log.jsonl").read_text().splitlines() if '"event": "start"' in x]
+    assert len(starts) == 1

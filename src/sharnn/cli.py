@@ -67,6 +67,8 @@ def _add_field_flags(parser: argparse.ArgumentParser, cls: type, title: str) -> 
 
 
 def _show(v: Any) -> str:
+    if v == ():
+        return "automatic"
     if isinstance(v, tuple):
         return " ".join(map(str, v))
     return "none" if v is None else str(v)

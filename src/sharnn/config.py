@@ -153,6 +153,8 @@ class TrainConfig:
     log_interval: int = _doc("batches between log lines", default=10)
     save: str = _doc("run folder: best/ and last/ checkpoints and the logs", default="runs/sharnn")
     resume: str | None = _doc("checkpoint (or run folder) to resume from", default=None)
+    overwrite: bool = _doc("start over in a --save folder that already holds a run (its checkpoints are deleted)",
+                           default=False)
     save_every: int | None = _doc("also save a resumable checkpoint (last/) every N optimizer steps", default=None)
     save_every_minutes: float | None = _doc(
         "also save a resumable checkpoint (last/) every N minutes of training (none = off)", default=30.0

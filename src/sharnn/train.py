@@ -174,6 +174,7 @@ def _train(model_cfg: SHARNNConfig, cfg: TrainConfig, quiet: bool, model_overrid
     if ranks.is_main:
         check_writable(run_dir)
         clean_run_folder(run_dir)  # what a killed save may have left
+        _claim_run_folder(run_dir, cfg)
     ranks.barrier()
     corpus = load_corpus(cfg.data, tokens=cfg.tokens)
     log = RunLog(run_dir, quiet or not ranks.is_main, write=ranks.is_main)
@@ -274,6 +275,23 @@ def _train(model_cfg: SHARNNConfig, cfg: TrainConfig, quiet: bool, model_overrid
                                  vocab=corpus.vocab).data
     return TrainResult(run_dir, loop.step, loop.epochs_done, loop.seconds, loop.chars_per_s,
                        loop.best_bpc, valid, test, text, loop.nonfinite_total)
+
+
+def _claim_run_folder(run_dir: Path, cfg: TrainConfig) -> None:
+    """A new run never silently replaces the checkpoints of an earlier one in its --save folder."""
+    if cfg.resume:
+        return
+    old = sorted(p.name for p in run_dir.iterdir() if (p / "config.json").is_file())
+    if not old:
+        return
+    if not cfg.overwrite:
+        raise SharnnError(
+            f"{run_dir} already holds a run ({', '.join(old)}); continue it with --resume {run_dir}, start over "
+            "with --overwrite, or pass another --save"
+        )
+    for name in old:
+        shutil.rmtree(run_dir / name)
+    (run_dir / "log.jsonl").unlink(missing_ok=True)
 
 
 def _with_overrides(model: SHARNN, overrides: dict[str, Any], ckpt: Path, device: torch.device) -> SHARNN:
