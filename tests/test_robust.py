@@ -509,13 +509,13 @@ def test_unwritable_save_folder_fails_at_start(text_file: Path, tmp_path: Path, 
     blocker.write_text("not a folder")
     t0 = time.perf_counter()
     assert main(["train", "--data", str(text_file), "--save", str(blocker / "run"), *TINY_FLAGS]) == 2
-    one_error_line(capsys, "cannot write to the save folder")
+    one_error_line(capsys, "pass a writable --save")
     assert time.perf_counter() - t0 < 5
     if os.geteuid() != 0:  # root writes anywhere; a read-only folder only stops others
         ro = tmp_path / "ro"
         ro.mkdir(mode=0o500)
         assert main(["train", "--data", str(text_file), "--save", str(ro / "run"), *TINY_FLAGS]) == 2
-        one_error_line(capsys, "cannot write to the save folder")
+        one_error_line(capsys, "pass a writable --save")
 
 
 # --- bounded memory in evaluation, generation and scoring --------------------------------------------------------

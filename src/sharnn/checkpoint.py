@@ -341,6 +341,6 @@ def load_pretrained(name_or_path: str | os.PathLike, device: torch.device | str 
         raise SharnnError(f"{name} is not a local folder; to fetch it from the Hub, pip install huggingface_hub") from None
     try:
         local = snapshot_download(name, allow_patterns=["config.json", "model.safetensors", "train_config.json"])
-    except Exception as e:  # the Hub client raises many kinds: offline, not found, gated, ...
+    except Exception as e:  # noqa: BLE001 - the Hub client raises many kinds: offline, not found, gated, ...
         raise SharnnError(f"cannot fetch {name} from the Hugging Face Hub: {e}") from None
     return load_model(local, device)

@@ -339,7 +339,7 @@ def cmd_score(args: argparse.Namespace) -> int:
                 score = score_stream(model, model.vocab, sys.stdin.buffer, context, args.per_token)
             else:
                 try:
-                    f = open(name, "rb")
+                    f = open(name, "rb")  # noqa: SIM115 - closed by the `with f` below
                 except OSError as e:
                     raise SharnnError(f"cannot read {name}: {e.strerror}") from None
                 with f:

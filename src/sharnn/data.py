@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .errors import SharnnError
+from .errors import SharnnError, require_writable_folder
 from .vocab import BYTES, Vocab
 
 ENWIK8_URL = "http://mattmahoney.net/dc/enwik8.zip"
@@ -373,13 +373,7 @@ def prepare_awd(name: str, out_dir: str | os.PathLike, archive: str | os.PathLik
 
 def _archive_in(out: Path, given: str | os.PathLike | None, url: str, name: str) -> Path:
     """Create `out`; return the archive `given`, or out/`name`, fetched from `url` if not there yet."""
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".sharnn-write-test"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as e:
-        raise SharnnError(f"cannot write to {out}: {e.strerror}; choose another folder") from None
+    require_writable_folder(out, "choose another folder")
     path = Path(given) if given is not None else out / name
     if given is None and not path.exists():
         download(url, path)

@@ -38,7 +38,8 @@ class Lamb(Optimizer):
     ):
         if lr < 0 or eps < 0 or weight_decay < 0 or not (0 <= betas[0] < 1 and 0 <= betas[1] < 1):
             raise ValueError("invalid LAMB hyper-parameters")
-        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, min_trust=min_trust))
+        defaults = {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay, "min_trust": min_trust}
+        super().__init__(params, defaults)
 
     @torch.no_grad()
     def step(self, closure=None):  # type: ignore[override]
@@ -137,7 +138,7 @@ class averaged_weights:
         self.live: list[Tensor] = []
 
     @torch.no_grad()
-    def __enter__(self) -> averaged_weights:
+    def __enter__(self) -> averaged_weights:  # noqa: PYI034
         self.live = [p.detach().clone() for p, _ in self.pairs]
         for p, ax in self.pairs:
             p.copy_(ax)

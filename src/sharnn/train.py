@@ -50,7 +50,7 @@ from .checkpoint import (
 from .config import SHARNNConfig, TrainConfig, auto_cutoffs
 from .data import Corpus, Streams, load_corpus, train_segments
 from .distributed import Dist, init_from_env, shutdown
-from .errors import SharnnError
+from .errors import SharnnError, require_writable_folder
 from .evaluate import EvalResult, autocast, evaluate
 from .generate import generate
 from .model import SHARNN, BlockState, SHARNNOutput, State, count_parameters, detach_state
@@ -115,17 +115,6 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def check_writable(folder: Path) -> None:
-    """Fail now, not after hours of training, if checkpoints cannot be written."""
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / ".write-test"
-        probe.write_bytes(b"ok")
-        probe.unlink()
-    except OSError as e:
-        raise SharnnError(f"cannot write to the save folder {folder}: {e.strerror}; pass a writable --save") from None
-
-
 class RunLog:
     """Human log lines to stderr (above the progress bar) and the same numbers as JSON lines in the run folder."""
 
@@ -172,7 +161,7 @@ def _train(model_cfg: SHARNNConfig, cfg: TrainConfig, quiet: bool, model_overrid
            ranks: Dist, device: torch.device) -> TrainResult:
     run_dir = Path(cfg.save)
     if ranks.is_main:
-        check_writable(run_dir)
+        require_writable_folder(run_dir, "pass a writable --save")  # now, not after hours of training
         clean_run_folder(run_dir)  # what a killed save may have left
         _claim_run_folder(run_dir, cfg)
     ranks.barrier()
