@@ -306,3 +306,21 @@ def test_word_document_is_scored_like_one_piece(tmp_path: Path) -> None:
     assert pieces.logprob == pytest.approx(whole.logprob, abs=1e-4)
     with pytest.raises(SharnnError, match="empty"):
         score_stream(m, v, io.BytesIO(b"   "))
+
+
+def test_cli_flags_of_eval_score_and_import(ckpt: Path, tmp_path: Path, capsys) -> None:
+    text = tmp_path / "t.txt"
+    text.write_bytes(b"some text to evaluate on, long enough for two streams of segments. " * 20)
+    results = {}
+    for precision in ("fp32", "bf16"):
+        assert main(["eval", str(ckpt), "--data", str(text), "--split", "valid", "--batch_size", "1",
+                     "--precision", precision, "--json"]) == 0
+        results[precision] = json.loads(capsys.readouterr().out)["bpc"]
+    assert results["bf16"] != results["fp32"] and results["bf16"] == pytest.approx(results["fp32"], abs=0.05)
+    assert main(["score", str(ckpt), str(text), "--no-eos", "--json", "--batch_size", "1"]) == 0
+    rows = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    assert rows[0]["tokens"] == len(text.read_bytes().splitlines()[0])  # the closing newline is not scored
+    sd = tmp_path / "sd.pt"
+    torch.save(load_model(ckpt).state_dict(), sd)
+    assert main(["import-reference", str(sd), str(tmp_path / "imp"), "--attn-span", "77"]) == 0
+    assert load_model(tmp_path / "imp").cfg.attn_span == 77

@@ -2,7 +2,7 @@
 
 Every block is LayerNorm -> LSTM (or GRU, or QRNN: `--model`) -> (single-head attention, in some blocks) ->
 "Boom" feed-forward. The recurrent state and the attention memory are explicit values passed in and returned,
-never module attributes, so evaluation, generation, scoring and export share one `forward`.
+never module attributes, so training, evaluation, generation and scoring share one `forward`.
 
 Shape legend (sequence-first, as in BPTT batching):
     T  segment length          B  batch (parallel streams)     E  emsize
