@@ -2,12 +2,19 @@
 
     python benchmarks/speed.py                       # paper and small configurations, fp32
     python benchmarks/speed.py --configs small --repeats 5 --dtype bf16
+    python benchmarks/speed.py --kinds eval generate --dtype int8
 
 For each configuration it measures, each in a fresh subprocess (so peak memory is that measurement's own):
 training chars/s (forward, backward, clip, LAMB step; state and memory carried), evaluation chars/s (no grad,
-state carried), and batch-1 generation chars/s with the attention memory full. In the same run it measures
-the ceilings: fp32 and bf16 matrix multiply GFLOP/s and memory bandwidth. FLOPs per character are counted
-from the shapes (matmuls only), and utilisation is achieved FLOP/s over the matching matmul ceiling.
+state carried), and batch-1 generation chars/s with the attention memory full (ring memory, as `sharnn
+generate` runs). In the same run it measures the ceilings: fp32 and bf16 matrix multiply GFLOP/s and memory
+bandwidth. FLOPs per character are counted from the shapes (matmuls only); utilisation is achieved FLOP/s over
+the matching matmul ceiling, except for generation, which is bound by memory traffic: there it is the bytes a
+token reads (every weight once, the attention memory twice) per second over the measured bandwidth.
+
+--dtype: training with bf16 runs under autocast (fp32 master weights), as `sharnn train --precision bf16`;
+evaluation and generation convert the model as `sharnn eval/generate --precision bf16|int8` do
+(sharnn.precision). int8 is for inference only.
 It waits (up to --quiet-wait seconds) for the 1-minute load average to fall below --quiet-load, and reports
 medians of --repeats timed repetitions after one warm-up.
 """
@@ -24,12 +31,14 @@ import sys
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
+from dataclasses import replace
 
 import torch
 
 from sharnn.config import SHARNNConfig
 from sharnn.model import SHARNN, count_parameters, detach_state
 from sharnn.optim import Lamb
+from sharnn.precision import for_inference
 
 CONFIGS = {
     # name: (model config, bptt, batch)
@@ -45,6 +54,17 @@ def flops_per_char(cfg: SHARNNConfig, keys: int) -> float:
     per_block = 2 * 8 * E * E + 2 * E * H  # LSTM (input and hidden maps, 4 gates) and the Boom's E -> H
     attn = 2 * E * E + 2 * 2 * E * keys  # the query map; scores and mix over the keys
     return cfg.nlayers * per_block + len(cfg.attn_layers) * attn + 2 * E * V
+
+
+def bytes_per_token(cfg: SHARNNConfig, dtype: str) -> float:
+    """Bytes one generated token reads: every weight once (not the embedding: its one row, or the tied
+    decoder's read, is counted with the decoder), and the attention memory twice (keys, then values)."""
+    with torch.device("meta"):
+        model = SHARNN(replace(cfg, collapsed_gate=True))  # as sharnn.precision runs it
+    weights = count_parameters(model) - (0 if cfg.tied else model.encoder.weight.numel())
+    memory = 2 * len(cfg.attn_layers) * cfg.attn_span * cfg.emsize
+    weight_bytes = {"fp32": 4, "bf16": 2, "int8": 1}[dtype]
+    return weights * weight_bytes + memory * (2 if dtype == "bf16" else 4)  # int8 keeps fp32 activations
 
 
 def autocast(dtype: str):
@@ -82,13 +102,12 @@ def measure_train(cfg: SHARNNConfig, bptt: int, batch: int, repeats: int, dtype:
 
 @torch.no_grad()
 def measure_eval(cfg: SHARNNConfig, bptt: int, batch: int, repeats: int, dtype: str) -> list[float]:
-    model = SHARNN(cfg).eval()
+    model = for_inference(SHARNN(cfg), dtype)
     state, times = None, []
     for i in range(repeats + 1):
         x = torch.randint(0, cfg.vocab_size, (bptt + 1, batch))
         t0 = time.perf_counter()
-        with autocast(dtype):
-            state = model(x[:-1], state, targets=x[1:]).state
+        state = model(x[:-1], state, targets=x[1:]).state
         if i:
             times.append(bptt * batch / (time.perf_counter() - t0))
     return times
@@ -96,19 +115,18 @@ def measure_eval(cfg: SHARNNConfig, bptt: int, batch: int, repeats: int, dtype: 
 
 @torch.no_grad()
 def measure_generate(cfg: SHARNNConfig, repeats: int, dtype: str, tokens: int = 32) -> list[float]:
-    model = SHARNN(cfg).eval()
+    model = for_inference(SHARNN(cfg), dtype)
     state = None
     for chunk in range(0, cfg.attn_span, 1024):  # fill the memory to its span, in segments
         n = min(1024, cfg.attn_span - chunk)
-        with autocast(dtype):
-            state = model(torch.randint(0, cfg.vocab_size, (n, 1)), state).state
+        state = model(torch.randint(0, cfg.vocab_size, (n, 1)), state).state
+    state = model.ring_state(state)  # what sharnn.generate does before the token steps
     token = torch.zeros(1, 1, dtype=torch.long)
     times = []
     for i in range(repeats + 1):
         t0 = time.perf_counter()
         for _ in range(tokens):
-            with autocast(dtype):
-                out = model(token, state)
+            out = model(token, state)
             state = out.state
             token = out.logits[-1:, :, :].argmax(-1)
         if i:
@@ -162,7 +180,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--configs", nargs="+", default=["paper", "small"], choices=sorted(CONFIGS))
     ap.add_argument("--kinds", nargs="+", default=["train", "eval", "generate"], choices=["train", "eval", "generate"])
-    ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="bf16: autocast on CPU")
+    ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "int8"],
+                    help="bf16: autocast in training, bf16 weights in eval/generate; int8: eval/generate only")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--quiet-load", type=float, default=0.5)
     ap.add_argument("--quiet-wait", type=float, default=120)
@@ -180,12 +199,16 @@ def main() -> None:
     print(f"| config | params | what ({args.dtype}) | chars/s (median of {args.repeats}) | MFLOP/char | "
           "GFLOP/s | utilisation | peak RSS |")
     print("|---|---|---|---|---|---|---|---|")
-    matmul_ceiling = ceil["bfloat16"] if args.dtype == "bf16" else ceil["float32"]
+    matmul_ceiling = ceil["bfloat16"] if args.dtype == "bf16" else ceil["float32"]  # (no int8 matmul ceiling:
+    # int8 rows use the fp32 one)
     for name in args.configs:
         cfg, bptt, batch = CONFIGS[name]
         with torch.device("meta"):
             params = count_parameters(SHARNN(cfg))
         for kind in args.kinds:
+            if kind == "train" and args.dtype == "int8":
+                print(f"| {name} | {params / 1e6:.1f}M | train: int8 is for inference only | | | | | |")
+                continue
             cmd = [sys.executable, __file__, "--one", kind, name, "--repeats", str(args.repeats), "--dtype", args.dtype]
             res = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.splitlines()[-1])
             fpc = flops_per_char(cfg, cfg.attn_span) * (3 if kind == "train" else 1)
@@ -193,8 +216,13 @@ def main() -> None:
             gflops = fpc * rate / 1e9
             what = {"train": f"train {bptt}x{batch}", "eval": f"eval {bptt}x{batch}",
                     "generate": "generate batch 1, memory full"}[kind]
+            if kind == "generate":  # bound by memory traffic, not arithmetic
+                gbs = bytes_per_token(cfg, args.dtype) * rate / 1e9
+                used = f"{gbs / ceil['bandwidth_gbs']:.0%} of bandwidth ({gbs:.1f} GB/s)"
+            else:
+                used = f"{gflops / matmul_ceiling:.0%} of matmul"
             print(f"| {name} | {params / 1e6:.1f}M | {what} | {rate:,.0f} | {fpc / 1e6:.0f} | {gflops:.1f} | "
-                  f"{gflops / matmul_ceiling:.0%} | {res['peak_rss'] / 2**30:.2f} GB |")
+                  f"{used} | {res['peak_rss'] / 2**30:.2f} GB |")
 
 
 if __name__ == "__main__":

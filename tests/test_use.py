@@ -20,8 +20,9 @@ from sharnn.config import SHARNNConfig, TrainConfig
 from sharnn.convert import reference_vocab
 from sharnn.errors import SharnnError
 from sharnn.evaluate import evaluate
-from sharnn.generate import filter_logits, generate
+from sharnn.generate import filter_logits, generate, generate_ids
 from sharnn.model import SHARNN, count_parameters
+from sharnn.precision import for_inference
 from sharnn.score import score_lines, score_stream
 from sharnn.vocab import BYTES, Vocab
 
@@ -74,6 +75,84 @@ def test_generation_state_equals_one_pass(model: SHARNN) -> None:
     assert torch.allclose(out.logits[-1, 0], g.logits, atol=1e-5)
     assert torch.allclose(out.state[1].memory, g.state[1].memory, atol=1e-5)
     assert g.state[1].memory.shape[0] == 11  # bounded by the span (12) - 1, never the whole history
+
+
+def test_memory_ring_steps_equal_ordinary_steps(model: SHARNN) -> None:
+    # Token steps over a MemoryRing (in place, keys in slot order) give the numbers of ordinary memory, before
+    # and after the ring wraps around (span 12, 30 steps), and leave the state they started from untouched.
+    with torch.no_grad():
+        start = model(torch.tensor(list(b"ring")).unsqueeze(1)).state
+        kept = [t.clone() for s in start for t in (*s.rnn, *([s.memory] if s.memory is not None else []))]
+        plain, ring = start, model.ring_state(start)
+        for t in torch.randint(0, 256, (30,)).tolist():
+            a, b = model(torch.tensor([[t]]), plain), model(torch.tensor([[t]]), ring)
+            assert torch.allclose(a.logits, b.logits, atol=1e-5)
+            plain, ring = a.state, b.state
+        assert ring[1].memory.count == 34 and ring[1].memory.rows.shape[0] == 12
+        back = model.ordered_state(ring)
+        assert torch.allclose(back[1].memory, plain[1].memory, atol=1e-5) and back[1].memory.shape[0] == 11
+        # A segment of several tokens after a ring reads it in order and returns ordinary memory.
+        seg = torch.randint(0, 256, (5, 1))
+        a, b = model(seg, plain), model(seg, ring)
+        assert torch.allclose(a.logits, b.logits, atol=1e-5) and torch.equal(a.state[1].memory, b.state[1].memory)
+    after = [t for s in start for t in (*s.rnn, *([s.memory] if s.memory is not None else []))]
+    assert all(torch.equal(x, y) for x, y in zip(kept, after))
+
+
+def test_generation_copies_no_memory_per_token(model: SHARNN, monkeypatch) -> None:
+    # The ring's promise, checked where it matters: no token step concatenates the attention memory.
+    calls = []
+    real_cat = torch.cat
+    monkeypatch.setattr(torch, "cat", lambda ts, *a, **k: calls.append(max(t.shape[0] for t in ts)) or
+                        real_cat(ts, *a, **k))
+    primed = generate(model, b"x" * 40, 0)
+    assert calls and max(calls) >= 11  # the prompt's pass does join memory and segment (rows >= span - 1)...
+    calls.clear()
+    steps = list(generate_ids(model, [], 25, seed=0, state=primed.state, logits=primed.logits))
+    assert len(steps) == 25 and all(n <= 1 for n in calls)  # ...the token steps never do
+
+
+@pytest.mark.parametrize("core", ["LSTM", "GRU", "QRNN"])
+@pytest.mark.parametrize("adaptive", [False, True])
+def test_inference_precisions_stay_close_to_fp32(tiny_config: SHARNNConfig, core: str, adaptive: bool) -> None:
+    cfg = replace(tiny_config, model=core, vocab_size=300 if adaptive else 256, tied=not adaptive,
+                  adaptive_cutoffs=(100, 200) if adaptive else ())
+    torch.manual_seed(0)
+    model = SHARNN(cfg).eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.randint(0, cfg.vocab_size, (30, 2))
+    with torch.no_grad():
+        ref = model(x[:-1], targets=x[1:]).loss
+        for precision in ("bf16", "int8"):
+            fast = for_inference(model, precision)
+            loss = fast(x[:-1], targets=x[1:]).loss
+            assert loss != ref and float(loss) == pytest.approx(float(ref), abs=0.01), precision
+            # Token steps (ring memory, the int8 LSTM/GRU's own step) continue the segment's state.
+            state = fast(x[:20]).state
+            state = fast.ring_state(state)
+            for t in range(20, 29):
+                out = fast(x[t : t + 1], state)
+                state = out.state
+            assert out.state[1].memory.count == 29
+    quantized = for_inference(model, "int8")
+    assert not isinstance(quantized.blocks[0].ff.linear1, torch.nn.Linear)  # replaced by the int8 module
+    assert for_inference(model, "bf16").encoder.weight.dtype == torch.bfloat16
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())  # the fp32 model is untouched
+    assert model.encoder.weight.dtype == torch.float32 and not model.cfg.collapsed_gate
+
+
+def test_inference_precision_refusals(model: SHARNN) -> None:
+    with pytest.raises(SharnnError, match="unknown --precision"):
+        for_inference(model, "fp16")
+    with pytest.raises(SharnnError, match="already converted"):
+        for_inference(for_inference(model, "bf16"), "int8")
+
+
+def test_generate_cli_precisions(ckpt: Path, capsys) -> None:
+    for precision in ("bf16", "int8"):
+        assert main(["generate", str(ckpt), "-p", "abc", "-n", "20", "--seed", "1", "--no-prompt",
+                     "--precision", precision]) == 0
+        assert len(capsys.readouterr().out) >= 2  # some text and the closing newline
 
 
 def test_generate_cli_streams_and_is_safe_with_bad_utf8(ckpt: Path, tmp_path: Path, capsys) -> None:
@@ -312,14 +391,19 @@ def test_cli_flags_of_eval_score_and_import(ckpt: Path, tmp_path: Path, capsys) 
     text = tmp_path / "t.txt"
     text.write_bytes(b"some text to evaluate on, long enough for two streams of segments. " * 20)
     results = {}
-    for precision in ("fp32", "bf16"):
+    for precision in ("fp32", "bf16", "int8"):
         assert main(["eval", str(ckpt), "--data", str(text), "--split", "valid", "--batch_size", "1",
                      "--precision", precision, "--json"]) == 0
         results[precision] = json.loads(capsys.readouterr().out)["bpc"]
-    assert results["bf16"] != results["fp32"] and results["bf16"] == pytest.approx(results["fp32"], abs=0.05)
-    assert main(["score", str(ckpt), str(text), "--no-eos", "--json", "--batch_size", "1"]) == 0
-    rows = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
-    assert rows[0]["tokens"] == len(text.read_bytes().splitlines()[0])  # the closing newline is not scored
+    for low in ("bf16", "int8"):  # a real conversion (the numbers move), and a small one
+        assert results[low] != results["fp32"] and results[low] == pytest.approx(results["fp32"], abs=0.05)
+    scored = {}
+    for precision in ("fp32", "int8"):
+        assert main(["score", str(ckpt), str(text), "--no-eos", "--json", "--batch_size", "1",
+                     "--precision", precision]) == 0
+        scored[precision] = rows = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+        assert rows[0]["tokens"] == len(text.read_bytes().splitlines()[0])  # the closing newline is not scored
+    assert scored["int8"][0]["bpc"] == pytest.approx(scored["fp32"][0]["bpc"], abs=0.05)
     sd = tmp_path / "sd.pt"
     torch.save(load_model(ckpt).state_dict(), sd)
     assert main(["import-reference", str(sd), str(tmp_path / "imp"), "--attn-span", "77"]) == 0

@@ -107,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--bptt", type=int, help="segment length (default: the training bptt)")
     e.add_argument("--device", default="auto", help="auto, cpu or cuda")
     e.add_argument("--cuda", dest="device", action="store_const", const="cuda")
-    e.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="bf16: autocast (faster on AMX/GPUs)")
+    _add_precision_flag(e)
     e.add_argument("--json", action="store_true", help="print one JSON object")
 
     g = sub.add_parser("generate", help="sample text from a model",
@@ -124,6 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--raw", action="store_true", help="write raw bytes, not text (invalid UTF-8 kept as is)")
     g.add_argument("--no-prompt", action="store_true", help="do not echo the prompt before the sample")
     g.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    _add_precision_flag(g)
 
     s = sub.add_parser("score", help="log-probability of sentences or documents",
                        description="Score each input line (or a whole file with --document): total log-probability "
@@ -138,6 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--batch_size", "--batch-size", dest="batch_size", type=int, default=32,
                    help="lines scored together (default: 32)")
     s.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    _add_precision_flag(s)
 
     r = sub.add_parser("import-reference", help="convert a state dict from the reference code to a checkpoint",
                        description="Convert a state dict saved by the reference SHA-RNN code "
@@ -153,6 +155,20 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("checkpoint", help="checkpoint folder, or a run folder (its best/ is used)")
     c.add_argument("out", help="checkpoint folder to write")
     return p
+
+
+def _add_precision_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--precision", choices=["fp32", "bf16", "int8"], default="fp32",
+                        help="run the model in bf16 (weights and activations) or int8 (dynamic quantisation of the "
+                             "weights, CPU only): faster and smaller, at a small cost in bpc (default: fp32)")
+
+
+def _load_for_inference(checkpoint: str, device: Any, precision: str) -> Any:
+    """The checkpoint's model in eval mode, converted to `precision` (sharnn.precision)."""
+    from .checkpoint import load_model
+    from .precision import for_inference
+
+    return for_inference(load_model(checkpoint, device), precision)
 
 
 def resolve_train_settings(args: argparse.Namespace) -> tuple[SHARNNConfig, TrainConfig, dict[str, Any]]:
@@ -229,14 +245,14 @@ def _check_resume_architecture(resume: str, given: dict[str, Any]) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from .checkpoint import load_model, load_train_config, load_vocab, resolve_checkpoint
+    from .checkpoint import load_train_config, load_vocab, resolve_checkpoint
     from .data import load_corpus
     from .evaluate import evaluate
     from .train import resolve_device
 
     device = resolve_device(args.device)
     ckpt = resolve_checkpoint(args.checkpoint, prefer="best")
-    model = load_model(ckpt, device)
+    model = _load_for_inference(ckpt, device, args.precision)
     tcfg = load_train_config(ckpt) or TrainConfig()
     data = args.data or tcfg.data
     corpus = load_corpus(data, vocab=load_vocab(ckpt))
@@ -245,7 +261,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     default_bsz = tcfg.test_batch_size if args.split == "test" else (tcfg.eval_batch_size or tcfg.batch_size)
     bsz = args.batch_size or default_bsz
     bptt = args.bptt or tcfg.bptt
-    res = evaluate(model, corpus.split(args.split), bsz, bptt, device, args.precision, progress=not args.json,
+    res = evaluate(model, corpus.split(args.split), bsz, bptt, device, progress=not args.json,
                    what=f"{args.split} split")
     if args.json:
         print(json.dumps({"checkpoint": str(ckpt), "data": data, "split": args.split, "loss": res.loss,
@@ -261,11 +277,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_generate(args: argparse.Namespace) -> int:
     import codecs
 
-    from .checkpoint import load_model
     from .generate import generate_ids
     from .train import resolve_device
 
-    model = load_model(args.checkpoint, resolve_device(args.device))
+    model = _load_for_inference(args.checkpoint, resolve_device(args.device), args.precision)
     if args.prompt_file:
         prompt = _read_bytes(args.prompt_file)
     elif args.prompt == "-":
@@ -306,11 +321,10 @@ def _read_bytes(path: str) -> bytes:
 
 
 def cmd_score(args: argparse.Namespace) -> int:
-    from .checkpoint import load_model
     from .score import score_lines, score_stream
     from .train import resolve_device
 
-    model = load_model(args.checkpoint, resolve_device(args.device))
+    model = _load_for_inference(args.checkpoint, resolve_device(args.device), args.precision)
     context = _read_bytes(args.context) if args.context else b"\n"
     if args.batch_size < 1:
         raise SharnnError("--batch_size must be at least 1")

@@ -1,7 +1,9 @@
 """Sampling text from a model.
 
 The prompt primes the RNN state and attention memory in one batched pass (not token by token); generation then
-feeds one token at a time and reuses the returned state, so the past is never recomputed.
+feeds one token at a time and reuses the returned state, so the past is never recomputed. During the token
+steps the attention memory is a preallocated ring (`MemoryRing`) written in place: a token costs the same
+whether the memory holds 10 or 5000 rows' worth of copying, i.e. none.
 """
 
 from __future__ import annotations
@@ -76,7 +78,9 @@ def generate_ids(
     """Yield (token id, state after it, next-token logits) for `length` new tokens following `prompt`.
 
     The prompt runs as one segment after `state`. An empty prompt continues from `state` and `logits` (both
-    from an earlier call). temperature 0 means greedy decoding.
+    from an earlier call). temperature 0 means greedy decoding. A yielded state holds its attention memory in
+    a `MemoryRing` that the next step overwrites: use it before asking for the next token, or keep
+    `model.ordered_state(state)`, an independent copy. The `state` passed in is never written to.
     """
     check_sampling(length, temperature, top_k, top_p)
     if not prompt and (state is None or logits is None):
@@ -94,6 +98,7 @@ def generate_ids(
             out = model(torch.tensor(prompt, dtype=torch.long, device=device).unsqueeze(1), state)
             state, logits = out.state, out.logits[-1, 0]
         assert state is not None and logits is not None
+        state = model.ring_state(state)  # a copy: the caller's state stays as it was
         for _ in range(length):
             scores = logits.float()
             if temperature == 0:
@@ -141,4 +146,4 @@ def generate(
                                                      state, logits):
         out.append(token)
     assert end_state is not None and end_logits is not None
-    return Generation(vocab.decode(out), end_state, end_logits)
+    return Generation(vocab.decode(out), model.ordered_state(end_state), end_logits)

@@ -30,11 +30,36 @@ from torch import Tensor, nn
 from .config import SHARNNConfig
 
 
+class MemoryRing(NamedTuple):
+    """Attention memory for one-token steps (generation): a preallocated ring of the last M inputs.
+
+    A token's step writes its row into the slot of the oldest one, in place, and attends over the ring as it
+    lies: a single query sees every position it holds, and attention does not depend on the keys' order. So
+    nothing is copied or recomputed per token, however long the memory. Being written in place, a ring is
+    valid until the next step; `ordered_memory` gives an independent, ordered copy. Segments of more than
+    one token take a ring too (it is read in order first) and return ordinary memory.
+    """
+
+    rows: Tensor  # (M, B, E) the slots; row t of the sequence (0-based) lives in slot t % M
+    count: int  # rows written so far; min(count, M) slots hold data
+
+    def ordered(self, keep: int) -> Tensor:
+        """(m, B, E) the last m = min(count, keep) rows, oldest first: a copy, safe from later steps."""
+        M = self.rows.shape[0]
+        m = min(self.count, keep)
+        start = (self.count - m) % M
+        if start + m <= M:
+            return self.rows[start : start + m].clone()
+        return torch.cat([self.rows[start:], self.rows[: start + m - M]])
+
+
 class BlockState(NamedTuple):
     # The core's state, each (1, B, E): (h, c) for an LSTM, (h,) for a GRU; for a QRNN (c, x_last) with
     # qrnn_window 2 (x_last: the last input, which the next segment's convolution sees) and (c,) with 1.
     rnn: tuple[Tensor, ...]
-    memory: Tensor | None  # (m, B, E) earlier attention inputs (after lnmem), m <= M-1; None without attention
+    # (m, B, E) earlier attention inputs (after lnmem), m <= M-1, or the same held in a MemoryRing;
+    # None in a block without attention.
+    memory: Tensor | MemoryRing | None
 
 
 State = tuple[BlockState, ...]  # one entry per block, in order
@@ -139,8 +164,16 @@ class Attention(nn.Module):
             q = q * torch.sigmoid(self.ks)
             k = v = big
             out_gate = self.value_gate()
+        if T == 1 and K <= self.span and not self.training and h.device.type == "cpu":
+            # A single query (generation) sees every key: memory holds at most M - 1 rows. Two batched
+            # matrix-vector products read the keys once each; CPU SDPA's flash kernel is as fast in fp32 but
+            # ~4x slower for bf16 weights at T = 1 (benchmarks/README.md).
+            keys = k.permute(1, 0, 2)  # (B, K, E), a view
+            scores = torch.bmm(keys, q.permute(1, 2, 0)).float() * (q.shape[-1] ** -0.5)  # (B, K, 1)
+            weights = scores.softmax(dim=1).to(q.dtype)
+            mix = torch.bmm(weights.transpose(1, 2), v.permute(1, 0, 2)).permute(1, 0, 2)  # (1, B, E)
+            return mix if out_gate is None else mix * out_gate
         # Query i sits at key position mem_len + i and sees keys j with i' - M < j <= i' (sliding window).
-        # A single query (generation) sees every key: memory holds at most M - 1 rows.
         visible = None
         if T > 1 or K > self.span:
             qpos = torch.arange(T, device=h.device) + mem_len
@@ -221,10 +254,12 @@ class QRNN(nn.Module):
             inputs = torch.cat([x, x_prev], dim=-1)  # (T, B, 2E)
         else:
             inputs = x
-        weight = self.linear.weight
         if self.training and self.wdrop > 0:
-            weight = F.dropout(weight, self.wdrop)  # a fresh mask per call; the parameter stays unmasked
-        z, f, o = F.linear(inputs, weight, self.linear.bias).chunk(3, dim=-1)
+            weight = F.dropout(self.linear.weight, self.wdrop)  # a fresh mask per call; the parameter stays whole
+            zfo = F.linear(inputs, weight, self.linear.bias)
+        else:
+            zfo = self.linear(inputs)  # the module itself, so an int8 replacement (sharnn.precision) works too
+        z, f, o = zfo.chunk(3, dim=-1)
         c = forget_mult(torch.sigmoid(f), torch.tanh(z), state[0])  # (T, B, E)
         h = torch.sigmoid(o) * c
         # Copies, not views: a carried view would keep the whole segment's tensors alive.
@@ -258,14 +293,14 @@ class Block(nn.Module):
         # Only the LSTM and GRU use wdrop here; the QRNN masks its own weight.
         if isinstance(self.rnn, QRNN):
             return self.rnn(x, state)
-        lstm = isinstance(self.rnn, nn.LSTM)
+        lstm = self.rnn_state_len == 2  # also true of an int8 LSTM (sharnn.precision), not an nn.LSTM subclass
         hx = state if lstm else state[0]
         if self.training and self.wdrop > 0:
             # torch.lstm / torch.gru are the ops nn.LSTM / nn.GRU call, here given the DropConnect weights.
             run = torch.lstm if lstm else torch.gru
             y, *new = run(x, hx, self._dropconnect_weights(), True, 1, 0.0, True, False, False)
             return y, tuple(new)
-        if x.shape[0] == 1 and not torch.is_grad_enabled() and x.device.type == "cpu":
+        if x.shape[0] == 1 and not torch.is_grad_enabled() and x.device.type == "cpu" and self._float_core:
             # One step without autograd (generation, token by token): the plain cell is ~1.6x faster on CPU
             # than the oneDNN sequence kernel, which pays a fixed cost per call; same weights, same numbers.
             p = (self.rnn.weight_ih_l0, self.rnn.weight_hh_l0, self.rnn.bias_ih_l0, self.rnn.bias_hh_l0)
@@ -276,6 +311,11 @@ class Block(nn.Module):
             return h1[None], (h1[None],)
         y, new = self.rnn(x, hx)
         return y, tuple(new) if lstm else (new,)
+
+    @property
+    def _float_core(self) -> bool:
+        """Whether the core is PyTorch's float LSTM/GRU, whose weights the cell ops can take (not int8)."""
+        return isinstance(self.rnn, (nn.LSTM, nn.GRU))
 
     def _dropconnect_weights(self) -> list[Tensor]:
         """The core's weights with a fresh DropConnect mask on weight_hh_l0 (AWD-LSTM's WeightDrop).
@@ -295,7 +335,17 @@ class Block(nn.Module):
         x, rnn_state = self.run_rnn(self.lnstart(h), state.rnn)
         h = self.drop(x)  # the core's output replaces h: no residual around the RNN (as in the paper)
         memory = state.memory
-        if self.attn is not None:
+        if isinstance(memory, MemoryRing) and h.shape[0] > 1:
+            memory = memory.ordered(self.span - 1)
+        if isinstance(memory, MemoryRing):  # one token: write its row in place, attend over the ring
+            assert memory.rows.shape[0] == self.span, "a MemoryRing has attn_span slots (SHARNN.ring_state)"
+            slot = memory.count % memory.rows.shape[0]
+            memory.rows[slot] = self.lnmem(h)[0]
+            keys = memory.rows[: min(memory.count + 1, memory.rows.shape[0])]  # a view: nothing is copied
+            h = self.lnmid(h)
+            h = h + self.drop(self.attn(h, keys, keys.shape[0] - 1))
+            memory = MemoryRing(memory.rows, memory.count + 1)
+        elif self.attn is not None:
             assert memory is not None
             big = torch.cat([memory, self.lnmem(h)])  # (m + T, B, E)
             h = self.lnmid(h)
@@ -349,6 +399,30 @@ class SHARNN(nn.Module):
                        zeros(0, batch_size, E) if b.attn is not None else None)
             for b in self.blocks
         )
+
+    def ring_state(self, state: State) -> State:
+        """The same state with each attention memory copied into a fresh `MemoryRing` (attn_span slots).
+
+        For token-by-token inference: steps then write the memory in place. `state` itself is never written to.
+        """
+        span = self.cfg.attn_span
+        out = []
+        for s in state:
+            memory = s.memory
+            if isinstance(memory, MemoryRing):
+                memory = memory.ordered(span - 1)
+            if memory is not None:
+                rows = memory.new_zeros(span, *memory.shape[1:])
+                rows[: memory.shape[0]] = memory
+                memory = MemoryRing(rows, memory.shape[0])
+            out.append(BlockState(s.rnn, memory))
+        return tuple(out)
+
+    def ordered_state(self, state: State) -> State:
+        """The same state with every `MemoryRing` turned back into ordinary (m, B, E) memory (a copy)."""
+        keep = self.cfg.attn_span - 1
+        return tuple(BlockState(s.rnn, s.memory.ordered(keep) if isinstance(s.memory, MemoryRing) else s.memory)
+                     for s in state)
 
     def embed(self, tokens: Tensor) -> Tensor:
         """(T, B) ids -> (T, B, E), with embedding dropout (whole rows, `dropoute`) in training."""
@@ -430,10 +504,12 @@ class SHARNN(nn.Module):
 
 def detach_state(state: State) -> State:
     """Keep the values, drop the autograd graph: the one BPTT cut between segments."""
-    return tuple(
-        BlockState(tuple(t.detach() for t in s.rnn), None if s.memory is None else s.memory.detach())
-        for s in state
-    )
+    def detach(memory: Tensor | MemoryRing | None) -> Tensor | MemoryRing | None:
+        if isinstance(memory, MemoryRing):
+            return MemoryRing(memory.rows.detach(), memory.count)
+        return None if memory is None else memory.detach()
+
+    return tuple(BlockState(tuple(t.detach() for t in s.rnn), detach(s.memory)) for s in state)
 
 
 def count_parameters(model: nn.Module) -> int:
