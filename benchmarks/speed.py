@@ -71,7 +71,8 @@ def autocast(dtype: str):
     return torch.autocast("cpu", dtype=torch.bfloat16) if dtype == "bf16" else nullcontext()
 
 
-def training_step(cfg: SHARNNConfig, bptt: int, batch: int, dtype: str = "fp32") -> Callable[[], float]:
+def training_step(cfg: SHARNNConfig, bptt: int, batch: int, dtype: str = "fp32",
+                  recompute: bool = False) -> Callable[[], float]:
     """A function that runs one training step (state carried from its last call) and returns its seconds."""
     torch.manual_seed(0)
     model = SHARNN(cfg).train()
@@ -83,7 +84,7 @@ def training_step(cfg: SHARNNConfig, bptt: int, batch: int, dtype: str = "fp32")
         x = torch.randint(0, cfg.vocab_size, (bptt + 1, batch))
         t0 = time.perf_counter()
         with autocast(dtype):
-            out = model(x[:-1], state, targets=x[1:])
+            out = model(x[:-1], state, targets=x[1:], recompute=recompute)
         out.loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 0.25)
         opt.step()
@@ -94,8 +95,9 @@ def training_step(cfg: SHARNNConfig, bptt: int, batch: int, dtype: str = "fp32")
     return step
 
 
-def measure_train(cfg: SHARNNConfig, bptt: int, batch: int, repeats: int, dtype: str) -> list[float]:
-    step = training_step(cfg, bptt, batch, dtype)
+def measure_train(cfg: SHARNNConfig, bptt: int, batch: int, repeats: int, dtype: str,
+                  recompute: bool = False) -> list[float]:
+    step = training_step(cfg, bptt, batch, dtype, recompute)
     step()  # warm-up: allocations, memory filling
     return [bptt * batch / step() for _ in range(repeats)]
 
@@ -134,11 +136,11 @@ def measure_generate(cfg: SHARNNConfig, repeats: int, dtype: str, tokens: int = 
     return times
 
 
-def one(kind: str, name: str, repeats: int, dtype: str) -> None:
+def one(kind: str, name: str, repeats: int, dtype: str, recompute: bool) -> None:
     """Run one measurement (in its own process) and print it as JSON."""
     cfg, bptt, batch = CONFIGS[name]
     torch.manual_seed(0)
-    fn = {"train": lambda: measure_train(cfg, bptt, batch, repeats, dtype),
+    fn = {"train": lambda: measure_train(cfg, bptt, batch, repeats, dtype, recompute),
           "eval": lambda: measure_eval(cfg, bptt, batch, repeats, dtype),
           "generate": lambda: measure_generate(cfg, repeats, dtype)}[kind]
     rates = fn()
@@ -158,6 +160,15 @@ def ceilings(seconds: float = 1.0) -> dict[str, float]:
             a @ b
             reps += 1
         out[str(dtype).split(".")[-1]] = 2 * n**3 * reps / (time.perf_counter() - t0) / 1e9
+    # int8: the dynamically quantised Linear that `--precision int8` runs on (fp32 in and out).
+    int8 = for_inference(SHARNN(SHARNNConfig(emsize=n, nhid=n, nlayers=1, attn_layers=())), "int8").blocks[0].ff.linear1
+    a = torch.randn(n, n)
+    int8(a)
+    reps, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        int8(a)
+        reps += 1
+    out["int8"] = 2 * n**3 * reps / (time.perf_counter() - t0) / 1e9
     src = torch.ones(64 * 2**20 // 4)  # 256 MB: well past the caches
     dst = torch.empty_like(src)
     dst.copy_(src)
@@ -182,25 +193,26 @@ def main() -> None:
     ap.add_argument("--kinds", nargs="+", default=["train", "eval", "generate"], choices=["train", "eval", "generate"])
     ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "int8"],
                     help="bf16: autocast in training, bf16 weights in eval/generate; int8: eval/generate only")
+    ap.add_argument("--checkpoint-activations", action="store_true",
+                    help="training recomputes each block in the backward pass (less memory, more compute)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--quiet-load", type=float, default=0.5)
     ap.add_argument("--quiet-wait", type=float, default=120)
     ap.add_argument("--one", nargs=2, metavar=("KIND", "CONFIG"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.one:
-        one(args.one[0], args.one[1], args.repeats, args.dtype)
+        one(args.one[0], args.one[1], args.repeats, args.dtype, args.checkpoint_activations)
         return
     load = wait_for_quiet(args.quiet_load, args.quiet_wait)
     ceil = ceilings()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, load average {load:.2f} at start")
     print(f"ceilings: fp32 matmul {ceil['float32']:.0f} GFLOP/s, bf16 matmul {ceil['bfloat16']:.0f} GFLOP/s, "
-          f"memory {ceil['bandwidth_gbs']:.1f} GB/s")
+          f"int8 dynamic-quantised linear {ceil['int8']:.0f} GFLOP/s, memory {ceil['bandwidth_gbs']:.1f} GB/s")
     print()
     print(f"| config | params | what ({args.dtype}) | chars/s (median of {args.repeats}) | MFLOP/char | "
           "GFLOP/s | utilisation | peak RSS |")
     print("|---|---|---|---|---|---|---|---|")
-    matmul_ceiling = ceil["bfloat16"] if args.dtype == "bf16" else ceil["float32"]  # (no int8 matmul ceiling:
-    # int8 rows use the fp32 one)
+    matmul_ceiling = {"fp32": ceil["float32"], "bf16": ceil["bfloat16"], "int8": ceil["int8"]}[args.dtype]
     for name in args.configs:
         cfg, bptt, batch = CONFIGS[name]
         with torch.device("meta"):
@@ -209,12 +221,14 @@ def main() -> None:
             if kind == "train" and args.dtype == "int8":
                 print(f"| {name} | {params / 1e6:.1f}M | train: int8 is for inference only | | | | | |")
                 continue
-            cmd = [sys.executable, __file__, "--one", kind, name, "--repeats", str(args.repeats), "--dtype", args.dtype]
+            cmd = [sys.executable, __file__, "--one", kind, name, "--repeats", str(args.repeats), "--dtype", args.dtype,
+                   *(["--checkpoint-activations"] if args.checkpoint_activations else [])]
             res = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.splitlines()[-1])
             fpc = flops_per_char(cfg, cfg.attn_span) * (3 if kind == "train" else 1)
             rate = res["chars_per_s"]
             gflops = fpc * rate / 1e9
-            what = {"train": f"train {bptt}x{batch}", "eval": f"eval {bptt}x{batch}",
+            recomputed = ", blocks recomputed" if args.checkpoint_activations else ""
+            what = {"train": f"train {bptt}x{batch}{recomputed}", "eval": f"eval {bptt}x{batch}",
                     "generate": "generate batch 1, memory full"}[kind]
             if kind == "generate":  # bound by memory traffic, not arithmetic
                 gbs = bytes_per_token(cfg, args.dtype) * rate / 1e9

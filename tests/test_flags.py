@@ -98,3 +98,17 @@ def test_cuda_without_gpu_is_refused() -> None:
     with pytest.raises(SharnnError, match="unknown device 'gpu'"):
         resolve_device("gpu")
     assert resolve_device("auto").type == "cpu"
+
+
+def test_checkpoint_activations_trains_the_same_weights(corpus: Path, tmp_path: Path,
+                                                        baseline: dict[str, torch.Tensor], monkeypatch) -> None:
+    # Recomputing blocks in the backward pass saves memory and must not change a single number: the dropout
+    # masks are replayed. (It does run: every block of every forward goes through torch's checkpoint.)
+    import torch.utils.checkpoint as ckpt
+
+    calls = []
+    real = ckpt.checkpoint
+    monkeypatch.setattr(ckpt, "checkpoint", lambda *a, **k: calls.append(1) or real(*a, **k))
+    _, weights = run(corpus, tmp_path / "ckpt", "--checkpoint-activations")
+    assert calls
+    assert all(torch.allclose(weights[k], baseline[k], atol=1e-6) for k in baseline)

@@ -77,3 +77,26 @@ def test_when_divides_by_ten_after_listed_epochs() -> None:
     assert lr_at(100, 5, cfg) == pytest.approx(0.01)
     assert lr_at(2, 3, cfg) == pytest.approx(0.05)  # warm-up and --when compose: the reference lost this
     assert lr_at(100, 9, TrainConfig(lr=1.0, warmup=0, when=(-1,))) == 1.0
+
+
+def test_lamb_multi_tensor_update_equals_the_loop() -> None:
+    # The GPU default (foreach) must be the same optimizer as the per-parameter loop: several shapes, a zero
+    # parameter (trust 1), small and large weights (min trust, norm cap), one parameter without a gradient.
+    torch.manual_seed(0)
+    shapes = [(3, 4), (7,), (2, 5, 3), (4, 4), (6,)]
+    scales = [1.0, 0.01, 100.0, 0.0, 1.0]
+    runs = {}
+    for foreach in (False, True):
+        params = [torch.nn.Parameter(torch.randn(s, generator=torch.Generator().manual_seed(i)) * k)
+                  for i, (s, k) in enumerate(zip(shapes, scales))]
+        opt = Lamb(params, lr=0.02, weight_decay=0.1, foreach=foreach)
+        g = torch.Generator().manual_seed(1)
+        for _ in range(4):
+            for p in params[:-1]:
+                p.grad = torch.randn(p.shape, generator=g)
+            opt.step()
+        runs[foreach] = [p.detach().clone() for p in params]
+    for a, b in zip(runs[False], runs[True]):
+        assert torch.allclose(a, b, atol=1e-6, rtol=1e-5)
+    assert not torch.equal(runs[True][0], torch.randn(3, 4, generator=torch.Generator().manual_seed(0)))
+    assert torch.equal(runs[True][-1], torch.randn(6, generator=torch.Generator().manual_seed(4)))  # no grad: kept

@@ -175,8 +175,11 @@ class TrainConfig:
     max_eval_bytes: int | None = _doc("validate and test on only the first N tokens of each split (quick checks)", default=None)
     sample: int = _doc("after training, generate this many bytes of sample text (0 = none)", default=0)
     threads: int | None = _doc("CPU threads for torch (default: torch's choice)", default=None)
-    precision: str = _doc("fp32, or bf16 (autocast: matmuls in bfloat16 on CPU or GPU, weights stay fp32)",
-                          default="fp32")
+    precision: str = _doc("fp32; bf16 (autocast: matmuls in bfloat16 on CPU or GPU, weights stay fp32); or fp16 "
+                          "(autocast in float16 with a dynamic loss scaler: GPUs without bf16)", default="fp32")
+    checkpoint_activations: bool = _doc(
+        "keep only each block's input in the forward pass and recompute the rest in the backward: less memory "
+        "for long segments, about a third more compute", default=False)
 
     def __post_init__(self) -> None:
         positive = ("batch_size", "bptt", "epochs", "accumulate", "log_interval", "test_batch_size")
@@ -199,8 +202,8 @@ class TrainConfig:
             raise SharnnError("--keep keeps periodic checkpoints: also give --save-every or --save-every-minutes")
         if self.max_time is not None and self.max_time <= 0:
             raise SharnnError(f"--max-time must be positive, got {self.max_time}")
-        if self.precision not in ("fp32", "bf16"):
-            raise SharnnError(f"unknown --precision {self.precision!r}; use fp32 or bf16")
+        if self.precision not in ("fp32", "bf16", "fp16"):
+            raise SharnnError(f"unknown --precision {self.precision!r}; use fp32, bf16 or fp16")
         if self.tokens not in ("auto", "bytes", "words", "chars"):
             raise SharnnError(f"unknown --tokens {self.tokens!r}; use auto, bytes, words or chars")
         if self.optimizer not in OPTIMIZERS:

@@ -234,7 +234,12 @@ class Streams:
         """Inputs and targets, both (T, B) int64, for positions i .. i+T-1 of every stream."""
         seq_len = min(seq_len, self.n - 1 - i)
         chunk = torch.from_numpy(np.array(self.view[:, i : i + seq_len + 1])).long()  # (B, T+1), a copy
-        chunk = chunk.t().contiguous().to(device, non_blocking=True)
+        chunk = chunk.t().contiguous()
+        if torch.device(device).type == "cuda":
+            # Page-locked host memory lets the copy run asynchronously: the GPU's work on the previous
+            # segment is not stalled by it.
+            chunk = chunk.pin_memory()
+        chunk = chunk.to(device, non_blocking=True)
         return chunk[:-1], chunk[1:]
 
     @property

@@ -31,13 +31,13 @@ class EvalResult(NamedTuple):
 
 
 def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
-    """bf16 autocast on the device (matmuls in bfloat16, reductions and the loss in float32), or nothing.
+    """bf16 or fp16 autocast on the device (matmuls in 16 bits, reductions and the loss in float32), or nothing.
 
-    bf16 keeps float32's range, so no loss scaler is needed (unlike fp16).
+    bf16 keeps float32's range, so it needs no loss scaler; fp16 training does (train.py's GradScaler).
     """
     if precision == "fp32":
         return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=torch.bfloat16)
+    return torch.autocast(device.type, dtype=torch.float16 if precision == "fp16" else torch.bfloat16)
 
 
 @torch.no_grad()

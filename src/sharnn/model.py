@@ -25,6 +25,7 @@ from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import Tensor, nn
 
 from .config import SHARNNConfig
@@ -435,13 +436,16 @@ class SHARNN(nn.Module):
             weight = weight * keep
         return F.embedding(tokens, weight)
 
-    def forward(self, tokens: Tensor, state: State | None = None, targets: Tensor | None = None) -> SHARNNOutput:
+    def forward(self, tokens: Tensor, state: State | None = None, targets: Tensor | None = None,
+                recompute: bool = False) -> SHARNNOutput:
         """Run a segment.
 
         Args:
             tokens: (T, B) token ids.
             state: from `initial_state` or a previous call; None starts fresh.
             targets: (T, B) next-token ids; when given, `loss` is their mean cross-entropy in nats.
+            recompute: activation checkpointing (training with autograd): keep only each block's input and
+                recompute the block in the backward pass, with the same dropout masks. Same numbers, less memory.
         Returns:
             SHARNNOutput with logits (T, B, V), loss, the next state, and the last block's output.
         """
@@ -449,8 +453,13 @@ class SHARNN(nn.Module):
             state = self.initial_state(tokens.shape[1], tokens.device)
         h = self.idrop(self.embed(tokens))  # (T, B, E)
         new_state = []
+        recompute = recompute and torch.is_grad_enabled()
         for block, block_state in zip(self.blocks, state):
-            h, s = block(h, block_state)
+            if recompute:
+                # Non-reentrant: handles the state's nested tuples and restores the RNG for the dropout masks.
+                h, s = torch.utils.checkpoint.checkpoint(block, h, block_state, use_reentrant=False)
+            else:
+                h, s = block(h, block_state)
             new_state.append(s)
         dropped = self.drop(h)
         loss = None

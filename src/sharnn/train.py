@@ -210,6 +210,9 @@ def _train(model_cfg: SHARNNConfig, cfg: TrainConfig, quiet: bool, model_overrid
     Streams(_eval_ids(corpus.valid, cfg), eval_bsz, what="valid split")
     Streams(_eval_ids(corpus.test, cfg), cfg.test_batch_size, what="test split")
 
+    if cfg.precision == "fp16" and device.type == "cpu" and model.cfg.model == "LSTM":
+        raise SharnnError("--precision fp16 with the LSTM core needs a GPU (PyTorch's CPU LSTM has no float16 "
+                          "kernel); on a CPU use --precision bf16")
     optimizer = build_optimizer(model.parameters(), cfg)
     if resume_state is not None and resume_state.get("asgd") and cfg.optimizer == "sgd":
         optimizer = build_asgd(model.parameters(), cfg, cfg.lr)  # the run had switched: its state is ASGD's
@@ -398,6 +401,9 @@ class _Loop:
         self.window = {"loss": 0.0, "batches": 0, "finite": 0, "chars": 0}  # since the last log line
         self.val_history: list[float] = []  # end-of-epoch validation losses, for the SGD -> ASGD switch
         self.asgd = isinstance(optimizer, torch.optim.ASGD)
+        # fp16 gradients underflow without a loss scale; the scaler grows it while steps are finite and halves it
+        # (skipping that step) when a scaled gradient overflows. Disabled, it passes everything through.
+        self.scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
         if resume is not None:
             self.step, self.epoch, self.position = resume["step"], resume["epoch"], resume["position"]
             self.best_bpc = resume["best_bpc"]
@@ -408,6 +414,8 @@ class _Loop:
             self.nonfinite_total = resume.get("nonfinite_total", 0)
             self.window.update(resume.get("window", {}))
             self.val_history = list(resume.get("val_history", []))
+            if resume.get("scaler") and self.scaler.is_enabled():
+                self.scaler.load_state_dict(resume["scaler"])
             if self.micro:
                 self._restore_grads(resume["grads"])
         self.stop_signal: int | None = None  # set by the SIGINT/SIGTERM handler
@@ -500,19 +508,23 @@ class _Loop:
                         else contextlib.nullcontext())
                 with sync:
                     with autocast(self.device, cfg.precision):
-                        out = self.forward_model(x, state, targets=y)
+                        out = self.forward_model(x, state, targets=y, recompute=cfg.checkpoint_activations)
                         loss = (out.loss + ar_tar(out, cfg)) / cfg.accumulate  # accumulate = mean over segments
-                    loss.backward()
+                    self.scaler.scale(loss).backward()
                 state = detach_state(out.state)
                 self.micro += 1
                 self.position = pos + seq_len
                 checks = [out.loss.detach(), loss.detach()]
                 if self.micro >= cfg.accumulate:
+                    self.scaler.unscale_(opt)  # true gradients, for the clip and the check
                     checks.append(self._grad_norm())
                 # The loop's one host sync per batch: the loss for the log, and whether anything is non-finite.
                 values = torch.stack([c.float() for c in checks]).tolist()
                 finite = all(math.isfinite(v) for v in values)
-                self.bad_in_step |= not finite
+                # Under fp16 an overflowing gradient with finite losses is the loss scaler's business (it skips
+                # that update and lowers the scale), not trouble in the model.
+                self.bad_in_step |= not all(math.isfinite(v) for v in
+                                            (values[:2] if self.scaler.is_enabled() else values))
                 stepped = False
                 if self.micro >= cfg.accumulate:
                     self.bad_in_step = self.ranks.any(self.bad_in_step, device=self.device)[0]  # all skip, or none
@@ -547,10 +559,12 @@ class _Loop:
                     self.stop_signal = self.stop_signal or signal.SIGTERM  # another rank got it
                     return "signal"
             if self.micro:  # an epoch that ends mid-accumulation still applies what it gathered, scaled to a mean
+                self.scaler.unscale_(opt)
                 for p in model.parameters():
                     if p.grad is not None:
                         p.grad.mul_(cfg.accumulate / self.micro)
-                self.bad_in_step |= not math.isfinite(self._grad_norm().item())
+                grads_finite = math.isfinite(self._grad_norm().item())
+                self.bad_in_step |= not grads_finite and not self.scaler.is_enabled()
                 self.bad_in_step = self.ranks.any(self.bad_in_step, device=self.device)[0]
                 self._finish_step()
             return None
@@ -571,11 +585,13 @@ class _Loop:
         opt = self.optimizer
         self.micro = 0
         if not self.bad_in_step:
-            opt.step()
+            self.scaler.step(opt)  # opt.step(), unless an fp16 gradient overflowed (then the scale drops)
+            self.scaler.update()
             opt.zero_grad(set_to_none=True)
             self.step += 1
             self.nonfinite_run = 0
             return True
+        self.scaler.update()  # closes this step's unscale_ (the next step may unscale again)
         opt.zero_grad(set_to_none=True)
         self.bad_in_step = False
         self.carried = None
@@ -628,7 +644,8 @@ class _Loop:
         )
         self.log.record("train", epoch=self.epoch, step=self.step, batch=batch, lr=lr,
                         ms_per_batch=1000 * elapsed / w["batches"], loss=loss, bpc=loss / LN2,
-                        chars_per_s=w["chars"] / elapsed)
+                        chars_per_s=w["chars"] / elapsed,
+                        **({"loss_scale": self.scaler.get_scale()} if self.scaler.is_enabled() else {}))
         self.window = {"loss": 0.0, "batches": 0, "finite": 0, "chars": 0}
         self.window_start = time.perf_counter()
 
@@ -688,6 +705,7 @@ class _Loop:
             "window": dict(self.window),
             "asgd": self.asgd,
             "val_history": list(self.val_history),
+            "scaler": self.scaler.state_dict(),  # {} unless fp16
         }
         save_checkpoint(self.run_dir / name, self.model, self.cfg, progress, train_state, vocab=self.corpus.vocab)
         if name != "best":
