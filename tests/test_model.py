@@ -71,22 +71,24 @@ def test_attention_window_limits_what_a_query_sees(tiny_config: SHARNNConfig) ->
     assert not torch.allclose(out[:4], out2[:4])
 
 
-def test_attention_matches_hand_computation(tiny_config: SHARNNConfig) -> None:
+@pytest.mark.parametrize("T,mem", [(5, 3), (1, 7)])  # a segment (SDPA), a single query (the batched-bmm path)
+def test_attention_matches_hand_computation(tiny_config: SHARNNConfig, T: int, mem: int) -> None:
     torch.manual_seed(3)
     attn = Attention(tiny_config).eval()
     with torch.no_grad():
         attn.qs.normal_()
         attn.ks.normal_()
         attn.vs.normal_()
-    h, big = torch.randn(5, 1, 16), torch.randn(8, 1, 16)  # 3 memory rows, 5 current
-    out = attn(h, big, mem_len=3)
+    h, big = torch.randn(T, 2, 16), torch.randn(mem + T, 2, 16)
+    out = attn(h, big, mem_len=mem)
     q = torch.sigmoid(attn.qs) * attn.qln(attn.q(h))
     k = torch.sigmoid(attn.ks) * big
     v = attn.vq(torch.sigmoid(attn.vs)) * big
-    scores = q[:, 0] @ k[:, 0].T / math.sqrt(16)  # (5, 8)
-    mask = torch.ones(5, 8, dtype=torch.bool).tril(diagonal=3)  # memory all visible, causal on the segment
-    w = scores.masked_fill(~mask, float("-inf")).softmax(-1)
-    assert torch.allclose(out[:, 0], w @ v[:, 0], atol=1e-6)
+    mask = torch.ones(T, mem + T, dtype=torch.bool).tril(diagonal=mem)  # memory all visible, causal on the segment
+    for b in range(2):
+        scores = q[:, b] @ k[:, b].T / math.sqrt(16)  # (T, mem + T)
+        w = scores.masked_fill(~mask, float("-inf")).softmax(-1)
+        assert torch.allclose(out[:, b], w @ v[:, b], atol=1e-6)
 
 
 def test_boom_overparam_gelu() -> None:

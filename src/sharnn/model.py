@@ -333,8 +333,13 @@ class Block(nn.Module):
 
     def forward(self, h: Tensor, state: BlockState) -> tuple[Tensor, BlockState]:
         """(T, B, E) -> (T, B, E). Reads `state`, never mutates it; returns the next one."""
+        # Under autocast the matmuls (core, attention, Boom) return bf16/fp16; the residual stream, the
+        # LayerNorms and the carried state stay in the block input's dtype (fp32 in mixed-precision training),
+        # so rounding does not pile up over blocks and segments. A no-op when everything has one dtype.
+        dtype = h.dtype
         x, rnn_state = self.run_rnn(self.lnstart(h), state.rnn)
-        h = self.drop(x)  # the core's output replaces h: no residual around the RNN (as in the paper)
+        rnn_state = tuple(t.to(dtype) for t in rnn_state)
+        h = self.drop(x.to(dtype))  # the core's output replaces h: no residual around the RNN (as in the paper)
         memory = state.memory
         if isinstance(memory, MemoryRing) and h.shape[0] > 1:
             memory = memory.ordered(self.span - 1)
@@ -344,16 +349,16 @@ class Block(nn.Module):
             memory.rows[slot] = self.lnmem(h)[0]
             keys = memory.rows[: min(memory.count + 1, memory.rows.shape[0])]  # a view: nothing is copied
             h = self.lnmid(h)
-            h = h + self.drop(self.attn(h, keys, keys.shape[0] - 1))
+            h = h + self.drop(self.attn(h, keys, keys.shape[0] - 1).to(dtype))
             memory = MemoryRing(memory.rows, memory.count + 1)
         elif self.attn is not None:
             assert memory is not None
             big = torch.cat([memory, self.lnmem(h)])  # (m + T, B, E)
             h = self.lnmid(h)
-            h = h + self.drop(self.attn(h, big, memory.shape[0]))
+            h = h + self.drop(self.attn(h, big, memory.shape[0]).to(dtype))
             memory = big[big.shape[0] - min(big.shape[0], self.span - 1):]  # the last M-1 rows stay visible
         h, u = self.lnff(h), self.lnxff(h)
-        h = h + self.drop(self.ff(u))  # residual base is lnff(h), not h
+        h = h + self.drop(self.ff(u).to(dtype))  # residual base is lnff(h), not h
         return h, BlockState(rnn_state, memory)
 
 
