@@ -116,13 +116,15 @@ def measure_eval(cfg: SHARNNConfig, bptt: int, batch: int, repeats: int, dtype: 
 
 
 @torch.no_grad()
-def measure_generate(cfg: SHARNNConfig, repeats: int, dtype: str, tokens: int = 32) -> list[float]:
+def measure_generate(cfg: SHARNNConfig, repeats: int, dtype: str, tokens: int = 32,
+                     ring: bool = True) -> list[float]:
     model = for_inference(SHARNN(cfg), dtype)
     state = None
     for chunk in range(0, cfg.attn_span, 1024):  # fill the memory to its span, in segments
         n = min(1024, cfg.attn_span - chunk)
         state = model(torch.randint(0, cfg.vocab_size, (n, 1)), state).state
-    state = model.ring_state(state)  # what sharnn.generate does before the token steps
+    if ring:
+        state = model.ring_state(state)  # what sharnn.generate does before the token steps
     token = torch.zeros(1, 1, dtype=torch.long)
     times = []
     for i in range(repeats + 1):
@@ -136,13 +138,13 @@ def measure_generate(cfg: SHARNNConfig, repeats: int, dtype: str, tokens: int = 
     return times
 
 
-def one(kind: str, name: str, repeats: int, dtype: str, recompute: bool) -> None:
+def one(kind: str, name: str, repeats: int, dtype: str, recompute: bool, ring: bool) -> None:
     """Run one measurement (in its own process) and print it as JSON."""
     cfg, bptt, batch = CONFIGS[name]
     torch.manual_seed(0)
     fn = {"train": lambda: measure_train(cfg, bptt, batch, repeats, dtype, recompute),
           "eval": lambda: measure_eval(cfg, bptt, batch, repeats, dtype),
-          "generate": lambda: measure_generate(cfg, repeats, dtype)}[kind]
+          "generate": lambda: measure_generate(cfg, repeats, dtype, ring=ring)}[kind]
     rates = fn()
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     print(json.dumps({"chars_per_s": statistics.median(rates), "peak_rss": rss}))
@@ -195,13 +197,15 @@ def main() -> None:
                     help="bf16: autocast in training, bf16 weights in eval/generate; int8: eval/generate only")
     ap.add_argument("--checkpoint-activations", action="store_true",
                     help="training recomputes each block in the backward pass (less memory, more compute)")
+    ap.add_argument("--plain-memory", action="store_true",
+                    help="generation without the memory ring: each token concatenates the memory (for comparison)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--quiet-load", type=float, default=0.5)
     ap.add_argument("--quiet-wait", type=float, default=120)
     ap.add_argument("--one", nargs=2, metavar=("KIND", "CONFIG"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.one:
-        one(args.one[0], args.one[1], args.repeats, args.dtype, args.checkpoint_activations)
+        one(args.one[0], args.one[1], args.repeats, args.dtype, args.checkpoint_activations, not args.plain_memory)
         return
     load = wait_for_quiet(args.quiet_load, args.quiet_wait)
     ceil = ceilings()
@@ -222,14 +226,15 @@ def main() -> None:
                 print(f"| {name} | {params / 1e6:.1f}M | train: int8 is for inference only | | | | | |")
                 continue
             cmd = [sys.executable, __file__, "--one", kind, name, "--repeats", str(args.repeats), "--dtype", args.dtype,
-                   *(["--checkpoint-activations"] if args.checkpoint_activations else [])]
+                   *(["--checkpoint-activations"] if args.checkpoint_activations else []),
+                   *(["--plain-memory"] if args.plain_memory else [])]
             res = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.splitlines()[-1])
             fpc = flops_per_char(cfg, cfg.attn_span) * (3 if kind == "train" else 1)
             rate = res["chars_per_s"]
             gflops = fpc * rate / 1e9
             recomputed = ", blocks recomputed" if args.checkpoint_activations else ""
             what = {"train": f"train {bptt}x{batch}{recomputed}", "eval": f"eval {bptt}x{batch}",
-                    "generate": "generate batch 1, memory full"}[kind]
+                    "generate": "generate batch 1, memory full" + (", no ring" if args.plain_memory else "")}[kind]
             if kind == "generate":  # bound by memory traffic, not arithmetic
                 gbs = bytes_per_token(cfg, args.dtype) * rate / 1e9
                 used = f"{gbs / ceil['bandwidth_gbs']:.0%} of bandwidth ({gbs:.1f} GB/s)"

@@ -195,3 +195,18 @@ def test_folded_gates_equal_plain_attention(tiny_config: SHARNNConfig, monkeypat
     monkeypatch.setattr(Attention, "folds_gates", property(lambda self: False))
     plain = attn(h, big, mem_len)
     assert torch.allclose(fast, plain, atol=1e-6)
+
+
+def test_autocast_keeps_residual_stream_and_state_in_fp32(tiny_config: SHARNNConfig, ids: torch.Tensor) -> None:
+    # Mixed precision: matmuls in bf16, but what is carried (the residual stream from block to block, the RNN
+    # state and memory from segment to segment) stays fp32, so rounding does not pile up.
+    model = SHARNN(tiny_config).train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(ids[:-1], targets=ids[1:])
+        again = model(ids[:5], out.state)
+    for o in (out, again):
+        assert o.hidden.dtype == torch.float32
+        assert all(t.dtype == torch.float32 for s in o.state for t in s.rnn)
+        assert o.state[1].memory.dtype == torch.float32
+    out.loss.backward()
+    assert model.encoder.weight.grad is not None and model.encoder.weight.grad.dtype == torch.float32
