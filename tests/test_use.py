@@ -394,7 +394,9 @@ def test_cli_flags_of_eval_score_and_import(ckpt: Path, tmp_path: Path, capsys) 
     for precision in ("fp32", "bf16", "int8"):
         assert main(["eval", str(ckpt), "--data", str(text), "--split", "valid", "--batch_size", "1",
                      "--precision", precision, "--json"]) == 0
-        results[precision] = json.loads(capsys.readouterr().out)["bpc"]
+        row = json.loads(capsys.readouterr().out)
+        assert row["precision"] == precision
+        results[precision] = row["bpc"]
     for low in ("bf16", "int8"):  # a real conversion (the numbers move), and a small one
         assert results[low] != results["fp32"] and results[low] == pytest.approx(results["fp32"], abs=0.05)
     scored = {}

@@ -266,10 +266,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({"checkpoint": str(ckpt), "data": data, "split": args.split, "loss": res.loss,
                           "metric": corpus.vocab.metric, "bpc": res.bpc, "ppl": res.ppl, "predictions": res.predictions,
-                          "batch_size": bsz, "bptt": bptt, "seconds": round(res.seconds, 3)}))
+                          "batch_size": bsz, "bptt": bptt, "precision": args.precision,
+                          "seconds": round(res.seconds, 3)}))
     else:
         print(f"{args.split}: loss {res.loss:.4f} nats | bpc {res.bpc:.4f} | ppl {res.ppl:.4f} | "
-              f"{res.predictions:,} predictions in {bsz} streams, bptt {bptt} | {res.seconds:.1f} s "
+              f"{res.predictions:,} predictions in {bsz} streams, bptt {bptt}, {args.precision} | {res.seconds:.1f} s "
               f"({res.predictions / max(res.seconds, 1e-9):,.0f} chars/s)")
     return 0
 

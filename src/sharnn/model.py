@@ -37,7 +37,7 @@ class MemoryRing(NamedTuple):
     A token's step writes its row into the slot of the oldest one, in place, and attends over the ring as it
     lies: a single query sees every position it holds, and attention does not depend on the keys' order. So
     nothing is copied or recomputed per token, however long the memory. Being written in place, a ring is
-    valid until the next step; `ordered_memory` gives an independent, ordered copy. Segments of more than
+    valid until the next step; `ordered` (or `SHARNN.ordered_state`) gives an independent, ordered copy. Segments of more than
     one token take a ring too (it is read in order first) and return ordinary memory.
     """
 
@@ -332,7 +332,8 @@ class Block(nn.Module):
         return [v.view_as(w) for v, w in zip(flat.split([w.numel() for w in ws]), ws)]
 
     def forward(self, h: Tensor, state: BlockState) -> tuple[Tensor, BlockState]:
-        """(T, B, E) -> (T, B, E). Reads `state`, never mutates it; returns the next one."""
+        """(T, B, E) -> (T, B, E). Reads `state` and returns the next one; never mutates it, except for the
+        slots of a MemoryRing (which is what a ring is for)."""
         # Under autocast the matmuls (core, attention, Boom) return bf16/fp16; the residual stream, the
         # LayerNorms and the carried state stay in the block input's dtype (fp32 in mixed-precision training),
         # so rounding does not pile up over blocks and segments. A no-op when everything has one dtype.
