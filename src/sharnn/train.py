@@ -520,11 +520,10 @@ class _Loop:
                     checks.append(self._grad_norm())
                 # The loop's one host sync per batch: the loss for the log, and whether anything is non-finite.
                 values = torch.stack([c.float() for c in checks]).tolist()
-                finite = all(math.isfinite(v) for v in values)
                 # Under fp16 an overflowing gradient with finite losses is the loss scaler's business (it skips
                 # that update and lowers the scale), not trouble in the model.
-                self.bad_in_step |= not all(math.isfinite(v) for v in
-                                            (values[:2] if self.scaler.is_enabled() else values))
+                finite = all(math.isfinite(v) for v in (values[:2] if self.scaler.is_enabled() else values))
+                self.bad_in_step |= not finite
                 stepped = False
                 if self.micro >= cfg.accumulate:
                     self.bad_in_step = self.ranks.any(self.bad_in_step, device=self.device)[0]  # all skip, or none
