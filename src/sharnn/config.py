@@ -179,7 +179,7 @@ class TrainConfig:
                           "(autocast in float16 with a dynamic loss scaler: GPUs without bf16)", default="fp32")
     checkpoint_activations: bool = _doc(
         "keep only each block's input in the forward pass and recompute the rest in the backward: less memory "
-        "for long segments, about a third more compute", default=False)
+        "for long segments, for one more forward pass per step", default=False)
 
     def __post_init__(self) -> None:
         positive = ("batch_size", "bptt", "epochs", "accumulate", "log_interval", "test_batch_size")
