@@ -37,8 +37,8 @@ class MemoryRing(NamedTuple):
     A token's step writes its row into the slot of the oldest one, in place, and attends over the ring as it
     lies: a single query sees every position it holds, and attention does not depend on the keys' order. So
     nothing is copied or recomputed per token, however long the memory. Being written in place, a ring is
-    valid until the next step; `ordered` (or `SHARNN.ordered_state`) gives an independent, ordered copy. Segments of more than
-    one token take a ring too (it is read in order first) and return ordinary memory.
+    valid until the next step; `ordered` (or `SHARNN.ordered_state`) gives an independent, ordered copy.
+    Segments of more than one token take a ring too (it is read in order first) and return ordinary memory.
     """
 
     rows: Tensor  # (M, B, E) the slots; row t of the sequence (0-based) lives in slot t % M
@@ -344,20 +344,20 @@ class Block(nn.Module):
         memory = state.memory
         if isinstance(memory, MemoryRing) and h.shape[0] > 1:
             memory = memory.ordered(self.span - 1)
-        if isinstance(memory, MemoryRing):  # one token: write its row in place, attend over the ring
-            assert memory.rows.shape[0] == self.span, "a MemoryRing has attn_span slots (SHARNN.ring_state)"
-            slot = memory.count % memory.rows.shape[0]
-            memory.rows[slot] = self.lnmem(h)[0]
-            keys = memory.rows[: min(memory.count + 1, memory.rows.shape[0])]  # a view: nothing is copied
-            h = self.lnmid(h)
-            h = h + self.drop(self.attn(h, keys, keys.shape[0] - 1).to(dtype))
-            memory = MemoryRing(memory.rows, memory.count + 1)
-        elif self.attn is not None:
+        if self.attn is not None:
             assert memory is not None
-            big = torch.cat([memory, self.lnmem(h)])  # (m + T, B, E)
+            if isinstance(memory, MemoryRing):  # one token: write its row in place, attend over the ring
+                assert memory.rows.shape[0] == self.span, "a MemoryRing has attn_span slots (SHARNN.ring_state)"
+                memory.rows[memory.count % self.span] = self.lnmem(h)[0]
+                keys = memory.rows[: min(memory.count + 1, self.span)]  # a view: nothing is copied
+                mem_len = keys.shape[0] - 1
+                memory = MemoryRing(memory.rows, memory.count + 1)
+            else:
+                keys = torch.cat([memory, self.lnmem(h)])  # (m + T, B, E)
+                mem_len = memory.shape[0]
+                memory = keys[keys.shape[0] - min(keys.shape[0], self.span - 1):]  # the last M-1 rows stay visible
             h = self.lnmid(h)
-            h = h + self.drop(self.attn(h, big, memory.shape[0]).to(dtype))
-            memory = big[big.shape[0] - min(big.shape[0], self.span - 1):]  # the last M-1 rows stay visible
+            h = h + self.drop(self.attn(h, keys, mem_len).to(dtype))
         h, u = self.lnff(h), self.lnxff(h)
         h = h + self.drop(self.ff(u).to(dtype))  # residual base is lnff(h), not h
         return h, BlockState(rnn_state, memory)
