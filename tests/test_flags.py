@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from sharnn.cli import main
 from sharnn.errors import SharnnError
-from sharnn.train import resolve_device
+from sharnn.runtime import resolve_device
 
 
 @pytest.fixture(scope="module")

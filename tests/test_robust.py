@@ -492,7 +492,7 @@ def test_disk_full_while_saving(where: str, base_run: Path, text_file: Path, tmp
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     if where == "weights":
-        monkeypatch.setattr(checkpoint_mod, "st_save_model", full)
+        monkeypatch.setattr(checkpoint_mod, "st_save_file", full)
     else:
         monkeypatch.setattr(checkpoint_mod.torch, "save", full)
     assert main(["train", "--data", str(text_file), "--resume", str(run), "--save", str(run), *TINY_FLAGS,

@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_model as st_load_model
-from safetensors.torch import save_model as st_save_model
+from safetensors.torch import save_file as st_save_file
 
 from .config import SHARNNConfig, TrainConfig
 from .errors import SharnnError
@@ -70,7 +70,8 @@ def save_checkpoint(
         tmp.mkdir()
         if train_cfg is not None:
             _write_text(tmp / "train_config.json", json.dumps(train_cfg.to_dict(), indent=2) + "\n")
-        st_save_model(_unwrap(model), str(tmp / "model.safetensors"))
+        tensors, aliases = weights_for_saving(_unwrap(model))
+        st_save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt", **aliases})
         _fsync(tmp / "model.safetensors")
         if train_state is not None:
             with open(tmp / "train_state.pt", "wb") as f:
@@ -89,6 +90,31 @@ def save_checkpoint(
                               "the previous checkpoint there, if any, is intact") from None
         raise
     return path
+
+
+def weights_for_saving(model: torch.nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The model's state as CPU tensors that each own their memory, plus {dropped name: kept name} for ties.
+
+    safetensors' own `save_model` refuses tensors that share memory unless one of them covers it all. On a GPU
+    cuDNN flattens an LSTM's or GRU's weights into one buffer (`flatten_parameters`), so every weight is a view
+    of it and none covers it: saving failed at the first checkpoint. Each tensor is copied to the CPU on its
+    own instead. A weight tied to another (the decoder's and the embedding's: one tensor under two names) is
+    stored once under the first name in sorted order, which is what `save_model` chose, so files written
+    before and after load alike (`load_model` restores the tie from the model itself).
+    """
+    state = model.state_dict()
+    tensors: dict[str, torch.Tensor] = {}
+    aliases: dict[str, str] = {}
+    seen: dict[tuple[Any, ...], str] = {}
+    for name in sorted(state):
+        t = state[name]
+        same = (t.device, t.data_ptr(), t.dtype, tuple(t.shape), t.stride())  # one tensor under two names
+        if t.numel() and same in seen:
+            aliases[name] = seen[same]
+            continue
+        seen[same] = name
+        tensors[name] = t.detach().to("cpu", copy=True).contiguous()
+    return tensors, aliases
 
 
 def link_checkpoint(src: str | os.PathLike, dst: str | os.PathLike) -> Path:

@@ -23,7 +23,15 @@ from collections.abc import Sequence
 from dataclasses import fields
 from typing import Any
 
-from .config import SHARNNConfig, TrainConfig, load_config_file, load_preset, preset_names, split_settings
+from .config import (
+    ATTN_WINDOWS,
+    SHARNNConfig,
+    TrainConfig,
+    load_config_file,
+    load_preset,
+    preset_names,
+    split_settings,
+)
 from .errors import SharnnError
 
 # Fields that are set by the data, not by the user.
@@ -150,6 +158,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--vocab-from", metavar="DIR",
                    help="the corpus the model was trained on (its train split gives the reference's symbol order)")
     r.add_argument("--attn-span", type=int, default=5000, help="attention span (default: 5000, the paper's)")
+    r.add_argument("--attn-window", "--attn_window", choices=list(ATTN_WINDOWS), default="reference",
+                   help="attention window rule stored with the model (default: reference, the rule the original "
+                        "code trained and evaluated it with; eval/score/generate --attn-window override it)")
 
     c = sub.add_parser("collapse", help="store the attention value gates as constants (same outputs)")
     c.add_argument("checkpoint", help="checkpoint folder, or a run folder (its best/ is used)")
@@ -158,17 +169,24 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_precision_flag(parser: argparse.ArgumentParser) -> None:
+    """The flags every inference command shares: --precision and --attn-window."""
     parser.add_argument("--precision", choices=["fp32", "bf16", "int8"], default="fp32",
                         help="run the model in bf16 (weights and activations) or int8 (dynamic quantisation of the "
                              "weights, CPU only): faster and smaller, at a small cost in bpc (default: fp32)")
+    parser.add_argument("--attn-window", "--attn_window", choices=list(ATTN_WINDOWS), default=None,
+                        help="attention window rule: sliding, or reference (the original code's; what it reports "
+                             "for a model from import-reference) (default: the checkpoint's)")
 
 
-def _load_for_inference(checkpoint: str, device: Any, precision: str) -> Any:
-    """The checkpoint's model in eval mode, converted to `precision` (sharnn.precision)."""
+def _load_for_inference(checkpoint: str, device: Any, args: argparse.Namespace) -> Any:
+    """The checkpoint's model in eval mode, with the window asked for, converted to --precision."""
     from .checkpoint import load_model
     from .precision import for_inference
 
-    return for_inference(load_model(checkpoint, device), precision)
+    model = load_model(checkpoint, device)
+    if args.attn_window:
+        model.set_attn_window(args.attn_window)
+    return for_inference(model, args.precision)
 
 
 def resolve_train_settings(args: argparse.Namespace) -> tuple[SHARNNConfig, TrainConfig, dict[str, Any]]:
@@ -248,11 +266,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .checkpoint import load_train_config, load_vocab, resolve_checkpoint
     from .data import load_corpus
     from .evaluate import evaluate
-    from .train import resolve_device
+    from .runtime import resolve_device
 
     device = resolve_device(args.device)
     ckpt = resolve_checkpoint(args.checkpoint, prefer="best")
-    model = _load_for_inference(ckpt, device, args.precision)
+    model = _load_for_inference(ckpt, device, args)
     tcfg = load_train_config(ckpt) or TrainConfig()
     data = args.data or tcfg.data
     corpus = load_corpus(data, vocab=load_vocab(ckpt))
@@ -267,10 +285,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
         print(json.dumps({"checkpoint": str(ckpt), "data": data, "split": args.split, "loss": res.loss,
                           "metric": corpus.vocab.metric, "bpc": res.bpc, "ppl": res.ppl, "predictions": res.predictions,
                           "batch_size": bsz, "bptt": bptt, "precision": args.precision,
-                          "seconds": round(res.seconds, 3)}))
+                          "attn_window": model.cfg.attn_window, "seconds": round(res.seconds, 3)}))
     else:
         print(f"{args.split}: loss {res.loss:.4f} nats | bpc {res.bpc:.4f} | ppl {res.ppl:.4f} | "
-              f"{res.predictions:,} predictions in {bsz} streams, bptt {bptt}, {args.precision} | {res.seconds:.1f} s "
+              f"{res.predictions:,} predictions in {bsz} streams, bptt {bptt}, {args.precision}, "
+              f"{model.cfg.attn_window} window | {res.seconds:.1f} s "
               f"({res.predictions / max(res.seconds, 1e-9):,.0f} chars/s)")
     return 0
 
@@ -279,9 +298,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     import codecs
 
     from .generate import generate_ids
-    from .train import resolve_device
+    from .runtime import resolve_device
 
-    model = _load_for_inference(args.checkpoint, resolve_device(args.device), args.precision)
+    model = _load_for_inference(args.checkpoint, resolve_device(args.device), args)
     if args.prompt_file:
         prompt = _read_bytes(args.prompt_file)
     elif args.prompt == "-":
@@ -322,10 +341,10 @@ def _read_bytes(path: str) -> bytes:
 
 
 def cmd_score(args: argparse.Namespace) -> int:
+    from .runtime import resolve_device
     from .score import score_lines, score_stream
-    from .train import resolve_device
 
-    model = _load_for_inference(args.checkpoint, resolve_device(args.device), args.precision)
+    model = _load_for_inference(args.checkpoint, resolve_device(args.device), args)
     context = _read_bytes(args.context) if args.context else b"\n"
     if args.batch_size < 1:
         raise SharnnError("--batch_size must be at least 1")
@@ -376,7 +395,8 @@ def cmd_import_reference(args: argparse.Namespace) -> int:
     from .convert import import_reference
     from .model import count_parameters
 
-    model = import_reference(args.state_dict, args.out, vocab_from=args.vocab_from, attn_span=args.attn_span)
+    model = import_reference(args.state_dict, args.out, vocab_from=args.vocab_from, attn_span=args.attn_span,
+                             attn_window=args.attn_window)
     print(f"imported {count_parameters(model):,} parameters ({model.cfg.vocab_size} symbols) into {args.out}")
     return 0
 

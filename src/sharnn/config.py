@@ -35,6 +35,9 @@ def auto_cutoffs(vocab_size: int) -> tuple[int, ...]:
 # Recurrent cores the table lists (`--model`); model.py's `Block` builds the one named.
 RNN_CORES = ("LSTM", "GRU", "QRNN")
 OPTIMIZERS = ("lamb", "adam", "adamw", "sgd")
+ATTN_WINDOWS = ("sliding", "reference")
+# The parts of the network mixed-precision training may keep in float32 (--fp32-parts; SHARNN.keep_fp32).
+FP32_PARTS = ("core", "attention", "boom", "decoder")
 
 
 def _doc(text: str, **kw: Any) -> Any:
@@ -59,6 +62,11 @@ class SHARNNConfig:
         "blocks (0-based) with single-head attention; the paper uses the second to last", default=(2,)
     )
     attn_span: int = _doc("M: positions each query may attend to (itself and M-1 before it)", default=5000)
+    attn_window: str = _doc(
+        "which positions a query sees: sliding (its own last M, wherever segments are cut) or reference (the "
+        "original's rule: memory trimmed to M minus the segment length before each segment, then all of it and "
+        "the segment up to the query)", default="sliding",
+    )
     dropout: float = _doc("dropout on the final hidden state, before the decoder", default=0.1)
     dropouth: float = _doc("dropout inside blocks (RNN output, attention, Boom)", default=0.1)
     dropouti: float = _doc("dropout on the embedding output", default=0.1)
@@ -106,6 +114,8 @@ class SHARNNConfig:
                 raise SharnnError("an adaptive softmax has its own output weights: use it with --no-tied")
         if self.attn_span < 1:
             raise SharnnError(f"attn_span={self.attn_span} must be at least 1")
+        if self.attn_window not in ATTN_WINDOWS:
+            raise SharnnError(f"unknown --attn-window {self.attn_window!r}; use {' or '.join(ATTN_WINDOWS)}")
         for name in ("dropout", "dropouth", "dropouti", "dropoute", "wdrop"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise SharnnError(f"--{name} must be in [0, 1), got {getattr(self, name)}")
@@ -177,6 +187,11 @@ class TrainConfig:
     threads: int | None = _doc("CPU threads for torch (default: torch's choice)", default=None)
     precision: str = _doc("fp32; bf16 (autocast: matmuls in bfloat16 on CPU or GPU, weights stay fp32); or fp16 "
                           "(autocast in float16 with a dynamic loss scaler: GPUs without bf16)", default="fp32")
+    tf32: bool = _doc("on CUDA GPUs, float32 matmuls and cuDNN's LSTM/GRU use TensorFloat-32 tensor cores "
+                      "(float32 range, 10-bit products; --no-tf32: full float32); no effect on CPUs", default=True)
+    fp32_parts: str = _doc(
+        "with --precision bf16 or fp16: parts that still compute in float32, comma-separated, from core (the "
+        "LSTM/GRU/QRNN), attention, boom, decoder (default: none)", default="")
     checkpoint_activations: bool = _doc(
         "keep only each block's input in the forward pass and recompute the rest in the backward: less memory "
         "for long segments, for one more forward pass per step", default=False)
@@ -204,6 +219,11 @@ class TrainConfig:
             raise SharnnError(f"--max-time must be positive, got {self.max_time}")
         if self.precision not in ("fp32", "bf16", "fp16"):
             raise SharnnError(f"unknown --precision {self.precision!r}; use fp32, bf16 or fp16")
+        if self.fp32_parts and self.precision == "fp32":
+            raise SharnnError("--fp32-parts applies to mixed precision: use it with --precision bf16 or fp16")
+        unknown = [p for p in self.fp32_part_set if p not in FP32_PARTS]
+        if unknown:
+            raise SharnnError(f"unknown --fp32-parts {', '.join(unknown)}; choose from {', '.join(FP32_PARTS)}")
         if self.tokens not in ("auto", "bytes", "words", "chars"):
             raise SharnnError(f"unknown --tokens {self.tokens!r}; use auto, bytes, words or chars")
         if self.optimizer not in OPTIMIZERS:
@@ -218,6 +238,10 @@ class TrainConfig:
             raise SharnnError("--alpha and --beta must not be negative")
         if self.sample < 0:
             raise SharnnError("--sample must not be negative")
+
+    @property
+    def fp32_part_set(self) -> frozenset[str]:
+        return frozenset(p.strip() for p in self.fp32_parts.split(",") if p.strip())
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self) | {"when": list(self.when)}

@@ -50,7 +50,7 @@ def reference_vocab(train_ids: np.ndarray) -> Vocab:
     return Vocab("table", tuple("<eos>" if b == 10 else str(int(b)) for b in order))
 
 
-def config_from_state_dict(sd: dict[str, torch.Tensor], attn_span: int) -> SHARNNConfig:
+def config_from_state_dict(sd: dict[str, torch.Tensor], attn_span: int, attn_window: str = "reference") -> SHARNNConfig:
     """Read the architecture off the tensors' names and shapes."""
     try:
         V, E = sd["encoder.weight"].shape
@@ -63,7 +63,7 @@ def config_from_state_dict(sd: dict[str, torch.Tensor], attn_span: int) -> SHARN
     attn = tuple(i for i in blocks if f"blocks.{i}.attn.q.weight" in sd)
     tied = "decoder.weight" not in sd or torch.equal(sd["decoder.weight"], sd["encoder.weight"])
     return SHARNNConfig(vocab_size=V, emsize=E, nhid=H, nlayers=len(blocks), attn_layers=attn,
-                        attn_span=attn_span, tied=tied)
+                        attn_span=attn_span, attn_window=attn_window, tied=tied)
 
 
 def import_reference(
@@ -71,6 +71,7 @@ def import_reference(
     out_dir: str | os.PathLike,
     vocab_from: str | os.PathLike | None = None,
     attn_span: int = 5000,
+    attn_window: str = "reference",
 ) -> SHARNN:
     """Convert a reference state dict into a sharnn checkpoint folder; returns the loaded model."""
     try:
@@ -87,7 +88,7 @@ def import_reference(
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise SharnnError(f"{state_dict_path} is not a state dict (a mapping of names to tensors)")
     sd = {k.removeprefix("module."): v for k, v in sd.items()}  # saved from a DataParallel wrapper
-    cfg = config_from_state_dict(sd, attn_span)
+    cfg = config_from_state_dict(sd, attn_span, attn_window)
     if vocab_from is not None:
         vocab = reference_vocab(load_corpus(vocab_from).train)
         if vocab.size != cfg.vocab_size:

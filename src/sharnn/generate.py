@@ -1,9 +1,11 @@
 """Sampling text from a model.
 
 The prompt primes the RNN state and attention memory in one batched pass (not token by token); generation then
-feeds one token at a time and reuses the returned state, so the past is never recomputed. During the token
-steps the attention memory is a preallocated ring (`MemoryRing`) written in place: a token costs the same
-whether the memory holds 10 or 5000 rows' worth of copying, i.e. none.
+feeds one token at a time and reuses the returned state, so the past is never recomputed. The token steps run
+through a `TokenStep`: the state lives in preallocated buffers updated in place, with the attention memory a
+ring (`MemoryRing`) whose write position is a tensor, so every step is the same kernels on the same addresses.
+A token then costs the same whether the memory holds 10 rows or 5000, and on a GPU the step is captured once
+as a CUDA graph and replayed: one launch per token instead of a few hundred small ones.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import torch
 from torch import Tensor
 
 from .errors import SharnnError
-from .model import SHARNN, State
+from .model import SHARNN, MemoryRing, State
 
 if TYPE_CHECKING:
     from .vocab import Vocab
@@ -63,6 +65,68 @@ def check_sampling(length: int, temperature: float, top_k: int | None, top_p: fl
         raise SharnnError(f"--top-p must be in (0, 1], got {top_p}")
 
 
+class TokenStep:
+    """One token for every stream through a static-shape step: (1, B) ids -> (B, V) next-token scores.
+
+    The state given (from `SHARNN.ring_state`) becomes the step's own buffers: each call writes the new RNN state
+    and memory row into them in place, so the state is valid until the next call. With `graph` (CUDA only) the
+    step is captured once as a CUDA graph and every call replays it; without, it runs eagerly with the same
+    numbers. The model must be in eval mode and the calls made without gradients.
+    """
+
+    def __init__(self, model: SHARNN, state: State, graph: bool = False):
+        self.model, self.state = model, state
+        batch = state[0].rnn[0].shape[1]
+        self.tokens = torch.zeros(1, batch, dtype=torch.long, device=state[0].rnn[0].device)
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.logits: Tensor | None = None
+        if graph:
+            self._capture()
+
+    def _buffers(self) -> list[Tensor]:
+        """Every tensor a step writes: the RNN states, and each ring's rows and count."""
+        out = []
+        for s in self.state:
+            out.extend(s.rnn)
+            if isinstance(s.memory, MemoryRing):
+                out.extend((s.memory.rows, s.memory.count))
+        return out
+
+    def _step(self) -> Tensor:
+        out = self.model(self.tokens, self.state)
+        for old, new in zip(self.state, out.state):
+            for a, b in zip(old.rnn, new.rnn):
+                a.copy_(b)
+            if isinstance(old.memory, MemoryRing):  # its rows were written in place; the count moves on
+                old.memory.count.copy_(new.memory.count)
+        return out.logits[-1]
+
+    def _capture(self) -> None:
+        # A few eager steps on a side stream first (PyTorch's rule for capture: lazy initialisation happens
+        # outside the graph), then the state they wrote is put back and one step is recorded.
+        saved = [t.clone() for t in self._buffers()]
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                self._step()
+        torch.cuda.current_stream().wait_stream(side)
+        for t, s in zip(self._buffers(), saved):
+            t.copy_(s)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.logits = self._step()
+
+    def __call__(self, tokens: Tensor) -> Tensor:
+        """(1, B) token ids -> (B, V) scores for the token after them; the state moves on by one."""
+        self.tokens.copy_(tokens)
+        if self.graph is None:
+            return self._step()
+        self.graph.replay()
+        assert self.logits is not None
+        return self.logits
+
+
 @torch.no_grad()
 def generate_ids(
     model: SHARNN,
@@ -74,13 +138,15 @@ def generate_ids(
     seed: int | None = None,
     state: State | None = None,
     logits: Tensor | None = None,
+    graph: bool | None = None,
 ) -> Iterator[tuple[int, State, Tensor]]:
     """Yield (token id, state after it, next-token logits) for `length` new tokens following `prompt`.
 
     The prompt runs as one segment after `state`. An empty prompt continues from `state` and `logits` (both
-    from an earlier call). temperature 0 means greedy decoding. A yielded state holds its attention memory in
-    a `MemoryRing` that the next step overwrites: use it before asking for the next token, or keep
+    from an earlier call). temperature 0 means greedy decoding. A yielded state is the token step's buffers,
+    which the next step overwrites: use it before asking for the next token, or keep
     `model.ordered_state(state)`, an independent copy. The `state` passed in is never written to.
+    `graph`: replay the token step as a CUDA graph (default: on CUDA GPUs).
     """
     check_sampling(length, temperature, top_k, top_p)
     if not prompt and (state is None or logits is None):
@@ -98,17 +164,19 @@ def generate_ids(
             out = model(torch.tensor(prompt, dtype=torch.long, device=device).unsqueeze(1), state)
             state, logits = out.state, out.logits[-1, 0]
         assert state is not None and logits is not None
-        state = model.ring_state(state)  # a copy: the caller's state stays as it was
+        if length == 0:
+            return
+        # A copy: the caller's state stays as it was.
+        step = TokenStep(model, model.ring_state(state), graph=device.type == "cuda" if graph is None else graph)
         for _ in range(length):
             scores = logits.float()
             if temperature == 0:
                 nxt = int(scores.argmax())
             else:
                 probs = filter_logits(scores / temperature, top_k, top_p).softmax(-1)
-                nxt = int(torch.multinomial(probs, 1, generator=gen))
-            out = model(torch.tensor([[nxt]], device=device), state)  # one token, the past reused via state
-            state, logits = out.state, out.logits[-1, 0]
-            yield nxt, state, logits
+                nxt = int(torch.multinomial(probs, 1, generator=gen))  # the one host sync per token
+            logits = step(torch.tensor([[nxt]], device=device))[0]
+            yield nxt, step.state, logits
     finally:
         model.train(was_training)
 
@@ -146,4 +214,4 @@ def generate(
                                                      state, logits):
         out.append(token)
     assert end_state is not None and end_logits is not None
-    return Generation(vocab.decode(out), model.ordered_state(end_state), end_logits)
+    return Generation(vocab.decode(out), model.ordered_state(end_state), end_logits.clone())  # copies of the step's

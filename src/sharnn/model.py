@@ -9,17 +9,20 @@ Shape legend (sequence-first, as in BPTT batching):
     H  nhid (Boom width)       m  memory rows                  V  vocabulary size
     M  attn_span: a query attends to itself and at most M-1 positions before it
 
-Attention window. The reference trims the memory to M - T rows before each segment, so the first query of
-a segment sees fewer positions than the last one and outputs depend on where segments are cut. Here every
-query sees exactly its own last M positions (a sliding window over memory + segment), so one pass over 2T
-tokens equals two passes of T with the state carried, whatever M is. For T = 1 (generation) the two rules
-are the same; for the paper's T = 1024, M = 5000 they differ only in the oldest ~1000 positions of a window.
+Attention window (`attn_window`). "sliding", the default: every query sees exactly its own last M positions (a
+sliding window over memory + segment), so one pass over 2T tokens equals two passes of T with the state
+carried, whatever M is. "reference": what the original code does: before each segment the memory is trimmed
+to M - T rows, every query sees all of it plus the segment up to itself, so the first query of a segment sees
+fewer positions than the last one and outputs depend on where segments are cut. For T = 1 (generation) the two
+rules are the same; for the paper's T = 1024, M = 5000 they differ only in the oldest ~1000 positions of a window.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import os
+from contextlib import nullcontext
 from dataclasses import replace
 from typing import Any, NamedTuple
 
@@ -28,30 +31,43 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import Tensor, nn
 
-from .config import SHARNNConfig
+from .config import FP32_PARTS, SHARNNConfig
 
 
 class MemoryRing(NamedTuple):
     """Attention memory for one-token steps (generation): a preallocated ring of the last M inputs.
 
-    A token's step writes its row into the slot of the oldest one, in place, and attends over the ring as it
-    lies: a single query sees every position it holds, and attention does not depend on the keys' order. So
-    nothing is copied or recomputed per token, however long the memory. Being written in place, a ring is
-    valid until the next step; `ordered` (or `SHARNN.ordered_state`) gives an independent, ordered copy.
-    Segments of more than one token take a ring too (it is read in order first) and return ordinary memory.
+    A token's step writes its row into the slot of the oldest one, in place, and attends over all M slots as
+    they lie, the ones not yet written masked out: a single query sees every position it holds, and attention
+    does not depend on the keys' order. So nothing is copied or recomputed per token, however long the memory,
+    and every tensor of a step has the same shape and address from one token to the next (the write position
+    is a tensor too): what lets a GPU replay the step as a CUDA graph (sharnn.generate). Being written in
+    place, a ring is valid until the next step; `ordered` (or `SHARNN.ordered_state`) gives an independent,
+    ordered copy. Segments of more than one token take a ring too (it is read in order first) and return
+    ordinary memory.
     """
 
     rows: Tensor  # (M, B, E) the slots; row t of the sequence (0-based) lives in slot t % M
-    count: int  # rows written so far; min(count, M) slots hold data
+    count: Tensor  # () int64 on the rows' device: rows written so far; min(count, M) slots hold data
 
     def ordered(self, keep: int) -> Tensor:
         """(m, B, E) the last m = min(count, keep) rows, oldest first: a copy, safe from later steps."""
-        M = self.rows.shape[0]
-        m = min(self.count, keep)
-        start = (self.count - m) % M
+        M, count = self.rows.shape[0], int(self.count)
+        m = min(count, keep)
+        start = (count - m) % M
         if start + m <= M:
             return self.rows[start : start + m].clone()
         return torch.cat([self.rows[start:], self.rows[: start + m - M]])
+
+    def written(self, row: Tensor) -> MemoryRing:
+        """Write `row` (1, B, E) into the next slot, in place; the ring that then holds it."""
+        M = self.rows.shape[0]
+        self.rows.index_copy_(0, (self.count % M).view(1), row.to(self.rows.dtype))
+        return MemoryRing(self.rows, self.count + 1)
+
+    def filled(self) -> Tensor:
+        """(M,) bool: the slots that hold a row (all of them once M rows were written)."""
+        return torch.arange(self.rows.shape[0], device=self.rows.device) < self.count
 
 
 class BlockState(NamedTuple):
@@ -112,6 +128,66 @@ class Overparam(nn.Module):
         return torch.sigmoid(f) * torch.tanh(c)
 
 
+def visible_keys(T: int, K: int, mem_len: int, span: int, window: str, device: torch.device) -> Tensor | None:
+    """(T, K) bool: which of K keys (mem_len memory rows, then the T-token segment) each query may attend to.
+
+    Query i sits at key position mem_len + i. "sliding": it sees keys j with mem_len + i - M < j <= mem_len + i.
+    "reference": every memory row (the memory was trimmed to M - T rows beforehand) and the segment up to itself.
+    None when every query sees every key (a single query over at most M keys), so no mask is built.
+    """
+    if T == 1 and (K <= span or window == "reference"):
+        return None
+    qpos = torch.arange(T, device=device)[:, None] + mem_len
+    kpos = torch.arange(K, device=device)[None, :]
+    if window == "reference":
+        return kpos <= qpos
+    return (kpos <= qpos) & (kpos > qpos - span)
+
+
+def attention_weights(q: Tensor, k: Tensor, visible: Tensor | None) -> Tensor:
+    """softmax(q k^T / sqrt(E)) over the visible keys, in float32.
+
+    Args:
+        q: (T, B, E) queries; k: (K, B, E) keys; visible: (T, K) or (K,) bool, or None for all.
+    Returns:
+        (B, T, K) attention weights, each row summing to 1.
+    """
+    scores = torch.bmm(q.transpose(0, 1), k.permute(1, 2, 0)).float() * (q.shape[-1] ** -0.5)  # (B, T, K)
+    if visible is not None:
+        scores = scores.masked_fill_(~visible, float("-inf"))  # in place: the scaling's backward needs no input
+    return scores.softmax(dim=-1)
+
+
+def attend(q: Tensor, k: Tensor, v: Tensor, visible: Tensor | None, drop: nn.Module) -> Tensor:
+    """The paper's attention, written out: weights = softmax(q k^T / sqrt(E)), dropout on them, weights @ v.
+
+    Two plain matrix products. For a 1024-wide head they are far faster than fused attention kernels, which
+    are built for heads of at most 256 (see `fused_attention_wins`). Returns (T, B, E).
+    """
+    w = drop(attention_weights(q, k, visible)).to(v.dtype)  # (B, T, K)
+    return torch.bmm(w, v.transpose(0, 1)).transpose(0, 1)
+
+
+def attend_fused(q: Tensor, k: Tensor, v: Tensor, visible: Tensor | None, dropout_p: float) -> Tensor:
+    """The same as `attend` through PyTorch's scaled_dot_product_attention (fused kernels where they exist)."""
+    heads = [t.transpose(0, 1).unsqueeze(1) for t in (q, k, v)]  # (B, 1, T or K, E): one head
+    # Scale 1/sqrt(E) is SDPA's default for width E.
+    return F.scaled_dot_product_attention(*heads, attn_mask=visible, dropout_p=dropout_p).squeeze(1).transpose(0, 1)
+
+
+def fused_attention_wins(device: torch.device, T: int, grad: bool) -> bool:
+    """Whether SDPA beats two plain matmuls here; measured, not assumed (benchmarks/attention.py).
+
+    CUDA (H200, bf16, batch 16, 1024 queries, E 1024, ~6000 keys): plain 5.5 ms forward + backward against
+    SDPA's 27 ms (its memory-efficient kernel, the only one that takes a 1024-wide head, is slow in backward),
+    and 1.35 against 2.98 ms without gradients: plain everywhere. CPU (2-core AMD EPYC, fp32, batch 16, 256
+    queries, E 256, ~5000 keys): SDPA's flash kernel never forms the T x K weights, 221 ms against 703 without
+    gradients and 1.57 s against 1.78 s with them; a single query is two mat-vecs either way, and plain is as
+    fast in fp32 (2.3 ms) and ~4x faster for bf16 weights on CPUs with native bf16 (benchmarks/README.md).
+    """
+    return device.type == "cpu" and T > 1
+
+
 class Attention(nn.Module):
     """Single-head attention with a learned query map and gated (but otherwise unmapped) keys and values."""
 
@@ -132,6 +208,8 @@ class Attention(nn.Module):
         self.drop = nn.Dropout(cfg.dropouth)
         self.dropout_p = cfg.dropouth
         self.span = cfg.attn_span
+        self.window = cfg.attn_window
+        self.kernel = "auto"  # "auto" (fused_attention_wins), "fused" or "plain": benchmarks and tests set it
 
     def value_gate(self) -> Tensor:
         """(1, 1, E) the values' gate: Overparam(sigmoid(vs)), or its stored constant once collapsed."""
@@ -142,53 +220,48 @@ class Attention(nn.Module):
         """Whether the key and value gates can be applied outside the attention (no dropout on the values)."""
         return not (self.training and self.dropout_p > 0)
 
-    def forward(self, h: Tensor, big: Tensor, mem_len: int) -> Tensor:
+    def project(self, h: Tensor, big: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+        """Queries, keys and values from the segment h (T, B, E) and memory + segment `big` (K, B, E).
+
+        Returns q, k, v and the value gate still to apply to the output (None when already in v).
+        """
+        q = self.drop(torch.sigmoid(self.qs) * self.qln(self.q(h)))  # (T, B, E)
+        if not self.folds_gates:
+            return q, torch.sigmoid(self.ks) * big, self.drop(self.value_gate() * big), None
+        # Without dropout on v, both gates are per-channel scalings that fold out of the attention:
+        # q . (g_k * big) = (q * g_k) . big, and w @ (g_v * big) = g_v * (w @ big). The (m + T)-row memory
+        # is then read once, never rescaled into new tensors: what makes a generated token cheap.
+        return q * torch.sigmoid(self.ks), big, big, self.value_gate()
+
+    def forward(self, h: Tensor, big: Tensor, mem_len: int, visible: Tensor | None = None) -> Tensor:
         """Attend from the segment to memory + segment.
 
         Args:
             h: (T, B, E) queries' input (after lnmid).
             big: (m + T, B, E) keys' and values' input: memory then the segment (after lnmem).
             mem_len: m, the number of memory rows at the front of `big`.
+            visible: which keys each query sees, when the caller knows better than the window rule (a ring's
+                filled slots); by default `visible_keys` of the window.
         Returns:
             (T, B, E) the attention mix.
         """
         T, K = h.shape[0], big.shape[0]
-        q = self.drop(torch.sigmoid(self.qs) * self.qln(self.q(h)))  # (T, B, E)
-        if not self.folds_gates:
-            k = torch.sigmoid(self.ks) * big  # (K, B, E)
-            v = self.drop(self.value_gate() * big)  # (K, B, E)
-            out_gate = None
+        q, k, v, out_gate = self.project(h, big)
+        if visible is None:
+            visible = visible_keys(T, K, mem_len, self.span, self.window, h.device)
+        fused = self.kernel == "fused" or (
+            self.kernel == "auto" and fused_attention_wins(h.device, T, torch.is_grad_enabled()))
+        if fused:
+            mix = attend_fused(q, k, v, visible, self.dropout_p if self.training else 0.0)
         else:
-            # Without dropout on v, both gates are per-channel scalings that fold out of the attention:
-            # q . (g_k * big) = (q * g_k) . big, and w @ (g_v * big) = g_v * (w @ big). The (m + T)-row memory
-            # is then read once, never rescaled into new tensors: what makes a generated token cheap.
-            q = q * torch.sigmoid(self.ks)
-            k = v = big
-            out_gate = self.value_gate()
-        if T == 1 and K <= self.span and not self.training and h.device.type == "cpu":
-            # A single query (generation) sees every key: memory holds at most M - 1 rows. Two batched
-            # matrix-vector products read the keys once each; CPU SDPA's flash kernel is as fast in fp32 but
-            # ~4x slower for bf16 weights at T = 1 (benchmarks/README.md).
-            keys = k.permute(1, 0, 2)  # (B, K, E), a view
-            scores = torch.bmm(keys, q.permute(1, 2, 0)).float() * (q.shape[-1] ** -0.5)  # (B, K, 1)
-            weights = scores.softmax(dim=1).to(q.dtype)
-            mix = torch.bmm(weights.transpose(1, 2), v.permute(1, 0, 2)).permute(1, 0, 2)  # (1, B, E)
-            return mix if out_gate is None else mix * out_gate
-        # Query i sits at key position mem_len + i and sees keys j with i' - M < j <= i' (sliding window).
-        visible = None
-        if T > 1 or K > self.span:
-            qpos = torch.arange(T, device=h.device) + mem_len
-            kpos = torch.arange(K, device=h.device)
-            visible = (kpos[None, :] <= qpos[:, None]) & (kpos[None, :] > qpos[:, None] - self.span)  # (T, K)
-        # (B, 1, T, E) layout for one head; scale 1/sqrt(E) is SDPA's default for width E.
-        mix = F.scaled_dot_product_attention(
-            q.permute(1, 0, 2).unsqueeze(1),
-            k.permute(1, 0, 2).unsqueeze(1),
-            v.permute(1, 0, 2).unsqueeze(1),
-            attn_mask=visible,
-            dropout_p=self.dropout_p if self.training else 0.0,
-        ).squeeze(1).permute(1, 0, 2)  # (T, B, E)
+            mix = attend(q, k, v, visible, self.drop)
         return mix if out_gate is None else mix * out_gate
+
+    def weights(self, h: Tensor, big: Tensor, mem_len: int) -> Tensor:
+        """(B, T, K) the attention weights `forward` mixes the values with (before any dropout on them)."""
+        q, k, _, _ = self.project(h, big)
+        return attention_weights(q, k, visible_keys(h.shape[0], big.shape[0], mem_len, self.span, self.window,
+                                                    h.device))
 
 
 def forget_mult(f: Tensor, z: Tensor, c0: Tensor) -> Tensor:
@@ -288,28 +361,20 @@ class Block(nn.Module):
         self.lnxff = nn.LayerNorm(E, eps=1e-12)
         self.ff = Boom(cfg)
         self.span = cfg.attn_span
+        self.window = cfg.attn_window
+        # Parts computed in float32 even under autocast ("core", "attention", "boom"): SHARNN.keep_fp32 sets it.
+        self.fp32_parts: frozenset[str] = frozenset()
 
     def run_rnn(self, x: Tensor, state: tuple[Tensor, ...]) -> tuple[Tensor, tuple[Tensor, ...]]:
         """The core on (T, B, E) from BlockState.rnn -> (T, B, E) output and the next BlockState.rnn."""
-        # Only the LSTM and GRU use wdrop here; the QRNN masks its own weight.
-        if isinstance(self.rnn, QRNN):
+        if isinstance(self.rnn, QRNN):  # it masks its own weight for wdrop
             return self.rnn(x, state)
         lstm = self.rnn_state_len == 2  # also true of an int8 LSTM (sharnn.precision), not an nn.LSTM subclass
         hx = state if lstm else state[0]
         if self.training and self.wdrop > 0:
-            # torch.lstm / torch.gru are the ops nn.LSTM / nn.GRU call, here given the DropConnect weights.
-            run = torch.lstm if lstm else torch.gru
-            y, *new = run(x, hx, self._dropconnect_weights(), True, 1, 0.0, True, False, False)
-            return y, tuple(new)
-        if x.shape[0] == 1 and not torch.is_grad_enabled() and x.device.type == "cpu" and self._float_core:
-            # One step without autograd (generation, token by token): the plain cell is ~1.6x faster on CPU
-            # than the oneDNN sequence kernel, which pays a fixed cost per call; same weights, same numbers.
-            p = (self.rnn.weight_ih_l0, self.rnn.weight_hh_l0, self.rnn.bias_ih_l0, self.rnn.bias_hh_l0)
-            if lstm:
-                h1, c1 = torch.lstm_cell(x[0], (hx[0][0], hx[1][0]), *p)
-                return h1[None], (h1[None], c1[None])
-            h1 = torch.gru_cell(x[0], hx[0], *p)
-            return h1[None], (h1[None],)
+            return rnn_with_weights(x, hx, self._dropconnect_weights(), lstm)
+        if x.shape[0] == 1 and not torch.is_grad_enabled() and self._float_core:
+            return rnn_cell_step(x, hx, self.rnn, lstm)
         y, new = self.rnn(x, hx)
         return y, tuple(new) if lstm else (new,)
 
@@ -337,30 +402,91 @@ class Block(nn.Module):
         # Under autocast the matmuls (core, attention, Boom) return bf16/fp16; the residual stream, the
         # LayerNorms and the carried state stay in the block input's dtype (fp32 in mixed-precision training),
         # so rounding does not pile up over blocks and segments. A no-op when everything has one dtype.
-        dtype = h.dtype
-        x, rnn_state = self.run_rnn(self.lnstart(h), state.rnn)
+        dtype, T = h.dtype, h.shape[0]
+        with full_precision(h, "core" in self.fp32_parts or not autocast_takes_core(h, self.rnn)):
+            x, rnn_state = self.run_rnn(self.lnstart(h), state.rnn)
         rnn_state = tuple(t.to(dtype) for t in rnn_state)
         h = self.drop(x.to(dtype))  # the core's output replaces h: no residual around the RNN (as in the paper)
         memory = state.memory
-        if isinstance(memory, MemoryRing) and h.shape[0] > 1:
+        if isinstance(memory, MemoryRing) and T > 1:
             memory = memory.ordered(self.span - 1)
         if self.attn is not None:
             assert memory is not None
+            visible = None
             if isinstance(memory, MemoryRing):  # one token: write its row in place, attend over the ring
                 assert memory.rows.shape[0] == self.span, "a MemoryRing has attn_span slots (SHARNN.ring_state)"
-                memory.rows[memory.count % self.span] = self.lnmem(h)[0]
-                keys = memory.rows[: min(memory.count + 1, self.span)]  # a view: nothing is copied
-                mem_len = keys.shape[0] - 1
-                memory = MemoryRing(memory.rows, memory.count + 1)
+                memory = memory.written(self.lnmem(h))
+                keys, mem_len, visible = memory.rows, self.span - 1, memory.filled()  # a view: nothing copied
             else:
+                if self.window == "reference":  # the original trims its memory to M - T rows first
+                    memory = memory[memory.shape[0] - min(memory.shape[0], max(self.span - T, 0)):]
                 keys = torch.cat([memory, self.lnmem(h)])  # (m + T, B, E)
                 mem_len = memory.shape[0]
                 memory = keys[keys.shape[0] - min(keys.shape[0], self.span - 1):]  # the last M-1 rows stay visible
             h = self.lnmid(h)
-            h = h + self.drop(self.attn(h, keys, mem_len).to(dtype))
+            with full_precision(h, "attention" in self.fp32_parts):
+                h = h + self.drop(self.attn(h, keys, mem_len, visible).to(dtype))
         h, u = self.lnff(h), self.lnxff(h)
-        h = h + self.drop(self.ff(u).to(dtype))  # residual base is lnff(h), not h
+        with full_precision(h, "boom" in self.fp32_parts):
+            h = h + self.drop(self.ff(u).to(dtype))  # residual base is lnff(h), not h
         return h, BlockState(rnn_state, memory)
+
+
+# --- fast paths and mixed-precision helpers for the blocks: the same numbers as the plain path ----------------
+
+
+def rnn_with_weights(x: Tensor, hx: Tensor | tuple[Tensor, ...], weights: list[Tensor],
+                     lstm: bool) -> tuple[Tensor, tuple[Tensor, ...]]:
+    """One-layer LSTM/GRU over (T, B, E) with the given weights (w_ih, w_hh, b_ih, b_hh) instead of the module's.
+
+    torch.lstm / torch.gru are the ops nn.LSTM / nn.GRU call; DropConnect gives them masked copies.
+    """
+    run = torch.lstm if lstm else torch.gru
+    y, *new = run(x, hx, weights, has_biases=True, num_layers=1, dropout=0.0, train=True, bidirectional=False,
+                  batch_first=False)
+    return y, tuple(new)
+
+
+def rnn_cell_step(x: Tensor, hx: Tensor | tuple[Tensor, ...], rnn: nn.Module,
+                  lstm: bool) -> tuple[Tensor, tuple[Tensor, ...]]:
+    """One step (T = 1) of an nn.LSTM / nn.GRU through the plain cell op: same weights, same numbers.
+
+    The sequence kernels pay a fixed cost per call (oneDNN's ~1.6x a cell step on CPU; cuDNN's setup on GPUs),
+    which is all there is to pay for one token; and the cell is a fixed set of kernels a CUDA graph can replay.
+    """
+    p = (rnn.weight_ih_l0, rnn.weight_hh_l0, rnn.bias_ih_l0, rnn.bias_hh_l0)
+    if lstm:
+        h1, c1 = torch.lstm_cell(x[0], (hx[0][0], hx[1][0]), *p)
+        return h1[None], (h1[None], c1[None])
+    h1 = torch.gru_cell(x[0], hx[0], *p)
+    return h1[None], (h1[None],)
+
+
+def full_precision(x: Tensor, wanted: bool) -> Any:
+    """A context that turns autocast off on x's device (the part inside computes in float32), if `wanted`."""
+    if wanted and torch.is_autocast_enabled(x.device.type):
+        return torch.autocast(x.device.type, enabled=False)
+    return nullcontext()
+
+
+def autocast_takes_core(x: Tensor, core: nn.Module) -> bool:
+    """Whether autocast can run this recurrent core in 16 bits here.
+
+    PyTorch's CPU autocast sends nn.LSTM to oneDNN's bf16 LSTM, which exists only on CPUs with native bf16
+    (AVX-512 BF16 or AMX); elsewhere the call fails. There the core stays in float32, as a GRU's does anyway
+    (autocast leaves CPU GRUs alone). The rest of the block still runs in bf16.
+    """
+    return x.device.type != "cpu" or not isinstance(core, nn.LSTM) or _cpu_bf16_lstm()
+
+
+@functools.cache
+def _cpu_bf16_lstm() -> bool:
+    try:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            nn.LSTM(8, 8)(torch.zeros(2, 1, 8))
+        return True
+    except RuntimeError:
+        return False
 
 
 class SHARNN(nn.Module):
@@ -382,6 +508,7 @@ class SHARNN(nn.Module):
         else:
             self.decoder = nn.Linear(cfg.emsize, cfg.vocab_size)
         self.vocab: Any = None  # set by the checkpoint loader: how bytes map to ids (sharnn.vocab.Vocab)
+        self.fp32_parts: frozenset[str] = frozenset()  # see keep_fp32
         self.apply(self._init_weights)
         if cfg.tied:
             self.decoder.weight = self.encoder.weight  # type: ignore[union-attr]
@@ -421,15 +548,34 @@ class SHARNN(nn.Module):
             if memory is not None:
                 rows = memory.new_zeros(span, *memory.shape[1:])
                 rows[: memory.shape[0]] = memory
-                memory = MemoryRing(rows, memory.shape[0])
-            out.append(BlockState(s.rnn, memory))
+                memory = MemoryRing(rows, torch.tensor(memory.shape[0], device=rows.device))
+            out.append(BlockState(tuple(t.clone() for t in s.rnn), memory))  # copies: token steps may write them
         return tuple(out)
 
     def ordered_state(self, state: State) -> State:
-        """The same state with every `MemoryRing` turned back into ordinary (m, B, E) memory (a copy)."""
+        """An independent copy of the state, every `MemoryRing` turned back into ordinary (m, B, E) memory."""
         keep = self.cfg.attn_span - 1
-        return tuple(BlockState(s.rnn, s.memory.ordered(keep) if isinstance(s.memory, MemoryRing) else s.memory)
+        return tuple(BlockState(tuple(t.clone() for t in s.rnn),
+                                s.memory.ordered(keep) if isinstance(s.memory, MemoryRing) else s.memory)
                      for s in state)
+
+    def keep_fp32(self, parts: frozenset[str] | set[str] | tuple[str, ...]) -> None:
+        """Compute these parts in float32 even under autocast: any of "core" (the LSTM/GRU/QRNN), "attention",
+        "boom" and "decoder". A run setting (--fp32-parts), not part of the network: nothing is saved."""
+        unknown = set(parts) - set(FP32_PARTS)
+        if unknown:
+            raise ValueError(f"unknown parts {sorted(unknown)}; choose from {', '.join(FP32_PARTS)}")
+        self.fp32_parts = frozenset(parts)
+        for block in self.blocks:
+            block.fp32_parts = self.fp32_parts
+
+    def set_attn_window(self, window: str) -> None:
+        """Switch the attention window rule ("sliding" or "reference"): it does not change the weights."""
+        self.cfg = replace(self.cfg, attn_window=window)  # validated by SHARNNConfig
+        for block in self.blocks:
+            block.window = window
+            if block.attn is not None:
+                block.attn.window = window
 
     def embed(self, tokens: Tensor) -> Tensor:
         """(T, B) ids -> (T, B, E), with embedding dropout (whole rows, `dropoute`) in training."""
@@ -475,7 +621,8 @@ class SHARNN(nn.Module):
                 return SHARNNOutput(None, self.decoder(flat, targets.reshape(-1)).loss, tuple(new_state), h, dropped)
             logits = self.decoder.log_prob(flat).view(*dropped.shape[:-1], -1)  # log-probabilities, (T, B, V)
         else:
-            logits = self.decoder(dropped)  # (T, B, V)
+            with full_precision(dropped, "decoder" in self.fp32_parts):
+                logits = self.decoder(dropped)  # (T, B, V)
             if targets is not None:
                 loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1))
         return SHARNNOutput(logits, loss, tuple(new_state), h, dropped)
@@ -521,7 +668,7 @@ def detach_state(state: State) -> State:
     """Keep the values, drop the autograd graph: the one BPTT cut between segments."""
     def detach(memory: Tensor | MemoryRing | None) -> Tensor | MemoryRing | None:
         if isinstance(memory, MemoryRing):
-            return MemoryRing(memory.rows.detach(), memory.count)
+            return MemoryRing(memory.rows.detach(), memory.count)  # (the count never has a graph)
         return None if memory is None else memory.detach()
 
     return tuple(BlockState(tuple(t.detach() for t in s.rnn), detach(s.memory)) for s in state)

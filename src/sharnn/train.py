@@ -1,7 +1,7 @@
 """The training loop: build, train epoch by epoch with the paper's variable BPTT, validate, keep the best.
 
 Reads top to bottom: `train()` sets up (data, model, optimizer, resume), runs `_Loop.run`, then measures
-the best checkpoint on valid and test. Small helpers (`ar_tar`, `resolve_device`, ...) are importable by tests.
+the best checkpoint on valid and test. Small helpers (`ar_tar`, ...) are importable by tests.
 
 What survives what (the README's "What we guarantee"):
 - Resume is exact: a checkpoint holds every RNG stream, the data position, the carried state and memory, the
@@ -55,10 +55,11 @@ from .evaluate import EvalResult, autocast, evaluate
 from .generate import generate
 from .model import SHARNN, BlockState, SHARNNOutput, State, count_parameters, detach_state
 from .optim import averaged_weights, build_asgd, build_optimizer, lr_at, set_lr, should_switch_to_asgd
+from .runtime import resolve_device, seed_everything, set_tf32
 
 LN2 = math.log(2)
 # Model settings a resumed run may change; every other SHARNNConfig field shapes the weights.
-RESUME_ADJUSTABLE = {"dropout", "dropouth", "dropouti", "dropoute", "wdrop", "attn_span"}
+RESUME_ADJUSTABLE = {"dropout", "dropouth", "dropouti", "dropoute", "wdrop", "attn_span", "attn_window"}
 
 
 class TrainingInterrupted(SharnnError):
@@ -85,16 +86,6 @@ class TrainResult:
     skipped_steps: int = 0  # optimizer steps skipped for a non-finite loss or gradient
 
 
-def resolve_device(name: str) -> torch.device:
-    if name != "auto" and name != "cpu" and not (name == "cuda" or name.startswith("cuda:")):
-        raise SharnnError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N")
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise SharnnError(f"--device {name} was asked for but PyTorch sees no CUDA GPU; use --device cpu")
-    return torch.device(name)
-
-
 def ar_tar(out: SHARNNOutput, cfg: TrainConfig) -> torch.Tensor | float:
     """AWD-LSTM's activation regularisers on the last block's output.
 
@@ -107,12 +98,6 @@ def ar_tar(out: SHARNNOutput, cfg: TrainConfig) -> torch.Tensor | float:
     if cfg.beta and out.hidden.shape[0] > 1:
         penalty = penalty + cfg.beta * (out.hidden[1:] - out.hidden[:-1]).pow(2).mean()
     return penalty
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
 
 
 class RunLog:
@@ -203,6 +188,10 @@ def _train(model_cfg: SHARNNConfig, cfg: TrainConfig, quiet: bool, model_overrid
                      "--adaptive-cutoffs 0 turns it off")
         model = SHARNN(mcfg).to(device)
 
+    model.keep_fp32(cfg.fp32_part_set)
+    if device.type == "cuda":
+        set_tf32(cfg.tf32)
+
     # Fail on data that is too small before any training happens.
     train_streams = Streams(corpus.train, cfg.batch_size, min_len=cfg.bptt + 1, what="train split",
                             rank=ranks.rank, world=ranks.world)
@@ -254,6 +243,7 @@ def _train(model_cfg: SHARNNConfig, cfg: TrainConfig, quiet: bool, model_overrid
     # Final numbers come from the best checkpoint, as the paper reports them.
     best_dir = run_dir / "best"
     final_model = load_model(best_dir, device) if (best_dir / "config.json").is_file() else model
+    final_model.keep_fp32(cfg.fp32_part_set)
     valid = evaluate(final_model, _eval_ids(corpus.valid, cfg), eval_bsz, cfg.bptt, device, cfg.precision,
                      progress=not quiet,
                      what="valid")
