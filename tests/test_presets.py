@@ -1,0 +1,34 @@
+"""The built-in presets as shipped: what `sharnn train --preset NAME` builds, with the README's parameter counts."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sharnn.cli import build_parser, resolve_train_settings
+from sharnn.model import SHARNN, count_parameters
+
+
+def built(*argv: str) -> tuple[SHARNN, object]:
+    model_cfg, train_cfg, _ = resolve_train_settings(build_parser().parse_args(["train", *argv]))
+    with torch.device("meta"):  # shapes only: no memory, no time
+        return SHARNN(model_cfg), train_cfg
+
+
+@pytest.mark.parametrize("argv,params,attn,batch", [
+    (["--preset", "tiny"], 879_360, (2,), 16),                       # README: "a ~0.9M-parameter SHA-RNN"
+    (["--preset", "paper"], 53_825_792, (2,), 16),                   # README table, 256 byte symbols
+    (["--preset", "paper-all-attn"], 63_299_840, (0, 1, 2, 3), 8),  # README table
+    (["--preset", "paper", "--model", "QRNN"], 45_416_704, (2,), 16),  # README: "45.4M vs 53.8M"
+])
+def test_presets_as_shipped(argv: list[str], params: int, attn: tuple[int, ...], batch: int) -> None:
+    model, train = built(*argv)
+    assert count_parameters(model) == params
+    assert model.cfg.attn_layers == attn and train.batch_size == batch
+    # The paper's regularisers: the original never applied --dropoute, --alpha, --beta or --wdrop.
+    assert model.cfg.dropoute == model.cfg.wdrop == 0 and train.alpha == train.beta == 0
+
+
+def test_tiny_preset_runs_without_a_download() -> None:
+    _, train = built("--preset", "tiny")
+    assert train.data == "python-stdlib" and train.max_time is not None
