@@ -80,7 +80,7 @@ def test_onnxruntime_streams_like_pytorch(variant: str, tmp_path: Path, capsys) 
     sessions = {n: ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]) for n, p in zip((1, 8), paths)}
     names = state_names(model)
     for n, s in sessions.items():
-        assert [(i.name, i.shape) for i in s.get_inputs()][0] == ("tokens", [n, "batch"])
+        assert (s.get_inputs()[0].name, s.get_inputs()[0].shape) == ("tokens", [n, "batch"])
         assert [i.name for i in s.get_inputs()[1:]] == names
         assert [o.name for o in s.get_outputs()] == ["logprobs", *(f"next.{n}" for n in names)]
         meta = s.get_modelmeta().custom_metadata_map

@@ -24,7 +24,7 @@ from sharnn.train import TrainingInterrupted, train
 from sharnn.vocab import BYTES
 
 pytest.importorskip("matplotlib", reason="matplotlib is not installed: pip install 'sharnn[plot]'")
-from sharnn.plots import attention_figure  # noqa: E402
+from sharnn.plots import attention_figure
 
 MODEL = SHARNNConfig(emsize=16, nhid=32, nlayers=2, attn_layers=(1,), attn_span=24)
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -38,9 +38,10 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     text.write_bytes(b"the quick brown fox jumps over the lazy dog. " * 100)
 
     def cfg(run: Path, **kw) -> TrainConfig:
-        return TrainConfig(**(dict(data=str(text), batch_size=4, bptt=32, lr=2e-2, warmup=5, save=str(run),
-                                   log_interval=2, eval_interval=4, max_eval_bytes=200, save_every_minutes=None,
-                                   max_steps=16) | kw))
+        base = {"data": str(text), "batch_size": 4, "bptt": 32, "lr": 2e-2, "warmup": 5, "save": str(run),
+                "log_interval": 2, "eval_interval": 4, "max_eval_bytes": 200, "save_every_minutes": None,
+                "max_steps": 16}
+        return TrainConfig(**(base | kw))
 
     train(MODEL, cfg(tmp / "straight"), quiet=True)
     split = tmp / "split"
@@ -93,11 +94,9 @@ def test_a_killed_process_is_replaced_by_its_resume(tmp_path: Path) -> None:
     rec = [("start", None, None, 0), ("train", 5, 3.0, 1), ("train", 10, 2.5, 2), ("save", 10, None, 2),
            ("train", 15, 2.2, 3), ("valid", 15, 2.3, 3.5), ("train", 20, 2.0, 4),
            ("start", None, None, 100), ("train", 15, 2.1, 101), ("train", 20, 1.9, 102), ("train", 25, 1.8, 103)]
-    with open(tmp_path / "log.jsonl", "w") as f:
-        for event, step, bpc, t in rec:
-            f.write(json.dumps({"event": event, "time": t, **({"step": step} if step else {}),
-                                **({"bpc": bpc, "lr": 0.001} if bpc else {})}) + "\n")
-        f.write('{"event": "train", "ti')  # killed while writing a line
+    lines = [json.dumps({"event": event, "time": t, **({"step": step} if step else {}),
+                         **({"bpc": bpc, "lr": 0.001} if bpc else {})}) + "\n" for event, step, bpc, t in rec]
+    (tmp_path / "log.jsonl").write_text("".join(lines) + '{"event": "train", "ti')  # killed while writing a line
     c = read_curves(tmp_path)
     assert [(p.step, p.value) for p in c.train] == [(5, 3.0), (10, 2.5), (15, 2.1), (20, 1.9), (25, 1.8)]
     assert c.valid == [] and c.unreadable == 1 and c.processes == 2

@@ -79,8 +79,8 @@ class OnnxStep(nn.Module):
         state = []
         for block in self.model.blocks:
             rnn = tuple(next(it) for _ in range(block.rnn_state_len))
-            # The ring is written in place: a copy, so that the graph's inputs stay inputs.
-            memory = MemoryRing(next(it).clone(), next(it)) if block.attn is not None else None
+            # The ring is written in place; torch.export turns that into a new tensor (ONNX has no mutation).
+            memory = MemoryRing(next(it), next(it)) if block.attn is not None else None
             state.append(BlockState(rnn, memory))
         out = self.model(tokens, tuple(state))
         assert out.logits is not None
