@@ -136,8 +136,10 @@ def attention_figure(maps: Sequence[AttentionMap], uses: Sequence[AttentionUse],
         by_dist.set_xlabel("distance + 1 (1 = the query itself)")
         by_dist.set_ylabel("weight, averaged over the text's queries")
         within = [int(np.searchsorted(cum, q * cum[-1])) for q in (0.5, 0.9, 0.99)] if cum[-1] > 0 else []
-        by_dist.set_title("weight by distance: " + ", ".join(
-            f"{q}% within {w}" for q, w in zip((50, 90, 99), within)), fontsize=10)
+        by_dist.set_title("weight by distance")
+        by_dist.text(0.03, 0.03, "\n".join(f"{q}% of the weight within {w} positions"
+                                            for q, w in zip((50, 90, 99), within)),
+                     transform=by_dist.transAxes, fontsize=8, va="bottom")
         twin = by_dist.twinx()
         twin.semilogx(d + 1, cum, color="C1", lw=1)
         twin.set_ylim(0, 1.02)
