@@ -116,6 +116,10 @@ def test_export_errors_are_one_line(tmp_path: Path, capsys, monkeypatch) -> None
     assert main(["export", str(tmp_path / "ckpt"), str(tmp_path / "m.onnx")]) == 2
     err = capsys.readouterr().err
     assert err == "sharnn: error: this needs onnxscript, which is not installed: pip install 'sharnn[onnx]'\n"
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)
+    assert main(["export", str(tmp_path / "ckpt"), str(tmp_path / "m.onnx")]) == 2
+    assert capsys.readouterr().err == ("sharnn: error: this needs onnxruntime, which is not installed: "
+                                       "pip install 'sharnn[onnx]' (or pass --check-bytes 0)\n")
     assert not (tmp_path / "m.onnx").exists()
 
 

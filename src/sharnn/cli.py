@@ -176,7 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("checkpoint", help="checkpoint folder, or a run folder (its best/ is used)")
     x.add_argument("out", help="the .onnx file to write (the one-token step)")
     x.add_argument("--segment", type=int, metavar="N",
-                   help="also write OUT's name with .segmentN.onnx: N tokens per call, for prompts")
+                   help="also write OUT.segmentN.onnx: N tokens per call, for prompts")
     x.add_argument("--check-bytes", type=int, default=300, metavar="N",
                    help="compare onnxruntime's log-probabilities with PyTorch's over N tokens (default: 300; 0: no "
                         "check)")
@@ -456,10 +456,12 @@ def cmd_collapse(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     from .checkpoint import load_model
-    from .export import check_onnx, export_onnx
+    from .export import check_onnx, export_onnx, require
 
     if args.check_bytes < 0:
         raise SharnnError(f"--check-bytes must not be negative, got {args.check_bytes}")
+    if args.check_bytes:
+        require("onnxruntime", unless="--check-bytes 0")  # before the export, not after it
     model = load_model(args.checkpoint)
     paths = export_onnx(model, args.out, args.segment)
     print(f"wrote {' and '.join(map(str, paths))}")

@@ -105,7 +105,8 @@ def segment_path(out: Path, n: int) -> Path:
     return out.with_name(f"{out.stem}.segment{n}{out.suffix or '.onnx'}")
 
 
-def _require(*modules: str) -> None:
+def require(*modules: str, unless: str = "") -> None:
+    """SharnnError naming the modules that are not installed, and how to install them (or do without)."""
     missing = []
     for name in modules:
         try:
@@ -113,12 +114,14 @@ def _require(*modules: str) -> None:
         except ImportError:
             missing.append(name)
     if missing:
-        raise SharnnError(f"this needs {' and '.join(missing)}, which is not installed: {INSTALL}")
+        verb = "is" if len(missing) == 1 else "are"
+        raise SharnnError(f"this needs {' and '.join(missing)}, which {verb} not installed: {INSTALL}"
+                          + (f" (or pass {unless})" if unless else ""))
 
 
 def export_onnx(model: SHARNN, out: str | Path, segment: int | None = None) -> list[Path]:
     """Write the step model to `out` and, with `segment`, the N-token model beside it; returns the paths."""
-    _require("onnx", "onnxscript")  # what torch.onnx's exporter builds the graph with
+    require("onnx", "onnxscript")  # what torch.onnx's exporter builds the graph with
     if segment is not None and segment < 2:
         raise SharnnError(f"--segment must be at least 2 (the step model is the 1-token one), got {segment}")
     out = Path(out)
@@ -205,7 +208,7 @@ def check_onnx(model: SHARNN, paths: list[Path], length: int = 300, batch: int =
 
     Raises SharnnError when onnxruntime is missing or the difference exceeds CHECK_TOLERANCE.
     """
-    _require("onnxruntime")
+    require("onnxruntime")
     import onnxruntime as ort
 
     sessions = {}
