@@ -210,3 +210,24 @@ def test_autocast_keeps_residual_stream_and_state_in_fp32(tiny_config: SHARNNCon
         assert o.state[1].memory.dtype == torch.float32
     out.loss.backward()
     assert model.encoder.weight.grad is not None and model.encoder.weight.grad.dtype == torch.float32
+
+
+@pytest.mark.parametrize("window", ["sliding", "reference"])
+@pytest.mark.parametrize("core", ["LSTM", "QRNN"])
+def test_static_ring_segments_equal_ordinary_memory(tiny_config: SHARNNConfig, window: str, core: str) -> None:
+    # Block.static_ring (what ONNX export runs): segments attend over the ring as it lies and write into it,
+    # shapes independent of the count; the numbers are ordinary memory's, for any cuts (also longer than the
+    # span, and before and after the ring wraps), under both window rules.
+    torch.manual_seed(0)
+    model = SHARNN(replace(tiny_config, attn_span=12, model=core, attn_window=window)).eval()
+    for block in model.blocks:
+        block.static_ring = True
+    x = torch.randint(0, 256, (80, 2))
+    plain, ring, pos = None, model.ring_state(model.initial_state(2)), 0
+    with torch.no_grad():
+        for n in [5, 1, 1, 3, 7, 1, 20, 4, 1, 1, 9, 27]:
+            a, b = model(x[pos : pos + n], plain), model(x[pos : pos + n], ring)
+            assert torch.allclose(a.logits, b.logits, atol=1e-5), (pos, n)
+            plain, ring, pos = a.state, b.state, pos + n
+            assert b.state[1].memory.rows.shape == (12, 2, 16) and int(b.state[1].memory.count) == pos
+    assert torch.allclose(model.ordered_state(ring)[1].memory, plain[1].memory, atol=1e-5)

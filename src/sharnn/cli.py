@@ -7,6 +7,9 @@
     sharnn score CKPT [FILE ...] [--document] [--context FILE] [--per-token]
     sharnn import-reference STATE_DICT.pt OUT [--vocab-from DIR]
     sharnn collapse CKPT OUT
+    sharnn export CKPT OUT.onnx [--segment N] [--check-bytes N]
+    sharnn plot RUN [RUN ...] -o curves.png|svg
+    sharnn attention CKPT --text FILE -o attention.png|svg [--window N] [--at POS] [--max-bytes N]
 
 Training flags are derived from the fields of `SHARNNConfig` and `TrainConfig` and spelled as in the seed's
 parameter table (`--batch_size`, `--log-interval`); each also accepts the other spelling (`--batch-size`).
@@ -165,6 +168,42 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("collapse", help="store the attention value gates as constants (same outputs)")
     c.add_argument("checkpoint", help="checkpoint folder, or a run folder (its best/ is used)")
     c.add_argument("out", help="checkpoint folder to write")
+
+    x = sub.add_parser("export", help="write the model as ONNX, its state as explicit input and output",
+                       description="Export to ONNX: a one-token step (and with --segment an N-token model) whose "
+                                   "RNN states and attention memory are inputs and outputs. Needs "
+                                   "pip install 'sharnn[onnx]'.")
+    x.add_argument("checkpoint", help="checkpoint folder, or a run folder (its best/ is used)")
+    x.add_argument("out", help="the .onnx file to write (the one-token step)")
+    x.add_argument("--segment", type=int, metavar="N",
+                   help="also write OUT.segmentN.onnx: N tokens per call, for prompts")
+    x.add_argument("--check-bytes", type=int, default=300, metavar="N",
+                   help="compare onnxruntime's log-probabilities with PyTorch's over N tokens (default: 300; 0: no "
+                        "check)")
+
+    pl = sub.add_parser("plot", help="draw learning curves of runs (PNG or SVG)",
+                        description="Training and validation bpc against optimizer steps and against training time, "
+                                    "the learning rate on a second axis; several runs on one chart. Reads each run "
+                                    "folder's log.jsonl (finished, interrupted or resumed runs). Needs "
+                                    "pip install 'sharnn[plot]'.")
+    pl.add_argument("runs", nargs="+", metavar="RUN", help="run folders (their --save), or log.jsonl files")
+    pl.add_argument("-o", "--output", required=True, metavar="FILE", help="image to write: .png or .svg")
+
+    at = sub.add_parser("attention", help="draw where the attention looks over a text (PNG or SVG)",
+                        description="For each attention block: a heat-map of a short window's queries against the "
+                                    "keys before and among them, with the bytes as labels; the average attention "
+                                    "distance of every query of the text; and the weight by distance. Needs "
+                                    "pip install 'sharnn[plot]'.")
+    at.add_argument("checkpoint", help="checkpoint folder, or a run folder (its best/ is used)")
+    at.add_argument("--text", required=True, metavar="FILE", help="the text to read (as bytes)")
+    at.add_argument("-o", "--output", required=True, metavar="FILE", help="image to write: .png or .svg")
+    at.add_argument("--window", type=int, default=48, metavar="N",
+                    help="queries in the heat-map; it shows as many keys before them (default: 48)")
+    at.add_argument("--at", type=int, default=None, metavar="POS",
+                    help="text position of the heat-map's first query (default: the last --window bytes read)")
+    at.add_argument("--max-bytes", type=int, default=20_000, metavar="N",
+                    help="read at most the file's first N bytes (default: 20000)")
+    at.add_argument("--device", default="auto", help="auto, cpu or cuda")
     return p
 
 
@@ -332,10 +371,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _read_bytes(path: str) -> bytes:
+def _read_bytes(path: str, limit: int = -1) -> bytes:
+    """The file's bytes (its first `limit` ones when given), or one clear error."""
     try:
         with open(path, "rb") as f:
-            return f.read()
+            return f.read(limit)
     except OSError as e:
         raise SharnnError(f"cannot read {path}: {e.strerror}") from None
 
@@ -414,6 +454,84 @@ def cmd_collapse(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from .checkpoint import load_model
+    from .export import check_onnx, export_onnx, require
+
+    if args.check_bytes < 0:
+        raise SharnnError(f"--check-bytes must not be negative, got {args.check_bytes}")
+    if args.check_bytes:
+        require("onnxruntime", unless="--check-bytes 0")  # before the export, not after it
+    model = load_model(args.checkpoint)
+    paths = export_onnx(model, args.out, args.segment)
+    print(f"wrote {' and '.join(map(str, paths))}")
+    if args.check_bytes:
+        diff = check_onnx(model, paths, args.check_bytes)
+        print(f"onnxruntime matches PyTorch over {args.check_bytes} tokens: largest log-probability difference "
+              f"{diff:.2g}")
+    return 0
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    from .curves import read_curves
+    from .plots import curves_figure, image_format, save
+
+    image_format(args.output)  # before reading anything
+    runs = [read_curves(r) for r in args.runs]
+    for run in runs:
+        if not run.train and not run.valid:
+            raise SharnnError(f"{run.name} has no training or validation lines in its log.jsonl yet: nothing to plot")
+        if run.unreadable:
+            print(f"sharnn: {run.name}: skipped {run.unreadable} unreadable line(s) of its log.jsonl", file=sys.stderr)
+    save(curves_figure(runs, _curve_unit(args.runs)), args.output)
+    print(f"wrote {args.output}: " + "; ".join(
+        f"{r.name}: {len(r.train)} train and {len(r.valid)} valid points, {r.processes} process(es)" for r in runs))
+    return 0
+
+
+def _curve_unit(runs: list[str]) -> str:
+    """bpc for byte and character runs, "bits per token" when any run is word-level (from its checkpoints)."""
+    from .checkpoint import load_vocab
+
+    for run in runs:
+        try:
+            if load_vocab(run).kind == "words":
+                return "bits per token"
+        except SharnnError:  # no checkpoint yet (or a bare log.jsonl): bytes
+            pass
+    return "bpc"
+
+
+def cmd_attention(args: argparse.Namespace) -> int:
+    import torch
+
+    from .attention_map import attention_blocks, attention_over_text
+    from .checkpoint import load_model
+    from .plots import attention_figure, image_format, save
+    from .runtime import resolve_device
+
+    image_format(args.output)
+    if args.window < 1 or args.max_bytes < 1:
+        raise SharnnError("--window and --max-bytes must be at least 1")
+    device = resolve_device(args.device)
+    model = load_model(args.checkpoint, device)
+    if not attention_blocks(model):
+        raise SharnnError(f"{args.checkpoint} has no attention block (--attn-layers): nothing to draw")
+    data = _read_bytes(args.text, args.max_bytes)
+    ids = [int(i) for i in model.vocab.encode(data)]
+    if len(ids) < args.window:
+        raise SharnnError(f"{args.text} holds {len(ids)} tokens, fewer than --window {args.window}")
+    start = len(ids) - args.window if args.at is None else args.at
+    if not 0 <= start <= len(ids) - args.window:
+        raise SharnnError(f"--at {start} leaves no room for --window {args.window} in the {len(ids)} tokens read; "
+                          f"use 0 to {len(ids) - args.window}")
+    maps, uses = attention_over_text(model, torch.tensor(ids, device=device), start, args.window)
+    save(attention_figure(maps, uses, ids, model.vocab, model.cfg.attn_span), args.output)
+    print(f"wrote {args.output}: {len(maps)} attention block(s), {len(ids):,} tokens, heat-map of positions "
+          f"{start}-{start + args.window - 1}")
+    return 0
+
+
 def cmd_data(args: argparse.Namespace) -> int:
     from .data import ENWIK8_URL, prepare_awd, prepare_enwik8
 
@@ -434,7 +552,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     commands = {"train": cmd_train, "eval": cmd_eval, "data": cmd_data, "generate": cmd_generate,
-                "score": cmd_score, "import-reference": cmd_import_reference, "collapse": cmd_collapse}
+                "score": cmd_score, "import-reference": cmd_import_reference, "collapse": cmd_collapse,
+                "export": cmd_export, "plot": cmd_plot, "attention": cmd_attention}
     try:
         return commands[args.command](args)
     except SharnnError as e:

@@ -69,6 +69,31 @@ class MemoryRing(NamedTuple):
         """(M,) bool: the slots that hold a row (all of them once M rows were written)."""
         return torch.arange(self.rows.shape[0], device=self.rows.device) < self.count
 
+    def extended(self, new: Tensor, window: str) -> tuple[Tensor, Tensor, MemoryRing]:
+        """A segment of T rows over the ring, with shapes that do not depend on the count (`Block.static_ring`).
+
+        Args:
+            new: (T, B, E) the segment's attention inputs (after lnmem).
+            window: the attention window rule, "sliding" or "reference" (see the module docstring).
+        Returns:
+            keys (M + T, B, E): the slots as they lie, then the segment; visible (T, M + T) bool: which of them
+            each query may attend to; and the ring with the segment's last min(T, M) rows written in, in place.
+        """
+        M, T, dev = self.rows.shape[0], new.shape[0], self.rows.device
+        keys = torch.cat([self.rows, new.to(self.rows.dtype)])  # a copy: the writes below cannot reach it
+        i = torch.arange(T, device=dev)[:, None]  # query i sits at position count + i
+        j = torch.arange(T, device=dev)[None, :]
+        age = (self.count - 1 - torch.arange(M, device=dev)) % M  # (M,) 0 = the slot written last
+        if window == "reference":  # every query sees the last M - T rows and the segment up to itself
+            seen, own = (age < M - T).expand(T, M), j <= i
+        else:  # query i sees positions after count + i - M, i.e. rows of age < M - 1 - i
+            seen, own = age < M - 1 - i, (j <= i) & (j > i - M)
+        visible = torch.cat([seen & (age < self.count), own], dim=1)  # slots never written are not seen
+        n = min(T, M)  # distinct slots: only the last M rows of a long segment stay
+        slots = (self.count + torch.arange(T - n, T, device=dev)) % M
+        self.rows.index_copy_(0, slots, new[T - n :].to(self.rows.dtype))
+        return keys, visible, MemoryRing(self.rows, self.count + T)
+
 
 class BlockState(NamedTuple):
     # The core's state, each (1, B, E): (h, c) for an LSTM, (h,) for a GRU; for a QRNN (c, x_last) with
@@ -362,6 +387,10 @@ class Block(nn.Module):
         self.ff = Boom(cfg)
         self.span = cfg.attn_span
         self.window = cfg.attn_window
+        # A segment of several tokens after a MemoryRing: False reads the ring in order and returns ordinary memory
+        # (fewer keys while the memory is short); True attends over the ring as it lies and writes the segment into
+        # it (MemoryRing.extended), so no shape depends on the data: what ONNX export (sharnn.export) needs.
+        self.static_ring = False
         # Parts computed in float32 even under autocast ("core", "attention", "boom"): SHARNN.keep_fp32 sets it.
         self.fp32_parts: frozenset[str] = frozenset()
 
@@ -408,12 +437,15 @@ class Block(nn.Module):
         rnn_state = tuple(t.to(dtype) for t in rnn_state)
         h = self.drop(x.to(dtype))  # the core's output replaces h: no residual around the RNN (as in the paper)
         memory = state.memory
-        if isinstance(memory, MemoryRing) and T > 1:
+        if isinstance(memory, MemoryRing) and T > 1 and not self.static_ring:
             memory = memory.ordered(self.span - 1)
         if self.attn is not None:
             assert memory is not None
             visible = None
-            if isinstance(memory, MemoryRing):  # one token: write its row in place, attend over the ring
+            if isinstance(memory, MemoryRing) and T > 1:  # static_ring: the slots as they lie, then the segment
+                keys, visible, memory = memory.extended(self.lnmem(h), self.window)
+                mem_len = self.span
+            elif isinstance(memory, MemoryRing):  # one token: write its row in place, attend over the ring
                 assert memory.rows.shape[0] == self.span, "a MemoryRing has attn_span slots (SHARNN.ring_state)"
                 memory = memory.written(self.lnmem(h))
                 keys, mem_len, visible = memory.rows, self.span - 1, memory.filled()  # a view: nothing copied

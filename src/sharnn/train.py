@@ -55,6 +55,7 @@ from .evaluate import EvalResult, autocast, evaluate
 from .generate import generate
 from .model import SHARNN, BlockState, SHARNNOutput, State, count_parameters, detach_state
 from .optim import averaged_weights, build_asgd, build_optimizer, lr_at, set_lr, should_switch_to_asgd
+from .progress import TrainProgress
 from .runtime import resolve_device, seed_everything, set_tf32
 
 LN2 = math.log(2)
@@ -480,8 +481,8 @@ class _Loop:
         model.train()
         state = self.carried
         est_batches = max(1, (self.streams.n - 1) // cfg.bptt)
-        bar = tqdm(total=est_batches, desc=f"epoch {self.epoch}", unit="batch", leave=False, file=sys.stderr,
-                   disable=True if self.log.quiet else None, initial=min(self.position // cfg.bptt, est_batches))
+        bar = TrainProgress(cfg, self.epoch, est_batches, min(self.position // cfg.bptt, est_batches), self.step,
+                            self.start_time, show=not self.log.quiet)
         self.window_start = time.perf_counter()
         try:
             for pos, seq_len in train_segments(self.streams, cfg.bptt, self.rng, start=self.position):
@@ -529,9 +530,9 @@ class _Loop:
                 w["chars"] += y.numel() * self.ranks.world  # throughput of all ranks together
                 self.chars += y.numel() * self.ranks.world
                 self.seconds += time.perf_counter() - t0
-                bar.update(1)
+                bar.update(min(self.position // cfg.bptt, est_batches), self.step, self.micro)
                 if w["batches"] == cfg.log_interval:
-                    self._log_window(est_batches)
+                    self._log_window(est_batches, bar.log_suffix())
                 # Decisions every rank must take together (one all-reduce under torchrun, none otherwise).
                 save_due, over, signalled = self.ranks.any(
                     stepped and self._save_due(), stepped and self.out_of_budget(), self.stop_signal is not None,
@@ -620,7 +621,7 @@ class _Loop:
         else:
             self.save("last")
 
-    def _log_window(self, est_batches: int) -> None:
+    def _log_window(self, est_batches: int, suffix: str = "") -> None:
         w = self.window
         elapsed = time.perf_counter() - self.window_start
         loss = w["loss"] / w["finite"] if w["finite"] else math.nan
@@ -629,7 +630,7 @@ class _Loop:
         self.log.line(
             f"| epoch {self.epoch:3d} | {batch:5d}/{est_batches:5d} batches | lr {lr:.3g} | "
             f"ms/batch {1000 * elapsed / w['batches']:7.1f} | loss {loss:5.3f} | bpc {loss / LN2:6.3f} | "
-            f"chars/s {w['chars'] / elapsed:8.0f}"
+            f"chars/s {w['chars'] / elapsed:8.0f}{suffix}"
         )
         self.log.record("train", epoch=self.epoch, step=self.step, batch=batch, lr=lr,
                         ms_per_batch=1000 * elapsed / w["batches"], loss=loss, bpc=loss / LN2,

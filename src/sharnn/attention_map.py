@@ -1,0 +1,102 @@
+"""Where the single head looks (`sharnn attention`): the attention weights of every attention block over a text.
+
+The weights are the model's own: a forward hook on each `Attention` module hands its inputs to
+`Attention.weights`, the function whose output `Attention.forward` mixes the values with. The text runs as
+evaluation runs it (batch 1, segments, state and memory carried), so each query sees the memory it would see
+there: up to attn_span positions back.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .model import SHARNN
+
+
+class AttentionMap(NamedTuple):
+    """The weights of `window` consecutive queries on the keys just before and among them, for a heat-map."""
+
+    block: int
+    start: int  # text position of the first query
+    key_start: int  # text position of the first key column
+    weights: np.ndarray  # (W, C) query i (position start + i) on key j (position key_start + j)
+    older: np.ndarray  # (W,) the weight of each query on keys before key_start
+
+
+class AttentionUse(NamedTuple):
+    """How far back one block's attention reaches, over a whole text."""
+
+    block: int
+    mean_distance: np.ndarray  # (L,) per query position t: sum over keys k of weight * (t - k), in positions
+    by_distance: np.ndarray  # (M,) weight at distance d (0 = the query itself), averaged over all L queries
+
+
+def attention_blocks(model: SHARNN) -> list[int]:
+    return [i for i, b in enumerate(model.blocks) if b.attn is not None]
+
+
+@torch.no_grad()
+def attention_over_text(model: SHARNN, ids: Tensor, start: int, window: int,
+                        chunk: int = 256) -> tuple[list[AttentionMap], list[AttentionUse]]:
+    """Run `ids` (L,) through the model and gather each attention block's weights.
+
+    Args:
+        ids: (L,) token ids, on the model's device.
+        start, window: the heat-map's queries are positions start .. start + window - 1 (run as one segment);
+            its keys are the `window` positions before them and the queries themselves.
+        chunk: segment length for the rest of the text.
+    Returns:
+        one AttentionMap and one AttentionUse per attention block, in block order.
+    """
+    L, M = ids.shape[0], model.cfg.attn_span
+    assert 0 <= start and start + window <= L
+    blocks = attention_blocks(model)
+    mean_distance = {i: torch.zeros(L) for i in blocks}
+    by_distance = {i: torch.zeros(M + chunk + window) for i in blocks}
+    maps: dict[int, AttentionMap] = {}
+    pos = 0  # text position of the current segment's first token
+
+    def hook(i: int) -> Any:
+        def record(module: Any, args: tuple[Any, ...], output: Tensor) -> None:
+            h, keys, mem_len, visible = (*args, None)[:4]
+            assert visible is None, "weights() applies the window rule itself: ordinary memory only"
+            w = module.weights(h, keys, mem_len)[0].float().cpu()  # (T, K)
+            T, K = w.shape
+            dist = (mem_len + torch.arange(T)[:, None]) - torch.arange(K)[None, :]  # (T, K) query - key position
+            mean_distance[i][pos : pos + T] = (w * dist.clamp(min=0)).sum(-1)
+            by_distance[i].scatter_add_(0, dist.clamp(min=0).reshape(-1), w.reshape(-1))  # future keys have w 0
+            if pos == start and T == window:
+                shown = min(window, mem_len)  # key columns before the first query
+                first = mem_len - shown
+                maps[i] = AttentionMap(i, start, start - shown, w[:, first:].numpy(), w[:, :first].sum(-1).numpy())
+        return record
+
+    handles = [model.blocks[i].attn.register_forward_hook(hook(i)) for i in blocks]  # type: ignore[union-attr]
+    was_training = model.training
+    model.eval()
+    try:
+        cuts = [(a, min(a + chunk, start) - a) for a in range(0, start, chunk)]
+        cuts += [(start, window)] + [(a, min(a + chunk, L) - a) for a in range(start + window, L, chunk)]
+        state = None
+        for pos, n in cuts:  # `pos` is read by the hooks
+            state = model(ids[pos : pos + n, None], state).state
+    finally:
+        model.train(was_training)
+        for handle in handles:
+            handle.remove()
+    uses = [AttentionUse(i, mean_distance[i].numpy(), (by_distance[i][:M] / L).numpy()) for i in blocks]
+    return [maps[i] for i in blocks], uses
+
+
+def token_label(vocab: Any, token: int) -> str:
+    """A tick label for one token: printable ASCII as is, space as ␣, newline as \\n, other bytes in hex."""
+    data = vocab.decode([token]) if vocab is not None else bytes([token])
+    if vocab is not None and vocab.kind == "words":
+        return data.decode("utf-8", errors="replace")
+    if data == b" ":
+        return "␣"
+    return data.decode() if len(data) == 1 and data.isascii() and data.decode().isprintable() else repr(data)[2:-1]
