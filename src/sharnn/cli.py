@@ -50,7 +50,7 @@ def _add_field_flags(parser: argparse.ArgumentParser, cls: type, title: str) -> 
         names = [under, hyphen] if f.name == "batch_size" else list(dict.fromkeys([hyphen, under]))
         kw: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS}
         default = f.default
-        help_text = f"{f.metadata.get('help', '')} (default: {_show(default)})"
+        help_text = f"{f.metadata.get('help', '')} (default: {f.metadata.get('shown') or _show(default)})"
         t = str(f.type)
         if t == "bool":
             kw["action"] = argparse.BooleanOptionalAction
