@@ -420,7 +420,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SharnnError as e:
         # train.TrainingInterrupted (SIGINT/SIGTERM, checkpoint saved) is no error: 128 + the signal's number.
         status = getattr(e, "exit_status", 2)
-        print(f"sharnn: {'error: ' if status == 2 else ''}{e}", file=sys.stderr)
+        if not getattr(e, "quiet", False):  # under torchrun, an error every rank raised is said by rank 0 alone
+            print(f"sharnn: {'error: ' if status == 2 else ''}{e}", file=sys.stderr)
         return status
     except KeyboardInterrupt:
         print("sharnn: interrupted", file=sys.stderr)
