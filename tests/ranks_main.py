@@ -2,8 +2,9 @@
 
 - SHARNN_TEST_FAIL=WHERE:RANK makes that rank fail, as a rank can on its own: WHERE is `save` (its checkpoint
   writes find the disk full), `valid` (its validation raises while the others wait for it), `step` (a
-  SharnnError at its third optimizer step, while the others go on to the next collective) or `kill` (the
-  process is killed there, as by the out-of-memory killer: no Python, no message).
+  SharnnError at its third optimizer step, while the others go on to the next collective), `kill` (the
+  process is killed there, as by the out-of-memory killer: no Python, no message) or `signal` (SIGTERM reaches
+  that rank alone in the middle of its third --accumulate step, after the first of its segments).
 - After the command each rank prints one line to stderr, `threads: [...]`: the threads its process still runs,
   so a test can check that the process group's worker threads were joined before Python's own exit.
 """
@@ -45,9 +46,28 @@ def _fail_here(where: str) -> None:
         train_module._Loop._finish_step = failing_step
 
 
+def _signal_mid_step() -> None:
+    loops = []
+    init, detach_state = train_module._Loop.__init__, train_module.detach_state
+
+    def remember(loop, *args, **kwargs):
+        init(loop, *args, **kwargs)
+        loops.append(loop)
+
+    def detach_and_signal(state):  # the loop calls it once a segment, before it counts the segment
+        if loops[0].step == 2 and loops[0].micro == 0:
+            loops[0].stop_signal = loops[0].ranks.signalled = signal.SIGTERM  # what the loop's handler records
+        return detach_state(state)
+
+    train_module._Loop.__init__ = remember
+    train_module.detach_state = detach_and_signal
+
+
 if __name__ == "__main__":
     where, _, rank = os.environ.get("SHARNN_TEST_FAIL", "").partition(":")
-    if where and rank == os.environ.get("RANK"):
+    if where == "signal" and rank == os.environ.get("RANK"):
+        _signal_mid_step()
+    elif where and rank == os.environ.get("RANK"):
         _fail_here(where)
     status = main(sys.argv[1:])
     if os.path.isdir("/proc/self/task"):

@@ -125,6 +125,22 @@ def test_an_error_on_one_rank_stops_every_rank_with_its_message(corpus: Path, tm
 
 
 @pytest.mark.slow
+def test_signal_inside_an_accumulation_step_saves_and_resumes(corpus: Path, tmp_path: Path) -> None:
+    # SIGTERM on one rank after the first segment of step 3: every rank stops, last/ holds the gradients
+    # gathered so far averaged over the ranks (a collective in the save), and one process with the combined
+    # batch resumes to the weights of a straight run.
+    common = ["--data", str(corpus), *FLAGS, "--accumulate", "2", "--save-every-minutes", "none"]
+    proc = launch(*common, "--batch_size", "2", "--max-steps", "6", "--save", str(tmp_path / "r"), ranks=2,
+                  env={"SHARNN_TEST_FAIL": "signal:1"})
+    assert proc.returncode != 0 and "stopped by SIGTERM at epoch 1, step 2 (+1 gathered segments)" in proc.stderr
+    assert proc.stderr.count("stopped by SIGTERM") == 1 and "[rank" not in proc.stderr, proc.stderr[-3000:]
+    sharnn(*common, "--batch_size", "4", "--max-steps", "6", "--save", str(tmp_path / "r"), "--resume",
+           str(tmp_path / "r"))
+    sharnn(*common, "--batch_size", "4", "--max-steps", "6", "--save", str(tmp_path / "straight"))
+    assert_close(weights(tmp_path / "r"), weights(tmp_path / "straight"))
+
+
+@pytest.mark.slow
 def test_a_crashed_rank_is_named_the_cause(corpus: Path, tmp_path: Path) -> None:
     # Rank 1 is killed (no message, no mark): rank 0's collective breaks, and it must not present its echo of
     # the crash ("Connection closed by peer") as the run's error; torchrun names rank 1 and its signal.
