@@ -15,6 +15,7 @@ import json
 import os
 import signal
 import sys
+from pathlib import Path
 
 import sharnn.train as train_module
 from sharnn.cli import main
@@ -71,6 +72,6 @@ if __name__ == "__main__":
         _fail_here(where)
     status = main(sys.argv[1:])
     if os.path.isdir("/proc/self/task"):
-        names = sorted(open(f"/proc/self/task/{t}/comm").read().strip() for t in os.listdir("/proc/self/task"))
+        names = sorted(Path(f"/proc/self/task/{t}/comm").read_text().strip() for t in os.listdir("/proc/self/task"))
         print("threads: " + json.dumps(names), file=sys.stderr, flush=True)
     sys.exit(status)

@@ -14,7 +14,10 @@ Ending, in success and in failure:
 - An error on one rank: the first rank to fail marks it in the rendezvous store (torchrun's, which outlives a
   rank), hands its message to torchrun's error file, destroys its group and exits with its status. The other
   ranks find their next collective broken, or find the mark while they wait for rank 0; they print nothing
-  (the failed rank's message is the run's) and leave as torchrun ends the remaining workers.
+  (the failed rank's message is the run's) and leave as torchrun ends the remaining workers. A rank that is
+  killed leaves no mark: an error that may be the echo of that (not one of ours) waits for torchrun first.
+- Rank 0's validation, which the others wait for, is shared through the store rather than a collective, so
+  a long one cannot run into the collective timeout (30 minutes with gloo).
 """
 
 from __future__ import annotations
