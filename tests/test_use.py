@@ -414,6 +414,18 @@ def test_import_reference(tmp_path: Path, capsys) -> None:
     assert "distinct symbols" in capsys.readouterr().err
 
 
+def test_import_reads_the_attention_blocks_off_the_weights() -> None:
+    # The original put attention in block nlayers-2, or (edited by hand, as its README suggests) in every block:
+    # the import takes what the tensors say, and the config keeps it explicitly, whatever the default.
+    from sharnn.convert import config_from_state_dict
+
+    for attn in [(0, 1, 2, 3), (2,), ()]:
+        sd = SHARNN(SHARNNConfig(emsize=16, nhid=32, nlayers=4, attn_layers=attn)).state_dict()
+        cfg = config_from_state_dict(sd, attn_span=5000)
+        assert cfg.attn_layers == attn and cfg.to_dict()["attn_layers"] == list(attn)
+        assert SHARNNConfig.from_dict(cfg.to_dict()) == cfg
+
+
 def test_table_vocab_round_trip() -> None:
     v = Vocab("table", ("<eos>", "97", "98"))
     ids = v.encode(b"ab\nba")
