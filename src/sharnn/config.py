@@ -70,8 +70,9 @@ class SHARNNConfig:
     dropouth: float = _doc("dropout inside blocks (RNN output, attention, Boom)", default=0.1)
     dropouti: float = _doc("dropout on the embedding output", default=0.1)
     dropoute: float = _doc(
-        "fraction of embedding rows (whole tokens) dropped in training. The original's table lists 0.1, but its "
-        "model never applied it, so its results (the paper's too) are with 0, our default",
+        "fraction of embedding rows (whole tokens) dropped in training. The table lists 0.1 (the original's "
+        "argparse default), but the original's model never applied it: its results, the paper's too, are with 0, "
+        "our default",
         default=0.0,
     )
     wdrop: float = _doc(
@@ -154,14 +155,13 @@ class TrainConfig:
     cooldown: int | None = _doc("linear cool-down length in optimizer steps (none = off)", default=None)
     accumulate: int = _doc("segments averaged per optimizer step", default=1)
     wdecay: float = _doc("weight decay", default=1.2e-6)
-    # The original's argparse defaults are alpha 2, beta 1, but its training loop never adds either penalty:
-    # a plain run here behaves like the original, and the flags turn AWD-LSTM's penalties on.
-    alpha: float = _doc("AR: weight of the L2 penalty on the final block's dropped output. The original's table "
-                        "lists 2, but its training loop never applied it, so its results are with 0, our default",
-                        default=0.0)
-    beta: float = _doc("TAR: weight of the L2 penalty on the final block's step-to-step change. The original's "
-                       "table lists 1, but its training loop never applied it, so its results are with 0, our "
-                       "default", default=0.0)
+    # A plain run behaves like the original, whose loop never added either penalty; the flags turn them on.
+    alpha: float = _doc("AR: weight of the L2 penalty on the final block's dropped output. The table lists 2 (the "
+                        "original's argparse default), but the original's training loop never applied it: its "
+                        "results, the paper's too, are with 0, our default", default=0.0)
+    beta: float = _doc("TAR: weight of the L2 penalty on the final block's step-to-step change. The table lists 1 "
+                       "(the original's argparse default), but the original's training loop never applied it: its "
+                       "results, the paper's too, are with 0, our default", default=0.0)
     optimizer: str = _doc("lamb, adam, adamw or sgd", default="lamb")
     nonmono: int = _doc("with sgd: switch to averaged SGD once validation is worse than the best before the last N epochs (0 = never)", default=5)
     seed: int = _doc("random seed", default=1111)
