@@ -233,6 +233,24 @@ def test_log_interval_spellings(flag: str) -> None:
     assert settings(flag, "7")[1].log_interval == 7
 
 
+def test_attention_block_follows_nlayers(tmp_path: Path, text_file: Path, capsys) -> None:
+    # As the original: the second to last block, whatever nlayers is; a preset keeps its explicit list.
+    assert settings("--nlayers", "2")[0].attn_layers == (0,)
+    assert settings("--nlayers", "6")[0].attn_layers == (4,)
+    assert settings("--nlayers", "1")[0].attn_layers == ()
+    assert settings("--nlayers", "6", "--attn-layers", "1", "3")[0].attn_layers == (1, 3)
+    assert settings("--preset", "paper-all-attn")[0].attn_layers == (0, 1, 2, 3)
+    help_text = " ".join(build_parser()._subparsers._group_actions[0].choices["train"].format_help().split())
+    assert "block nlayers-2" in help_text and "no attention when nlayers is 1" in help_text
+    # A plain run with 2 blocks trains (it used to stop: "attn_layers [2] out of range"), and its checkpoint
+    # says where the attention went.
+    flags = [f for f in tiny_flags(tmp_path) if f not in ("--attn-layers", "1")]
+    assert main(["train", "--data", str(text_file), *flags, "--max-eval-bytes", "200", "--json"]) == 0
+    saved = json.loads((tmp_path / "run" / "last" / "config.json").read_text())["model"]
+    assert saved["nlayers"] == 2 and saved["attn_layers"] == [0]
+    assert json.loads(capsys.readouterr().out)["steps"] == 2
+
+
 def test_list_and_optional_flags() -> None:
     model, train, _ = settings("--nlayers", "3", "--attn-layers", "0", "2", "--when", "3", "5",
                                "--max-time", "none", "--max_steps", "9", "--no-tied", "--cuda")

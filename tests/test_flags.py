@@ -39,7 +39,7 @@ def baseline(corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str
     ["--lr", "1e-2"], ["--clip", "0.01"], ["--clip", "0"], ["--wdecay", "0.5"], ["--seed", "7"],
     ["--warmup", "0"], ["--cooldown", "1"], ["--accumulate", "2"], ["--bptt", "9"], ["--batch_size", "3"],
     ["--dropout", "0.5"], ["--dropouth", "0.5"], ["--dropouti", "0.5"], ["--dropoute", "0.5"],
-    ["--alpha", "0"], ["--beta", "0"], ["--attn-span", "3"], ["--optimizer", "adam"], ["--optimizer", "adamw"],
+    ["--alpha", "2"], ["--beta", "1"], ["--attn-span", "3"], ["--optimizer", "adam"], ["--optimizer", "adamw"],
     ["--optimizer", "sgd", "--nonmono", "0"], ["--attn-layers", "0"], ["--nlayers", "3"], ["--precision", "bf16"],
 ])
 def test_flag_changes_training(corpus: Path, tmp_path: Path, baseline: dict[str, torch.Tensor], flags: list[str]) -> None:

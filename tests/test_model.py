@@ -180,6 +180,36 @@ def test_config_errors_and_round_trip(tiny_config: SHARNNConfig) -> None:
         SHARNNConfig(model="Transformer")
 
 
+@pytest.mark.parametrize("nlayers,expected", [(1, ()), (2, (0,)), (3, (1,)), (4, (2,)), (6, (4,))])
+def test_attention_defaults_to_the_second_to_last_block(nlayers: int, expected: tuple[int, ...]) -> None:
+    # The original: `use_attn = idx == num_layers - 2`, so no attention block at all when there is one block.
+    cfg = SHARNNConfig(emsize=4, nhid=8, nlayers=nlayers)
+    assert cfg.attn_layers == expected  # resolved at construction: what config.json stores is explicit
+    assert cfg.to_dict()["attn_layers"] == list(expected)
+    assert SHARNNConfig.from_dict(cfg.to_dict() | {"attn_layers": None}) == cfg  # JSON null: the default
+    model = SHARNN(cfg)
+    assert [i for i, b in enumerate(model.blocks) if b.attn is not None] == list(expected)
+    # An explicit list (--attn-layers, a preset, an older checkpoint) is kept as it is.
+    assert SHARNNConfig(emsize=4, nhid=8, nlayers=6, attn_layers=(0, 5)).attn_layers == (0, 5)
+    assert SHARNNConfig.from_dict({"nlayers": 4, "attn_layers": [1]}).attn_layers == (1,)
+    with pytest.raises(SharnnError, match="list of whole numbers"):  # "none" is not read as "no attention"
+        SHARNNConfig.from_dict({"nlayers": 4, "attn_layers": "none"})
+
+
+def test_regularisers_are_off_by_default_as_in_the_original() -> None:
+    # The original's argparse lists --alpha 2 --beta 1 --dropoute 0.1, but its loop never applies them.
+    from sharnn.config import TrainConfig
+    from sharnn.train import ar_tar
+
+    assert SHARNNConfig().dropoute == 0.0
+    model = SHARNN(SHARNNConfig(emsize=16, nhid=32, nlayers=2)).train()
+    x = torch.randint(0, 256, (7, 3))
+    assert torch.equal(model.embed(x), model.encoder.weight[x])  # no embedding rows dropped in training
+    out = model(x, targets=x)
+    assert ar_tar(out, TrainConfig()) == 0.0
+    assert float(ar_tar(out, TrainConfig(alpha=2.0, beta=1.0)).detach()) > 0.0  # the flags still act when set
+
+
 @pytest.mark.parametrize("mem_len,T", [(0, 6), (5, 4), (11, 1), (30, 3)])
 def test_folded_gates_equal_plain_attention(tiny_config: SHARNNConfig, monkeypatch, mem_len: int, T: int) -> None:
     # The fast path (gates folded into the query and the output, no mask for a single query) must give the

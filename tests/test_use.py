@@ -260,6 +260,40 @@ def test_crafted_pickles_never_run(ckpt: Path, tmp_path: Path, capsys) -> None:
     assert not marker.exists()
 
 
+@pytest.mark.parametrize("edit,fragment", [
+    ({"emsize": 10**9, "nhid": 10**9}, "impossibly large model (emsize 1000000000"),
+    ({"emsize": 10**6, "nhid": 10**6}, "decoder.weight is [256, 16] in model.safetensors but [256, 1000000]"),
+    ({"nhid": 64}, "blocks.0.ff.linear1.weight is [32, 16] in model.safetensors but [64, 16]"),
+    ({"nlayers": 3, "attn_layers": [1]}, "model.safetensors lacks blocks.2."),
+    ({"nlayers": 1, "attn_layers": []}, "model.safetensors has blocks.1."),
+    ({"attn_layers": [0]}, "model.safetensors has blocks.1.attn."),
+    ({"tied": False}, "model.safetensors lacks encoder.weight"),  # tied weights are stored once
+    ({"model": "GRU"}, "blocks.0.rnn.weight_ih_l0 is [64, 16] in model.safetensors but [48, 16]"),
+    ({"vocab_size": 300}, "its vocabulary has 256 symbols but its model 300"),
+])
+def test_config_json_that_disagrees_with_the_weights(ckpt: Path, edit: dict, fragment: str, capsys) -> None:
+    # A damaged or crafted config.json is refused from the weights file's header, before any model is built:
+    # emsize 10^6 would otherwise ask for terabytes.
+    meta = json.loads((ckpt / "config.json").read_text())
+    meta["model"].update(edit)
+    (ckpt / "config.json").write_text(json.dumps(meta))
+    assert main(["generate", str(ckpt), "--length", "3", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1 and fragment in err, err
+    with pytest.raises(SharnnError, match="damaged"):
+        load_model(ckpt)
+
+
+def test_attention_span_too_large_to_generate_with(ckpt: Path, capsys) -> None:
+    # No weight depends on the span, so only generation's preallocated memory ring can notice 10^12.
+    meta = json.loads((ckpt / "config.json").read_text())
+    meta["model"]["attn_span"] = 10**12
+    (ckpt / "config.json").write_text(json.dumps(meta))
+    assert main(["generate", str(ckpt), "--length", "3", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "attn_span 1,000,000,000,000 needs 59,604.6 GiB" in err, err
+
+
 def test_save_and_from_pretrained(model: SHARNN, tmp_path: Path) -> None:
     model.save_pretrained(tmp_path / "pre")
     again = SHARNN.from_pretrained(tmp_path / "pre")
@@ -268,6 +302,22 @@ def test_save_and_from_pretrained(model: SHARNN, tmp_path: Path) -> None:
     assert again.vocab == BYTES
     with pytest.raises(SharnnError, match="neither a local folder"):
         SHARNN.from_pretrained(tmp_path / "nope" / "deeper")
+
+
+def test_hub_install_hint_names_an_extra_that_exists(monkeypatch) -> None:
+    import re
+    import sys
+
+    from sharnn.checkpoint import load_pretrained
+    from sharnn.config import tomllib
+
+    monkeypatch.setitem(sys.modules, "huggingface_hub", None)  # as if it were not installed
+    with pytest.raises(SharnnError, match="hub extra") as e:
+        SHARNN.from_pretrained("someone/some-model")
+    project = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]
+    named = re.findall(r"\.\[(\w+)\]", str(e.value)) + re.findall(r"\[(\w+)\]", load_pretrained.__doc__ or "")
+    assert named and all(x in project["optional-dependencies"] for x in named), named
+    assert any(d.startswith("huggingface_hub") for d in project["optional-dependencies"]["hub"])
 
 
 def test_collapse_keeps_outputs(model: SHARNN, ckpt: Path, tmp_path: Path, capsys) -> None:
@@ -362,6 +412,18 @@ def test_import_reference(tmp_path: Path, capsys) -> None:
     other.write_bytes(bytes(range(256)) * 10)
     assert main(["import-reference", str(path), str(tmp_path / "x"), "--vocab-from", str(other)]) == 2
     assert "distinct symbols" in capsys.readouterr().err
+
+
+def test_import_reads_the_attention_blocks_off_the_weights() -> None:
+    # The original put attention in block nlayers-2, or (edited by hand, as its README suggests) in every block:
+    # the import takes what the tensors say, and the config keeps it explicitly, whatever the default.
+    from sharnn.convert import config_from_state_dict
+
+    for attn in [(0, 1, 2, 3), (2,), ()]:
+        sd = SHARNN(SHARNNConfig(emsize=16, nhid=32, nlayers=4, attn_layers=attn)).state_dict()
+        cfg = config_from_state_dict(sd, attn_span=5000)
+        assert cfg.attn_layers == attn and cfg.to_dict()["attn_layers"] == list(attn)
+        assert SHARNNConfig.from_dict(cfg.to_dict()) == cfg
 
 
 def test_table_vocab_round_trip() -> None:

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_model as st_load_model
 from safetensors.torch import save_file as st_save_file
 
@@ -304,12 +304,17 @@ def load_model(path: str | os.PathLike, device: torch.device | str = "cpu", pref
         cfg = SHARNNConfig.from_dict(meta["model"])
     except (KeyError, TypeError) as e:
         raise SharnnError(f"{ckpt}/config.json has no valid model section ({e})") from None
-    model = SHARNN(cfg)
-    model.vocab = Vocab.from_dict(meta.get("vocab", {"type": "bytes"}))
+    vocab = Vocab.from_dict(meta.get("vocab", {"type": "bytes"}))
+    if vocab.size != cfg.vocab_size:
+        raise SharnnError(f"{ckpt}/config.json is inconsistent: its vocabulary has {vocab.size} symbols but its "
+                          f"model {cfg.vocab_size}; the checkpoint is damaged")
     weights = ckpt / "model.safetensors"
     if not weights.is_file():
         raise SharnnError(f"{ckpt} has no model.safetensors; the checkpoint is incomplete")
     _verify(ckpt, "model.safetensors", meta)
+    check_weight_shapes(cfg, weights)  # before the model is built: a damaged config.json must not allocate
+    model = SHARNN(cfg)
+    model.vocab = vocab
     try:
         missing, unexpected = st_load_model(model, str(weights), strict=False, device="cpu")
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
@@ -317,6 +322,49 @@ def load_model(path: str | os.PathLike, device: torch.device | str = "cpu", pref
     if missing or unexpected:
         raise SharnnError(f"{weights} does not match its config.json (missing {missing[:3]}, unexpected {unexpected[:3]})")
     return model.to(device)
+
+
+def check_weight_shapes(cfg: SHARNNConfig, weights: Path) -> None:
+    """Refuse a config.json that disagrees with the tensor shapes model.safetensors declares in its header.
+
+    Only the header is read (no tensor data), and the expected shapes come from the network built on PyTorch's
+    "meta" device, which allocates nothing. Once every shape matches, building the model needs no more memory
+    than the weights file holds, however a config.json was edited.
+    """
+    try:
+        with safe_open(str(weights), framework="pt") as f:
+            stored = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}  # noqa: SIM118
+    except (SafetensorError, OSError, ValueError) as e:
+        raise SharnnError(f"{weights} is corrupt: its header cannot be read ({e})") from None
+    try:
+        with torch.device("meta"):
+            expected = SHARNN(cfg).state_dict(keep_vars=True)
+    except (RuntimeError, ValueError, OverflowError, MemoryError):  # sizes past what PyTorch can address
+        have = stored.get("encoder.weight")
+        raise SharnnError(
+            f"{weights.parent}/config.json describes an impossibly large model (emsize {cfg.emsize}, nhid "
+            f"{cfg.nhid}, nlayers {cfg.nlayers}, vocab_size {cfg.vocab_size}), unlike its weights (encoder.weight "
+            f"{list(have) if have else 'missing'}); the checkpoint is damaged"
+        ) from None
+    names_of: dict[int, list[str]] = {}  # tied weights: one tensor under two names, stored once
+    for name, t in expected.items():
+        names_of.setdefault(id(t), []).append(name)
+    problem = next((f"model.safetensors has {name}, which the configuration does not"
+                    for name in stored if name not in expected), None)
+    for names in names_of.values():
+        if problem:
+            break
+        present = [n for n in names if n in stored]
+        if not present:
+            problem = f"model.safetensors lacks {names[0]}"
+        for n in present:
+            want = tuple(expected[n].shape)
+            if stored[n] != want:
+                problem = f"{n} is {list(stored[n])} in model.safetensors but {list(want)} by config.json"
+                break
+    if problem:
+        raise SharnnError(f"{weights.parent}/config.json does not match its weights: {problem}; "
+                          "the checkpoint is damaged (use another one, or the config.json it was saved with)")
 
 
 def load_vocab(path: str | os.PathLike, prefer: str = "best") -> Vocab:
@@ -353,8 +401,8 @@ def load_train_state(ckpt: Path, device: torch.device | str = "cpu") -> dict[str
 def load_pretrained(name_or_path: str | os.PathLike, device: torch.device | str = "cpu") -> SHARNN:
     """`SHARNN.from_pretrained`: a local checkpoint or run folder, else a Hugging Face Hub repository id.
 
-    The Hub needs the optional `huggingface_hub` package (`pip install sharnn[hub]`); what is downloaded is the
-    same folder layout, loaded the same safe way (JSON + safetensors).
+    The Hub needs the optional `huggingface_hub` package, which sharnn's `hub` extra installs (`pip install -e
+    '.[hub]'` in a clone); what is downloaded is the same folder layout, loaded the same safe way.
     """
     if Path(name_or_path).exists():
         return load_model(name_or_path, device)
@@ -364,7 +412,8 @@ def load_pretrained(name_or_path: str | os.PathLike, device: torch.device | str 
     try:
         from huggingface_hub import snapshot_download
     except ImportError:
-        raise SharnnError(f"{name} is not a local folder; to fetch it from the Hub, pip install huggingface_hub") from None
+        raise SharnnError(f"{name} is not a local folder; to fetch it from the Hugging Face Hub, install sharnn's "
+                          "hub extra (pip install -e '.[hub]' in a clone, or pip install huggingface_hub)") from None
     try:
         local = snapshot_download(name, allow_patterns=["config.json", "model.safetensors", "train_config.json"])
     except Exception as e:  # noqa: BLE001 - the Hub client raises many kinds: offline, not found, gated, ...

@@ -61,7 +61,7 @@ def _add_field_flags(parser: argparse.ArgumentParser, cls: type, title: str) -> 
         names = [under, hyphen] if f.name == "batch_size" else list(dict.fromkeys([hyphen, under]))
         kw: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS}
         default = f.default
-        help_text = f"{f.metadata.get('help', '')} (default: {_show(default)})"
+        help_text = f"{f.metadata.get('help', '')} (default: {f.metadata.get('shown') or _show(default)})"
         t = str(f.type)
         if t == "bool":
             kw["action"] = argparse.BooleanOptionalAction
@@ -559,7 +559,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SharnnError as e:
         # train.TrainingInterrupted (SIGINT/SIGTERM, checkpoint saved) is no error: 128 + the signal's number.
         status = getattr(e, "exit_status", 2)
-        print(f"sharnn: {'error: ' if status == 2 else ''}{e}", file=sys.stderr)
+        if not getattr(e, "quiet", False):  # under torchrun, an error every rank raised is said by rank 0 alone
+            print(f"sharnn: {'error: ' if status == 2 else ''}{e}", file=sys.stderr)
         return status
     except KeyboardInterrupt:
         print("sharnn: interrupted", file=sys.stderr)

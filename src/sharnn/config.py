@@ -40,9 +40,15 @@ ATTN_WINDOWS = ("sliding", "reference")
 FP32_PARTS = ("core", "attention", "boom", "decoder")
 
 
-def _doc(text: str, **kw: Any) -> Any:
-    """A dataclass field whose help text the CLI shows."""
-    return field(metadata={"help": text}, **kw)
+def _doc(text: str, shown: str | None = None, **kw: Any) -> Any:
+    """A dataclass field whose help text the CLI shows; `shown` describes a default that is not a plain value."""
+    return field(metadata={"help": text, **({"shown": shown} if shown else {})}, **kw)
+
+
+def default_attn_layers(nlayers: int) -> tuple[int, ...]:
+    """The original's placement: one attention block, the second to last (`idx == num_layers - 2`), so none
+    at all in a one-block model."""
+    return (nlayers - 2,) if nlayers >= 2 else ()
 
 
 @dataclass(frozen=True)
@@ -58,8 +64,9 @@ class SHARNNConfig:
     emsize: int = _doc("E: embedding and block width", default=1024)
     nhid: int = _doc("H: Boom feed-forward width, a multiple of emsize", default=4096)
     nlayers: int = _doc("number of blocks", default=4)
-    attn_layers: tuple[int, ...] = _doc(
-        "blocks (0-based) with single-head attention; the paper uses the second to last", default=(2,)
+    attn_layers: tuple[int, ...] | None = _doc(
+        "blocks (0-based) with single-head attention",
+        shown="block nlayers-2, the second to last, as the original; no attention when nlayers is 1", default=None,
     )
     attn_span: int = _doc("M: positions each query may attend to (itself and M-1 before it)", default=5000)
     attn_window: str = _doc(
@@ -71,8 +78,10 @@ class SHARNNConfig:
     dropouth: float = _doc("dropout inside blocks (RNN output, attention, Boom)", default=0.1)
     dropouti: float = _doc("dropout on the embedding output", default=0.1)
     dropoute: float = _doc(
-        "fraction of embedding rows (whole tokens) dropped in training; the paper's run effectively used 0",
-        default=0.1,
+        "fraction of embedding rows (whole tokens) dropped in training. The table lists 0.1 (the original's "
+        "argparse default), but the original's model never applied it: its results, the paper's too, are with 0, "
+        "our default",
+        default=0.0,
     )
     wdrop: float = _doc(
         "DropConnect on the RNN hidden-to-hidden weights in training (QRNN: on its input-to-gates weights)",
@@ -97,6 +106,8 @@ class SHARNNConfig:
                 f"nhid={self.nhid} must be a multiple of emsize={self.emsize}: the Boom layer sums "
                 f"nhid/emsize chunks of width emsize; pick e.g. --nhid {4 * self.emsize}"
             )
+        if self.attn_layers is None:  # resolved here, so that saved configs (and checkpoints) are explicit
+            object.__setattr__(self, "attn_layers", default_attn_layers(self.nlayers))
         if self.model not in RNN_CORES:
             raise SharnnError(f"unknown --model {self.model!r}; choose one of {', '.join(RNN_CORES)}")
         if self.qrnn_window not in (1, 2):
@@ -154,8 +165,13 @@ class TrainConfig:
     cooldown: int | None = _doc("linear cool-down length in optimizer steps (none = off)", default=None)
     accumulate: int = _doc("segments averaged per optimizer step", default=1)
     wdecay: float = _doc("weight decay", default=1.2e-6)
-    alpha: float = _doc("AR: weight of the L2 penalty on the final block's dropped output", default=2.0)
-    beta: float = _doc("TAR: weight of the L2 penalty on the final block's step-to-step change", default=1.0)
+    # A plain run behaves like the original, whose loop never added either penalty; the flags turn them on.
+    alpha: float = _doc("AR: weight of the L2 penalty on the final block's dropped output. The table lists 2 (the "
+                        "original's argparse default), but the original's training loop never applied it: its "
+                        "results, the paper's too, are with 0, our default", default=0.0)
+    beta: float = _doc("TAR: weight of the L2 penalty on the final block's step-to-step change. The table lists 1 "
+                       "(the original's argparse default), but the original's training loop never applied it: its "
+                       "results, the paper's too, are with 0, our default", default=0.0)
     optimizer: str = _doc("lamb, adam, adamw or sgd", default="lamb")
     nonmono: int = _doc("with sgd: switch to averaged SGD once validation is worse than the best before the last N epochs (0 = never)", default=5)
     seed: int = _doc("random seed", default=1111)
@@ -265,7 +281,10 @@ def _is_int(v: Any) -> bool:
 def _checked_value(name: str, type_text: str, v: Any) -> Any:
     """A setting's value checked against its field's annotation ("int", "float | None", "tuple[int, ...]")."""
     base = type_text.split("|")[0].strip()
-    if v is None or ("None" in type_text and isinstance(v, str) and v.lower() in ("none", "off", "")):
+    # "none"/"off" spell an unset number; a list field takes only JSON null (`attn_layers = "none"` would read as
+    # "no attention", which is [] instead).
+    spelled_none = not base.startswith("tuple") and isinstance(v, str) and v.lower() in ("none", "off", "")
+    if v is None or ("None" in type_text and spelled_none):
         if "None" in type_text:
             return None
         raise SharnnError(f"setting {name} must be a {base}, not empty")

@@ -49,7 +49,7 @@ from .checkpoint import (
 )
 from .config import SHARNNConfig, TrainConfig, auto_cutoffs
 from .data import Corpus, Streams, load_corpus, train_segments
-from .distributed import Dist, init_from_env, shutdown
+from .distributed import Dist, PeerFailed, init_from_env, release_frames
 from .errors import SharnnError, require_writable_folder
 from .evaluate import EvalResult, autocast, evaluate
 from .generate import generate
@@ -66,6 +66,8 @@ RESUME_ADJUSTABLE = {"dropout", "dropouth", "dropouti", "dropoute", "wdrop", "at
 class TrainingInterrupted(SharnnError):
     """SIGINT or SIGTERM stopped training after a resumable checkpoint was saved. Not a mistake: the CLI prints
     the message (how to resume) and exits with 128 + the signal's number (130 for SIGINT, 143 for SIGTERM)."""
+
+    all_ranks = True  # decided by all ranks together: every rank raises it at the same point
 
     def __init__(self, message: str, signum: int):
         super().__init__(message)
@@ -139,8 +141,16 @@ def train(model_cfg: SHARNNConfig, cfg: TrainConfig, quiet: bool = False,
     ranks, device_name = init_from_env(cfg.device)  # under torchrun: join its process group
     try:
         return _train(model_cfg, cfg, quiet, model_overrides, ranks, resolve_device(device_name))
+    except BaseException as e:
+        if ranks.enabled:
+            release_frames(e)  # the model and its DDP wrapper hold the process group: let them go with the frames
+            if getattr(e, "all_ranks", False):  # raised everywhere at once (a signal, too many bad steps)
+                e.quiet = not ranks.is_main  # type: ignore[attr-defined]  # rank 0 says it, once
+            elif not ranks.first_to_fail(e) or isinstance(e, PeerFailed):
+                ranks.leave()  # a consequence of another rank's failure, which that rank reports
+        raise
     finally:
-        shutdown(ranks)
+        ranks.close()
 
 
 def _train(model_cfg: SHARNNConfig, cfg: TrainConfig, quiet: bool, model_overrides: dict[str, Any] | None,
@@ -236,7 +246,8 @@ def _train(model_cfg: SHARNNConfig, cfg: TrainConfig, quiet: bool, model_overrid
     loop = _Loop(model, optimizer, cfg, corpus, train_streams, rng, device, run_dir, log, resume_state, ranks)
     with _stop_on_signals(loop):
         loop.run()
-    ranks.barrier()
+    loop.forward_model = model  # drop the DDP wrapper: it holds the process group
+    ranks.finish()  # all ranks together, then the group goes: rank 0's final measurement needs no other rank
     if not ranks.is_main:  # rank 0 measures the result
         return TrainResult(run_dir, loop.step, loop.epochs_done, loop.seconds, loop.chars_per_s,
                            loop.best_bpc, None, None, b"", loop.nonfinite_total)
@@ -347,7 +358,7 @@ def _stop_on_signals(loop: _Loop) -> Iterator[None]:
     def ask_to_stop(signum: int, frame: Any) -> None:
         if loop.stop_signal is not None:
             raise KeyboardInterrupt
-        loop.stop_signal = signum
+        loop.stop_signal = loop.ranks.signalled = signum
         if not loop.log.quiet:  # os.write: safe wherever the main thread was interrupted
             os.write(2, f"\nsharnn: got {signal.Signals(signum).name}; finishing this batch, then saving a "
                         "resumable checkpoint (send it again to stop at once, without saving)\n".encode())
@@ -595,12 +606,14 @@ class _Loop:
                         in_a_row=self.nonfinite_run, total=self.nonfinite_total)
         if self.nonfinite_run >= limit:
             self.save("last")  # weights and optimizer as they were before the trouble: no bad update was applied
-            raise SharnnError(
+            error = SharnnError(
                 f"stopped: {self.nonfinite_run} optimizer steps in a row had a non-finite loss or gradient (epoch "
                 f"{self.epoch}, after step {self.step}). None of them was applied: {self.run_dir / 'last'} holds the "
                 f"weights from step {self.step}, before the trouble, and resumes after the bad batches; "
                 "try it with a lower --lr or a smaller --clip"
             )
+            error.all_ranks = True  # type: ignore[attr-defined]  # every rank counted the same bad steps
+            raise error
         return False
 
     def _save_due(self) -> bool:
@@ -647,7 +660,7 @@ class _Loop:
             if self.ranks.is_main:  # rank 0 evaluates; the others take its number (they must agree on "best")
                 res = evaluate(self.model, ids, cfg.eval_batch_size or cfg.batch_size, cfg.bptt, self.device, cfg.precision,
                                progress=not self.log.quiet, what="valid")
-            loss = self.ranks.broadcast(res.loss if self.ranks.is_main else 0.0, self.device)
+            loss = self.ranks.from_main(res.loss if self.ranks.is_main else 0.0, self.device)
             if not self.ranks.is_main:
                 res = EvalResult(loss, 0, 0.0)
             improved = res.bpc < self.best_bpc
@@ -676,6 +689,8 @@ class _Loop:
     def save(self, name: str) -> None:
         """Write a checkpoint (rank 0); under torchrun every rank calls this, to gather the carried state."""
         carried = self.ranks.gather_state(self.carried)  # all ranks' streams: resumable on any number of ranks
+        # Inside an --accumulate step, the gradients gathered so far, averaged over the ranks (a collective too).
+        grads = self.ranks.mean_grads(list(self.model.parameters())) if self.micro else None
         if not self.ranks.is_main:
             if name != "best":
                 self.last_save_time = time.perf_counter()
@@ -688,7 +703,7 @@ class _Loop:
             "carried": _state_to_list(carried),
             "world": self.ranks.world,
             "micro": self.micro,  # > 0: stopped inside an --accumulate step; its gradients so far come along
-            "grads": self.ranks.mean_grads(list(self.model.parameters())) if self.micro else None,
+            "grads": grads,
             "bad_in_step": self.bad_in_step,
             "nonfinite_run": self.nonfinite_run,
             "nonfinite_total": self.nonfinite_total,
