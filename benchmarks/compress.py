@@ -3,8 +3,11 @@
     sharnn train --preset tiny --max-time 600 --save runs/tiny10        # a model of Python source, 10 minutes
     python benchmarks/compress.py --checkpoint runs/tiny10 > benchmarks/compress.md
 
-The held-out text is, by default, the test split of the `python-stdlib` corpus (200,000 bytes of the standard
-library's source that training never reads; the model trains on the 3.6 MB before it). Rows:
+Held-out texts (`--files`, default both): `after`, the first 200,000 bytes of the standard library's sources
+that come after the 4 MB `python-stdlib` corpus in its own order, codec tables (`encodings/`) left out: ordinary
+Python modules that training never saw; and `test`, the corpus's test split (200,000 bytes, which on Python 3.11
+are codec tables from `encodings/`: lines that differ in a few characters, which LZ77 coders like xz handle
+best). Any other name is read as a file. Rows:
 
     gzip -9, bzip2 -9, xz -9, zstd -19, zpaq -m5   the usual tools (a tool that is not installed is said so)
     sharnn, conditional       the checkpoint as trained: `sharnn compress CKPT IN OUT`
@@ -31,7 +34,7 @@ import torch
 
 from sharnn.checkpoint import load_model
 from sharnn.compress import CoderSettings, adapt_config, compress_file, decompress_file, fresh_model
-from sharnn.data import load_corpus
+from sharnn.data import STDLIB_CORPUS_BYTES, load_corpus, python_stdlib_files
 
 TOOLS = [  # name, compress command, decompress command, output suffix
     ("gzip -9", ["gzip", "-9", "-k", "-f"], ["gzip", "-d", "-k", "-f"], ".gz"),
@@ -49,6 +52,18 @@ def cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or "unknown CPU"
+
+
+def heldout_python(limit: int = 200_000) -> bytes:
+    """Standard-library sources after the python-stdlib corpus (same order), codec tables left out."""
+    seen, out = 0, bytearray()
+    for p in python_stdlib_files():
+        if seen >= STDLIB_CORPUS_BYTES and "encodings" not in p.parts:
+            out += p.read_bytes()
+            if len(out) >= limit:
+                break
+        seen += p.stat().st_size
+    return bytes(out[:limit])
 
 
 def timed(cmd: list[str]) -> float:
@@ -102,42 +117,49 @@ def sharnn_row(name: str, model, src: Path, tmp: Path, settings: CoderSettings, 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--checkpoint", required=True, help="a model trained on text of the same kind")
-    ap.add_argument("--file", help="the held-out file (default: the python-stdlib test split)")
+    ap.add_argument("--files", nargs="+", default=["after", "test"],
+                    help="held-out texts: after, test (see above) or file paths (default: after test)")
     ap.add_argument("--streams", type=int, default=32, help="--streams for the sharnn rows (default: 32)")
     ap.add_argument("--fresh", default="tiny", help="preset of the fresh --adapt row (default: tiny)")
     ap.add_argument("--scaling-steps", type=int, default=4096,
                     help="steps per run of the streams table (0: no such table; default: 4096)")
     args = ap.parse_args()
     torch.set_num_threads(1)
+    model = load_model(args.checkpoint, "cpu")
+    print("# Compression: `sharnn compress` next to the usual tools\n")
+    print(f"Machine: {platform.machine()} {cpu_name()} (torch's CPU capability "
+          f"{torch.backends.cpu.get_cpu_capability()}), {torch.get_num_threads()} torch thread, torch "
+          f"{torch.__version__}, Python {platform.python_version()}. Command: `python benchmarks/compress.py "
+          f"{' '.join(sys.argv[1:])}`. Model: `{args.checkpoint}`. Speeds are KB/s of the original "
+          "(1 KB = 1024 bytes), model loading excluded; every round trip is checked byte for byte.\n")
     with tempfile.TemporaryDirectory() as tmpdir:
         tmp = Path(tmpdir)
-        if args.file:
-            src = Path(args.file)
-        else:
-            src = tmp / "stdlib-test.py"
-            src.write_bytes(load_corpus("python-stdlib").test.tobytes())
-        length = src.stat().st_size
-        print("# Compression: `sharnn compress` next to the usual tools\n")
-        print(f"Machine: {platform.machine()} {cpu_name()}, {torch.get_num_threads()} torch thread, torch "
-              f"{torch.__version__}, Python {platform.python_version()}; command: `python benchmarks/compress.py "
-              f"{' '.join(sys.argv[1:])}`.\n")
-        print(f"Held-out file: {args.file or 'the python-stdlib test split'} ({length:,} bytes). Model: "
-              f"`{args.checkpoint}`. Speeds are KB/s of the original (1 KB = 1024 bytes), model loading excluded.\n")
-        print("| compressor | bytes | bits/byte | compress KB/s | decompress KB/s | |")
-        print("|---|---|---|---|---|---|")
-        for name, comp, decomp, suffix in TOOLS:
-            print(tool_row(name, comp, decomp, suffix, src, tmp), flush=True)
-        print(zpaq_row(src, tmp), flush=True)
-        model = load_model(args.checkpoint, "cpu")
-        base = CoderSettings(streams=args.streams)
-        print(sharnn_row("sharnn, conditional", model, src, tmp, base), flush=True)
-        print(sharnn_row("sharnn, --adapt", model, src, tmp,
-                         CoderSettings(streams=args.streams, adapt=adapt_config(False))), flush=True)
-        fresh, info = fresh_model(args.fresh)
-        print(sharnn_row(f"sharnn, --fresh {args.fresh} --adapt", fresh, src, tmp,
-                         CoderSettings(streams=args.streams, adapt=adapt_config(True)), fresh=info), flush=True)
+        sources = []
+        for name in args.files:
+            src = tmp / f"{name}.py"
+            if name == "after":
+                src.write_bytes(heldout_python())
+            elif name == "test":
+                src.write_bytes(load_corpus("python-stdlib").test.tobytes())
+            else:
+                src = Path(name)
+            sources.append((name, src))
+            print(f"## {name} ({src.stat().st_size:,} bytes)\n")
+            print("| compressor | bytes | bits/byte | compress KB/s | decompress KB/s | |")
+            print("|---|---|---|---|---|---|")
+            for tool, comp, decomp, suffix in TOOLS:
+                print(tool_row(tool, comp, decomp, suffix, src, tmp), flush=True)
+            print(zpaq_row(src, tmp), flush=True)
+            print(sharnn_row("sharnn, conditional", model, src, tmp, CoderSettings(streams=args.streams)), flush=True)
+            print(sharnn_row("sharnn, --adapt", model, src, tmp,
+                             CoderSettings(streams=args.streams, adapt=adapt_config(False))), flush=True)
+            fresh, info = fresh_model(args.fresh)
+            print(sharnn_row(f"sharnn, --fresh {args.fresh} --adapt", fresh, src, tmp,
+                             CoderSettings(streams=args.streams, adapt=adapt_config(True)), fresh=info), flush=True)
+            print()
         if args.scaling_steps:
-            print(f"\n## Throughput against streams (conditional, {args.scaling_steps:,} steps each)\n")
+            name, src = sources[0]
+            print(f"## Throughput against streams (conditional, {args.scaling_steps:,} steps each, {name})\n")
             print("| streams | bytes coded | compress KB/s | decompress KB/s |")
             print("|---|---|---|---|")
             data = src.read_bytes()

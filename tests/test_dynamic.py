@@ -151,11 +151,13 @@ def test_search_returns_the_grid_best_first(model: SHARNN) -> None:
     grid = search_grid(DynamicConfig(lr=3e-4, decay=0.001, bptt=16))
     assert len(grid) == 11 and {c.bptt for c in grid} == {8, 16, 32}
     asked = []
-    points = dynamic_search(model, TEXT[:600], 2, grid[:3] + grid[-1:],
+    wild = replace(grid[0], lr=10.0)  # diverges: its loss is nan, and it must sort last, not anywhere
+    points = dynamic_search(model, TEXT[:600], 2, [wild] + grid[:3] + grid[-1:],
                             lambda b: asked.append(b) or gradient_stats(model, TEXT, 2, b, 500), report=lambda p: None)
     assert asked == [16, 32]  # statistics computed once per segment length
     losses = [p.result.loss for p in points]
-    assert losses == sorted(losses) and len(points) == 4
+    assert losses[:4] == sorted(losses[:4]) and len(points) == 5
+    assert points[-1].cfg == wild and not np.isfinite(points[-1].result.loss)
 
 
 # --- command line ---------------------------------------------------------------------------------------------
@@ -213,6 +215,8 @@ def test_score_document_dynamic_cli(ckpt: Path, tmp_path: Path, capsys: pytest.C
     (["score", "CKPT", "--dynamic"], "add --document"),
     (["score", "CKPT", "--document", "--data", "x"], "add --dynamic"),
     (["eval", "CKPT", "--dynamic", "--dynamic-lr", "-1"], "not negative"),
+    (["eval", "CKPT", "--dynamic-lr", "1e-3", "--dynamic-bptt", "8"], "--dynamic-lr, --dynamic-bptt set up dynamic"),
+    (["score", "CKPT", "--document", "--dynamic-decay", "1"], "--dynamic-decay set up dynamic"),
 ])
 def test_dynamic_cli_mistakes(ckpt: Path, argv: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
     assert main([str(ckpt) if a == "CKPT" else a for a in argv]) == 2

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from collections.abc import Sequence
@@ -209,25 +210,30 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+DYNAMIC_FLAGS = {"lr": "--dynamic-lr", "decay": "--dynamic-decay", "bptt": "--dynamic-bptt",
+                 "stats_tokens": "--dynamic-stats-tokens"}
+
+
 def _add_dynamic_flags(parser: argparse.ArgumentParser) -> None:
     from .dynamic import DynamicConfig
 
     d = DynamicConfig()
     g = parser.add_argument_group("dynamic evaluation (Krause et al. 2018)")
-    g.add_argument("--dynamic-lr", type=float, default=d.lr, help=f"step size (default: {d.lr:g})")
-    g.add_argument("--dynamic-decay", type=float, default=d.decay,
-                   help=f"pull toward the trained weights per step (default: {d.decay:g})")
-    g.add_argument("--dynamic-bptt", type=int, default=d.bptt,
-                   help=f"tokens per stream between gradient steps (default: {d.bptt})")
-    g.add_argument("--dynamic-stats-tokens", type=int, default=d.stats_tokens,
+    g.add_argument("--dynamic-lr", type=float, help=f"step size (default: {d.lr:g})")
+    g.add_argument("--dynamic-decay", type=float, help=f"pull toward the trained weights per step (default: {d.decay:g})")
+    g.add_argument("--dynamic-bptt", type=int, help=f"tokens per stream between gradient steps (default: {d.bptt})")
+    g.add_argument("--dynamic-stats-tokens", type=int,
                    help=f"training tokens whose gradients normalise the steps (default: {d.stats_tokens:,})")
 
 
-def _dynamic_config(args: argparse.Namespace) -> Any:
+def _dynamic_config(args: argparse.Namespace, enabled: bool) -> Any:
+    """The DynamicConfig the --dynamic-* flags give; refused when dynamic evaluation is off."""
     from .dynamic import DynamicConfig
 
-    return DynamicConfig(lr=args.dynamic_lr, decay=args.dynamic_decay, bptt=args.dynamic_bptt,
-                         stats_tokens=args.dynamic_stats_tokens)
+    given = {k: getattr(args, f"dynamic_{k}") for k in DYNAMIC_FLAGS if getattr(args, f"dynamic_{k}") is not None}
+    if given and not enabled:
+        raise SharnnError(f"{', '.join(DYNAMIC_FLAGS[k] for k in given)} set up dynamic evaluation: add --dynamic")
+    return DynamicConfig(**given)
 
 
 def _add_precision_flag(parser: argparse.ArgumentParser) -> None:
@@ -327,6 +333,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     ckpt = resolve_checkpoint(args.checkpoint, prefer="best")
     dynamic = args.dynamic or args.dynamic_search
+    cfg = _dynamic_config(args, dynamic)
     if dynamic and args.precision != "fp32":
         raise SharnnError("dynamic evaluation changes the weights as it goes, so it runs in fp32: drop --precision")
     # Dynamic evaluation learns in the parameterisation that was trained: the model as saved, not collapsed.
@@ -341,11 +348,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
     bsz = args.batch_size or default_bsz
     bptt = args.bptt or tcfg.bptt
     if args.dynamic_search:
-        return _dynamic_search(args, model, corpus, bsz, bptt, device)
+        return _dynamic_search(model, corpus, bsz, bptt, cfg, device)
     dyn = None
     if args.dynamic:
-        res, dyn = static_and_dynamic(model, corpus.train, corpus.split(split), bsz, bptt, _dynamic_config(args),
-                                      device, progress=not args.json, what=f"{split} split")
+        res, dyn = static_and_dynamic(model, corpus.train, corpus.split(split), bsz, bptt, cfg, device,
+                                      progress=not args.json, what=f"{split} split")
     else:
         res = evaluate(model, corpus.split(split), bsz, bptt, device, progress=not args.json, what=f"{split} split")
     if args.json:
@@ -354,14 +361,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
                "batch_size": bsz, "bptt": bptt, "precision": args.precision, "seconds": round(res.seconds, 3)}
         if dyn is not None:
             obj["dynamic"] = {"loss": dyn.loss, "bpc": dyn.bpc, "ppl": dyn.ppl, "seconds": round(dyn.seconds, 3),
-                              **_dynamic_config(args).__dict__}
+                              **cfg.__dict__}
         print(json.dumps(obj))
     elif dyn is not None:
-        cfg = _dynamic_config(args)
         print(f"{split}: static bpc {res.bpc:.4f} | dynamic bpc {dyn.bpc:.4f} ({100 * (dyn.bpc / res.bpc - 1):+.2f}%) | "
               f"static ppl {res.ppl:.4f} | dynamic ppl {dyn.ppl:.4f} | {res.predictions:,} predictions in {bsz} "
               f"streams | static bptt {bptt}; dynamic lr {cfg.lr:g}, decay {cfg.decay:g}, bptt {cfg.bptt}, "
-              f"statistics from {cfg.stats_tokens:,} training tokens | {res.seconds:.1f} s + {dyn.seconds:.1f} s")
+              f"statistics from {cfg.stats_tokens:,} training tokens | {res.seconds:.1f} s + {dyn.seconds:.1f} s"
+              + ("" if math.isfinite(dyn.loss) else " | the steps diverged: lower --dynamic-lr"))
     else:
         print(f"{split}: loss {res.loss:.4f} nats | bpc {res.bpc:.4f} | ppl {res.ppl:.4f} | "
               f"{res.predictions:,} predictions in {bsz} streams, bptt {bptt}, {args.precision} | {res.seconds:.1f} s "
@@ -369,11 +376,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def _dynamic_search(args: argparse.Namespace, model: Any, corpus: Any, bsz: int, bptt: int, device: Any) -> int:
+def _dynamic_search(model: Any, corpus: Any, bsz: int, bptt: int, cfg: Any, device: Any) -> int:
     from .dynamic import dynamic_search, gradient_stats, search_grid
     from .evaluate import evaluate
 
-    cfg = _dynamic_config(args)
     static = evaluate(model, corpus.valid, bsz, bptt, device, progress=True, what="valid split")
     print(f"valid, {bsz} streams: static bpc {static.bpc:.4f} (bptt {bptt})")
 
@@ -447,12 +453,13 @@ def cmd_score(args: argparse.Namespace) -> int:
         raise SharnnError("--data gives --dynamic its training statistics: add --dynamic (or drop --data)")
     if args.dynamic and args.precision != "fp32":
         raise SharnnError("dynamic evaluation changes the weights as it goes, so it runs in fp32: drop --precision")
+    cfg = _dynamic_config(args, args.dynamic)
     device = resolve_device(args.device)
     if args.dynamic:
         from .checkpoint import load_model
 
         model = load_model(args.checkpoint, device).eval()  # as trained, not collapsed: the weights learn
-        score_document = _dynamic_scorer(args, model, device)
+        score_document = _dynamic_scorer(args, model, cfg, device)
     else:
         model = _load_for_inference(args.checkpoint, device, args.precision)
         score_document = score_stream
@@ -502,13 +509,12 @@ def cmd_score(args: argparse.Namespace) -> int:
     return 0
 
 
-def _dynamic_scorer(args: argparse.Namespace, model: Any, device: Any) -> Any:
+def _dynamic_scorer(args: argparse.Namespace, model: Any, cfg: Any, device: Any) -> Any:
     """`score_stream`'s signature, scoring with dynamic evaluation; statistics from the training corpus."""
     from .checkpoint import load_train_config, resolve_checkpoint
     from .data import load_corpus
     from .dynamic import dynamic_score_stream, gradient_stats
 
-    cfg = _dynamic_config(args)
     data = args.data or (load_train_config(resolve_checkpoint(args.checkpoint)) or TrainConfig()).data
     train = load_corpus(data, vocab=model.vocab).train
     rms = gradient_stats(model, train, 1, cfg.bptt, cfg.stats_tokens, device, progress=not args.json)

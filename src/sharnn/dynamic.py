@@ -224,7 +224,8 @@ def dynamic_search(
     progress: bool = False,
     report: Callable[[SearchPoint], None] | None = None,
 ) -> list[SearchPoint]:
-    """Dynamic evaluation of `ids` under every setting of `grid`, best (lowest loss) first.
+    """Dynamic evaluation of `ids` under every setting of `grid`, best (lowest loss) first; a setting whose steps
+    diverged (loss nan or inf) comes last.
 
     `stats(bptt)` gives the gradient statistics for segments of that length (computed once per length).
     `report` sees each point as soon as it is measured.
@@ -239,7 +240,7 @@ def dynamic_search(
         points.append(point)
         if report is not None:
             report(point)
-    return sorted(points, key=lambda p: p.result.loss)
+    return sorted(points, key=lambda p: p.result.loss if math.isfinite(p.result.loss) else math.inf)  # diverged last
 
 
 def dynamic_score_stream(
