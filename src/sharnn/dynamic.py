@@ -10,7 +10,9 @@ toward its trained value theta_0:
 g is the gradient of the segment's mean cross-entropy; rms is each weight's root mean square gradient, gathered
 once from segments of *training* data of the same shape (`gradient_stats`), and mean(rms) its mean over all
 weights. Weights whose gradients are usually large take smaller normalised steps and are pulled back faster.
-After the text the trained weights are put back (`DynamicEval` is a context manager).
+One guard beyond the paper: the step divides by max(rms, running rms of this text's gradients so far), so a
+weight whose training gradients were tiny cannot take huge steps on unfamiliar text. After the text the trained
+weights are put back (`DynamicEval` is a context manager).
 
 The compressor (`compress.py`) uses the same rule with running statistics of the gradients of the text already
 coded (`rms=None`), so it needs no training data, and a fresh model can learn from nothing.
@@ -68,9 +70,9 @@ class DynamicEval:
         model: the network; its parameters are changed in place by `learn` and restored by `restore`.
         cfg: lr, decay and eps (the segment length is the caller's business).
         rms: per parameter, (same shape) root mean square gradients from training data (`gradient_stats`); or
-            None: a running estimate over the gradients seen so far, ms <- beta * ms + (1 - beta) * g^2 with
-            Adam's bias correction (what the compressor uses).
-        beta: the running estimate's decay, with `rms=None` only.
+            None: use only the running estimate over the gradients seen so far (what the compressor does).
+        beta: the running estimate's decay: ms <- beta * ms + (1 - beta) * g^2, with Adam's bias correction.
+            With `rms` given, a step is normalised by max(rms, sqrt(ms)) (see `learn`).
     """
 
     def __init__(self, model: SHARNN, cfg: DynamicConfig, rms: list[Tensor] | None = None, beta: float = 0.999):
@@ -82,7 +84,7 @@ class DynamicEval:
             raise SharnnError("the gradient statistics do not match this model's parameters")
         self.rms = rms
         self.beta = beta
-        self.ms = None if rms is not None else [torch.zeros_like(p) for p in self.params]
+        self.ms = [torch.zeros_like(p) for p in self.params]  # running mean square of the gradients seen here
         self.steps = 0
         self.decay_rates = None if rms is None else self._decay_rates(rms)
 
@@ -96,16 +98,19 @@ class DynamicEval:
         grads = torch.autograd.grad(loss, self.params, allow_unused=True)
         self.steps += 1
         with torch.no_grad():
-            rms, rates = self.rms, self.decay_rates
-            if self.ms is not None:  # running statistics: this gradient joins them before the step
-                b = self.beta
-                for m, g in zip(self.ms, grads):
-                    if g is not None:
-                        m.mul_(b).addcmul_(g, g, value=1 - b)
-                correction = 1 - b**self.steps
-                rms = [(m / correction).sqrt() for m in self.ms]
-                rates = self._decay_rates(rms) if self.cfg.decay else None
-            assert rms is not None
+            b = self.beta
+            for m, g in zip(self.ms, grads):  # this gradient joins the running statistics before the step
+                if g is not None:
+                    m.mul_(b).addcmul_(g, g, value=1 - b)
+            correction = 1 - b**self.steps
+            running = [(m / correction).sqrt() for m in self.ms]
+            if self.rms is None:
+                rms, rates = running, self._decay_rates(running) if self.cfg.decay else None
+            else:
+                # The training rms, but never below the running rms of this text's own gradients: a weight whose
+                # gradients were tiny in training would otherwise take huge normalised steps on text unlike the
+                # training data and can diverge (the tiny preset did, scoring one stream of Python modules).
+                rms, rates = [torch.maximum(r, q) for r, q in zip(self.rms, running)], self.decay_rates
             for i, (p, g, r, p0) in enumerate(zip(self.params, grads, rms, self.start)):
                 if g is not None and self.cfg.lr:
                     p.sub_(self.cfg.lr * g / (r + self.cfg.eps))
