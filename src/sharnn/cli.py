@@ -184,7 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
     z.add_argument("--seed", type=int, default=0, help="with --fresh: the seed of its initial weights (default: 0)")
     z.add_argument("--adapt", action="store_true",
                    help="the model learns while it codes (dynamic evaluation, replayed by the decoder)")
-    z.add_argument("--adapt-lr", type=float, help="with --adapt: step size (default: 2e-3 with --fresh, 3e-4 otherwise)")
+    z.add_argument("--adapt-lr", type=float, help="with --adapt: step size (default: 2e-3 with --fresh, 1e-3 otherwise)")
     z.add_argument("--adapt-decay", type=float,
                    help="with --adapt: pull toward the starting weights (default: 0 with --fresh, 0.001 otherwise)")
     z.add_argument("--adapt-bptt", type=int, help="with --adapt: bytes per stream between steps (default: 32)")

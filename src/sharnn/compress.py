@@ -64,7 +64,7 @@ PRECISION = 24  # probabilities are integers out of 2^24, constriction's default
 START = 10  # the byte fed before each stream's first: a newline, "the start of a line" (as `sharnn score`)
 MIN_STREAM_BYTES = 4096  # a stream starts without context: fewer, longer streams for small files
 FRESH_ADAPT = DynamicConfig(lr=2e-3, decay=0.0, bptt=32)  # from nothing: learn fast, nothing to return to
-TRAINED_ADAPT = DynamicConfig(lr=3e-4, decay=0.001, bptt=32)  # a trained model: small steps, pulled back
+TRAINED_ADAPT = DynamicConfig(lr=1e-3, decay=0.001, bptt=32)  # a trained model: smaller steps, pulled back
 BETA = 0.999  # the running gradient statistics' decay (RMSprop, Adam's beta2)
 
 
