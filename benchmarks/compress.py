@@ -135,8 +135,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmpdir:
         tmp = Path(tmpdir)
         sources = []
+        (tmp / "in").mkdir()
         for name in args.files:
-            src = tmp / f"{name}.py"
+            src = tmp / "in" / f"{name}.py"
             if name == "after":
                 src.write_bytes(heldout_python())
             elif name == "test":
