@@ -33,7 +33,14 @@ from pathlib import Path
 import torch
 
 from sharnn.checkpoint import load_model
-from sharnn.compress import CoderSettings, adapt_config, compress_file, decompress_file, fresh_model
+from sharnn.compress import (
+    MIN_STREAM_BYTES,
+    CoderSettings,
+    adapt_config,
+    compress_file,
+    decompress_file,
+    fresh_model,
+)
 from sharnn.data import STDLIB_CORPUS_BYTES, load_corpus, python_stdlib_files
 
 TOOLS = [  # name, compress command, decompress command, output suffix
@@ -117,13 +124,16 @@ def sharnn_row(name: str, model, src: Path, tmp: Path, settings: CoderSettings, 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--checkpoint", required=True, help="a model trained on text of the same kind")
-    ap.add_argument("--files", nargs="+", default=["after", "test"],
-                    help="held-out texts: after, test (see above) or file paths (default: after test)")
+    ap.add_argument("--files", nargs="*", default=["after", "test"],
+                    help="held-out texts: after, test (see above) or file paths (default: after test; none: only "
+                         "the streams table, on `after`)")
     ap.add_argument("--streams", type=int, default=32, help="--streams for the sharnn rows (default: 32)")
     ap.add_argument("--fresh", default="tiny", help="preset of the fresh --adapt row (default: tiny)")
     ap.add_argument("--scaling-steps", type=int, default=4096,
                     help="steps per run of the streams table (0: no such table; default: 4096)")
     args = ap.parse_args()
+    if 0 < args.scaling_steps < MIN_STREAM_BYTES:
+        ap.error(f"--scaling-steps must be 0 or at least {MIN_STREAM_BYTES} (the coder's shortest stream)")
     torch.set_num_threads(1)
     model = load_model(args.checkpoint, "cpu")
     print("# Compression: `sharnn compress` next to the usual tools\n")
@@ -160,6 +170,9 @@ def main() -> None:
                                  CoderSettings(streams=args.streams, adapt=adapt_config(True)), fresh=info), flush=True)
             print()
         if args.scaling_steps:
+            if not sources:
+                (tmp / "in" / "after.py").write_bytes(heldout_python())
+                sources.append(("after", tmp / "in" / "after.py"))
             name, src = sources[0]
             print(f"## Throughput against streams (conditional, {args.scaling_steps:,} steps each, {name})\n")
             print("| streams | bytes coded | compress KB/s | decompress KB/s |")
