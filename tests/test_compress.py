@@ -99,7 +99,7 @@ def test_round_trip_random_bytes_many_blocks(model: SHARNN, tmp_path: Path) -> N
 def test_round_trip_multi_megabyte(model: SHARNN, tmp_path: Path) -> None:
     rng = np.random.default_rng(2)
     data = b"".join(TEXT[: rng.integers(100, 1000)] + rng.integers(0, 256, 50, dtype=np.uint8).tobytes()
-                    for _ in range(5000))[: 3 << 20]
+                    for _ in range(7000))[: 3 << 20]
     res = roundtrip(model, data, tmp_path, streams=256, block_steps=1000)
     assert res.length == 3 << 20 and res.streams == 256
 
