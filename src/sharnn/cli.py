@@ -10,6 +10,9 @@
     sharnn export CKPT OUT.onnx [--segment N] [--check-bytes N]
     sharnn plot RUN [RUN ...] -o curves.png|svg
     sharnn attention CKPT --text FILE -o attention.png|svg [--window N] [--at POS] [--max-bytes N]
+    sharnn eval CKPT --dynamic | --dynamic-search  [--dynamic-lr ...]   dynamic evaluation
+    sharnn compress CKPT IN OUT | --fresh PRESET IN OUT  [--adapt] [--streams N]
+    sharnn decompress [CKPT] IN OUT
 
 Training flags are derived from the fields of `SHARNNConfig` and `TrainConfig` and spelled as in the seed's
 parameter table (`--batch_size`, `--log-interval`); each also accepts the other spelling (`--batch-size`).
@@ -20,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from collections.abc import Sequence
@@ -120,6 +124,13 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--cuda", dest="device", action="store_const", const="cuda")
     _add_precision_flag(e)
     e.add_argument("--json", action="store_true", help="print one JSON object")
+    e.add_argument("--dynamic", action="store_true",
+                   help="also evaluate with dynamic evaluation (the model learns from each segment once it is "
+                        "scored) and print both bpc side by side")
+    e.add_argument("--dynamic-search", action="store_true",
+                   help="try a small grid of --dynamic-lr/--dynamic-decay/--dynamic-bptt around the given values on "
+                        "the valid split (whatever --split says) and print the best")
+    _add_dynamic_flags(e)
 
     g = sub.add_parser("generate", help="sample text from a model",
                        description="Sample text. The prompt comes from --prompt, --prompt-file, or stdin ('-').")
@@ -151,6 +162,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="lines scored together (default: 32)")
     s.add_argument("--device", default="auto", help="auto, cpu or cuda")
     _add_precision_flag(s)
+    s.add_argument("--dynamic", action="store_true",
+                   help="with --document: dynamic evaluation, a gradient step after every --dynamic-bptt bytes")
+    s.add_argument("--data", help="with --dynamic: the corpus whose train split gives the gradient statistics "
+                                  "(default: the one the checkpoint was trained on)")
+    _add_dynamic_flags(s)
 
     r = sub.add_parser("import-reference", help="convert a state dict from the reference code to a checkpoint",
                        description="Convert a state dict saved by the reference SHA-RNN code "
@@ -204,7 +220,70 @@ def build_parser() -> argparse.ArgumentParser:
     at.add_argument("--max-bytes", type=int, default=20_000, metavar="N",
                     help="read at most the file's first N bytes (default: 20000)")
     at.add_argument("--device", default="auto", help="auto, cpu or cuda")
+
+    z = sub.add_parser("compress", help="compress a file losslessly with the model (range coding)",
+                       description="Compress IN into OUT: each byte range-coded under the model's prediction. "
+                                   "Decode with `sharnn decompress` and the same model, on the same kind of machine "
+                                   "(same CPU architecture and instruction set, torch and constriction versions).")
+    z.add_argument("paths", nargs="+", metavar="[CKPT] IN OUT",
+                   help="the model's checkpoint (or run folder), the file to compress and the file to write; "
+                        "with --fresh, IN and OUT only")
+    z.add_argument("--fresh", metavar="PRESET",
+                   help="no checkpoint: start from an untrained model of this preset (tiny, paper, ...) or TOML/JSON "
+                        "config file; needs --adapt. The decoder rebuilds it from the compressed file's header")
+    z.add_argument("--seed", type=int, default=0, help="with --fresh: the seed of its initial weights (default: 0)")
+    z.add_argument("--adapt", action="store_true",
+                   help="the model learns while it codes (dynamic evaluation, replayed by the decoder)")
+    z.add_argument("--adapt-lr", type=float, help="with --adapt: step size (default: 2e-3 with --fresh, 1e-3 otherwise)")
+    z.add_argument("--adapt-decay", type=float,
+                   help="with --adapt: pull toward the starting weights (default: 0 with --fresh, 0.001 otherwise)")
+    z.add_argument("--adapt-bptt", type=int, help="with --adapt: bytes per stream between steps (default: 32)")
+    z.add_argument("--streams", type=int, default=32,
+                   help="code up to this many parts of the file side by side, one per 4 KiB at most: faster, at a "
+                        "small cost in size (default: 32)")
+    z.add_argument("--threads", type=int, default=1,
+                   help="torch threads; recorded, and the decoder uses the same number (default: 1)")
+    z.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    z.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    u = sub.add_parser("decompress", help="decompress a file made by `sharnn compress`",
+                       description="Decompress IN into OUT. OUT appears only once the result matches the original's "
+                                   "checksum; another model, a damaged file or another format is refused.")
+    u.add_argument("paths", nargs="+", metavar="[CKPT] IN OUT",
+                   help="the checkpoint the file was compressed with (none for a file made with --fresh), the "
+                        "compressed file and the file to write")
+    u.add_argument("--ignore-machine", action="store_true",
+                   help="try even if the file was made on another kind of machine (a wrong result is still never "
+                        "written)")
+    u.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    u.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
+
+
+DYNAMIC_FLAGS = {"lr": "--dynamic-lr", "decay": "--dynamic-decay", "bptt": "--dynamic-bptt",
+                 "stats_tokens": "--dynamic-stats-tokens"}
+
+
+def _add_dynamic_flags(parser: argparse.ArgumentParser) -> None:
+    from .dynamic import DynamicConfig
+
+    d = DynamicConfig()
+    g = parser.add_argument_group("dynamic evaluation (Krause et al. 2018)")
+    g.add_argument("--dynamic-lr", type=float, help=f"step size (default: {d.lr:g})")
+    g.add_argument("--dynamic-decay", type=float, help=f"pull toward the trained weights per step (default: {d.decay:g})")
+    g.add_argument("--dynamic-bptt", type=int, help=f"tokens per stream between gradient steps (default: {d.bptt})")
+    g.add_argument("--dynamic-stats-tokens", type=int,
+                   help=f"training tokens whose gradients normalise the steps (default: {d.stats_tokens:,})")
+
+
+def _dynamic_config(args: argparse.Namespace, enabled: bool) -> Any:
+    """The DynamicConfig the --dynamic-* flags give; refused when dynamic evaluation is off."""
+    from .dynamic import DynamicConfig
+
+    given = {k: getattr(args, f"dynamic_{k}") for k in DYNAMIC_FLAGS if getattr(args, f"dynamic_{k}") is not None}
+    if given and not enabled:
+        raise SharnnError(f"{', '.join(DYNAMIC_FLAGS[k] for k in given)} set up dynamic evaluation: add --dynamic")
+    return DynamicConfig(**given)
 
 
 def _add_precision_flag(parser: argparse.ArgumentParser) -> None:
@@ -217,15 +296,21 @@ def _add_precision_flag(parser: argparse.ArgumentParser) -> None:
                              "for a model from import-reference) (default: the checkpoint's)")
 
 
-def _load_for_inference(checkpoint: str, device: Any, args: argparse.Namespace) -> Any:
-    """The checkpoint's model in eval mode, with the window asked for, converted to --precision."""
+def _load_with_window(checkpoint: str, device: Any, args: argparse.Namespace) -> Any:
+    """The checkpoint's model as trained, with the --attn-window asked for (the checkpoint's by default)."""
     from .checkpoint import load_model
-    from .precision import for_inference
 
     model = load_model(checkpoint, device)
     if args.attn_window:
         model.set_attn_window(args.attn_window)
-    return for_inference(model, args.precision)
+    return model
+
+
+def _load_for_inference(checkpoint: str, device: Any, args: argparse.Namespace) -> Any:
+    """The checkpoint's model in eval mode, with the window asked for, converted to --precision."""
+    from .precision import for_inference
+
+    return for_inference(_load_with_window(checkpoint, device, args), args.precision)
 
 
 def resolve_train_settings(args: argparse.Namespace) -> tuple[SHARNNConfig, TrainConfig, dict[str, Any]]:
@@ -304,32 +389,76 @@ def _check_resume_architecture(resume: str, given: dict[str, Any]) -> None:
 def cmd_eval(args: argparse.Namespace) -> int:
     from .checkpoint import load_train_config, load_vocab, resolve_checkpoint
     from .data import load_corpus
+    from .dynamic import static_and_dynamic
     from .evaluate import evaluate
     from .runtime import resolve_device
 
     device = resolve_device(args.device)
     ckpt = resolve_checkpoint(args.checkpoint, prefer="best")
-    model = _load_for_inference(ckpt, device, args)
+    dynamic = args.dynamic or args.dynamic_search
+    cfg = _dynamic_config(args, dynamic)
+    if dynamic and args.precision != "fp32":
+        raise SharnnError("dynamic evaluation changes the weights as it goes, so it runs in fp32: drop --precision")
+    # Dynamic evaluation learns in the parameterisation that was trained: the model as saved, not collapsed.
+    model = _load_with_window(ckpt, device, args).eval() if dynamic else _load_for_inference(ckpt, device, args)
     tcfg = load_train_config(ckpt) or TrainConfig()
     data = args.data or tcfg.data
     corpus = load_corpus(data, vocab=load_vocab(ckpt))
     if args.batch_size is not None and args.batch_size < 1 or args.bptt is not None and args.bptt < 1:
         raise SharnnError("--batch_size and --bptt must be at least 1")
-    default_bsz = tcfg.test_batch_size if args.split == "test" else (tcfg.eval_batch_size or tcfg.batch_size)
+    split = "valid" if args.dynamic_search else args.split
+    default_bsz = tcfg.test_batch_size if split == "test" else (tcfg.eval_batch_size or tcfg.batch_size)
     bsz = args.batch_size or default_bsz
     bptt = args.bptt or tcfg.bptt
-    res = evaluate(model, corpus.split(args.split), bsz, bptt, device, progress=not args.json,
-                   what=f"{args.split} split")
-    if args.json:
-        print(json.dumps({"checkpoint": str(ckpt), "data": data, "split": args.split, "loss": res.loss,
-                          "metric": corpus.vocab.metric, "bpc": res.bpc, "ppl": res.ppl, "predictions": res.predictions,
-                          "batch_size": bsz, "bptt": bptt, "precision": args.precision,
-                          "attn_window": model.cfg.attn_window, "seconds": round(res.seconds, 3)}))
+    if args.dynamic_search:
+        return _dynamic_search(model, corpus, bsz, bptt, cfg, device)
+    dyn = None
+    if args.dynamic:
+        res, dyn = static_and_dynamic(model, corpus.train, corpus.split(split), bsz, bptt, cfg, device,
+                                      progress=not args.json, what=f"{split} split")
     else:
-        print(f"{args.split}: loss {res.loss:.4f} nats | bpc {res.bpc:.4f} | ppl {res.ppl:.4f} | "
+        res = evaluate(model, corpus.split(split), bsz, bptt, device, progress=not args.json, what=f"{split} split")
+    if args.json:
+        obj = {"checkpoint": str(ckpt), "data": data, "split": split, "loss": res.loss,
+               "metric": corpus.vocab.metric, "bpc": res.bpc, "ppl": res.ppl, "predictions": res.predictions,
+               "batch_size": bsz, "bptt": bptt, "precision": args.precision, "attn_window": model.cfg.attn_window,
+               "seconds": round(res.seconds, 3)}
+        if dyn is not None:
+            obj["dynamic"] = {"loss": dyn.loss, "bpc": dyn.bpc, "ppl": dyn.ppl, "seconds": round(dyn.seconds, 3),
+                              **cfg.__dict__}
+        print(json.dumps(obj))
+    elif dyn is not None:
+        print(f"{split}: static bpc {res.bpc:.4f} | dynamic bpc {dyn.bpc:.4f} ({100 * (dyn.bpc / res.bpc - 1):+.2f}%) | "
+              f"static ppl {res.ppl:.4f} | dynamic ppl {dyn.ppl:.4f} | {res.predictions:,} predictions in {bsz} "
+              f"streams | static bptt {bptt}; dynamic lr {cfg.lr:g}, decay {cfg.decay:g}, bptt {cfg.bptt}, "
+              f"statistics from {cfg.stats_tokens:,} training tokens | {res.seconds:.1f} s + {dyn.seconds:.1f} s"
+              + ("" if math.isfinite(dyn.loss) else " | the steps diverged: lower --dynamic-lr"))
+    else:
+        print(f"{split}: loss {res.loss:.4f} nats | bpc {res.bpc:.4f} | ppl {res.ppl:.4f} | "
               f"{res.predictions:,} predictions in {bsz} streams, bptt {bptt}, {args.precision}, "
               f"{model.cfg.attn_window} window | {res.seconds:.1f} s "
               f"({res.predictions / max(res.seconds, 1e-9):,.0f} chars/s)")
+    return 0
+
+
+def _dynamic_search(model: Any, corpus: Any, bsz: int, bptt: int, cfg: Any, device: Any) -> int:
+    from .dynamic import dynamic_search, gradient_stats, search_grid
+    from .evaluate import evaluate
+
+    static = evaluate(model, corpus.valid, bsz, bptt, device, progress=True, what="valid split")
+    print(f"valid, {bsz} streams: static bpc {static.bpc:.4f} (bptt {bptt})")
+
+    def show(point: Any) -> None:
+        c = point.cfg
+        print(f"  --dynamic-lr {c.lr:<9.3g} --dynamic-decay {c.decay:<9.3g} --dynamic-bptt {c.bptt:<4d} "
+              f"bpc {point.result.bpc:.4f} ({100 * (point.result.bpc / static.bpc - 1):+.2f}%)", flush=True)
+
+    points = dynamic_search(model, corpus.valid, bsz, search_grid(cfg),
+                            lambda b: gradient_stats(model, corpus.train, bsz, b, cfg.stats_tokens, device, True),
+                            device, progress=True, report=show)
+    best = points[0].cfg
+    print(f"best: --dynamic-lr {best.lr:.3g} --dynamic-decay {best.decay:.3g} --dynamic-bptt {best.bptt}: valid bpc "
+          f"{points[0].result.bpc:.4f} (static {static.bpc:.4f})")
     return 0
 
 
@@ -384,7 +513,20 @@ def cmd_score(args: argparse.Namespace) -> int:
     from .runtime import resolve_device
     from .score import score_lines, score_stream
 
-    model = _load_for_inference(args.checkpoint, resolve_device(args.device), args)
+    if args.dynamic and not args.document:
+        raise SharnnError("--dynamic scores whole documents: add --document")
+    if args.data and not args.dynamic:
+        raise SharnnError("--data gives --dynamic its training statistics: add --dynamic (or drop --data)")
+    if args.dynamic and args.precision != "fp32":
+        raise SharnnError("dynamic evaluation changes the weights as it goes, so it runs in fp32: drop --precision")
+    cfg = _dynamic_config(args, args.dynamic)
+    device = resolve_device(args.device)
+    if args.dynamic:
+        model = _load_with_window(args.checkpoint, device, args).eval()  # as trained, not collapsed: the weights learn
+        score_document = _dynamic_scorer(args, model, cfg, device)
+    else:
+        model = _load_for_inference(args.checkpoint, device, args)
+        score_document = score_stream
     context = _read_bytes(args.context) if args.context else b"\n"
     if args.batch_size < 1:
         raise SharnnError("--batch_size must be at least 1")
@@ -410,14 +552,14 @@ def cmd_score(args: argparse.Namespace) -> int:
     for name in inputs:
         if args.document:
             if name == "-":
-                score = score_stream(model, model.vocab, sys.stdin.buffer, context, args.per_token)
+                score = score_document(model, model.vocab, sys.stdin.buffer, context, args.per_token)
             else:
                 try:
                     f = open(name, "rb")  # noqa: SIM115 - closed by the `with f` below
                 except OSError as e:
                     raise SharnnError(f"cannot read {name}: {e.strerror}") from None
                 with f:
-                    score = score_stream(model, model.vocab, f, context, args.per_token)
+                    score = score_document(model, model.vocab, f, context, args.per_token)
             report(name, score)
         else:
             data = sys.stdin.buffer.read() if name == "-" else _read_bytes(name)
@@ -429,6 +571,19 @@ def cmd_score(args: argparse.Namespace) -> int:
             for line, score in zip(lines, scores):
                 report(name, score, line)
     return 0
+
+
+def _dynamic_scorer(args: argparse.Namespace, model: Any, cfg: Any, device: Any) -> Any:
+    """`score_stream`'s signature, scoring with dynamic evaluation; statistics from the training corpus."""
+    from .checkpoint import load_train_config, resolve_checkpoint
+    from .data import load_corpus
+    from .dynamic import dynamic_score_stream, gradient_stats
+
+    data = args.data or (load_train_config(resolve_checkpoint(args.checkpoint)) or TrainConfig()).data
+    train = load_corpus(data, vocab=model.vocab).train
+    rms = gradient_stats(model, train, 1, cfg.bptt, cfg.stats_tokens, device, progress=not args.json)
+    return lambda model, vocab, f, context, per_token: dynamic_score_stream(model, vocab, f, cfg, rms, context,
+                                                                            per_token)
 
 
 def cmd_import_reference(args: argparse.Namespace) -> int:
@@ -529,6 +684,42 @@ def cmd_attention(args: argparse.Namespace) -> int:
     save(attention_figure(maps, uses, ids, model.vocab, model.cfg.attn_span), args.output)
     print(f"wrote {args.output}: {len(maps)} attention block(s), {len(ids):,} tokens, heat-map of positions "
           f"{start}-{start + args.window - 1}")
+
+def cmd_compress(args: argparse.Namespace) -> int:
+    from .checkpoint import load_model
+    from .compress import CoderSettings, adapt_config, compress_file, fresh_model
+
+    if len(args.paths) != (2 if args.fresh else 3):
+        raise SharnnError("usage: sharnn compress CKPT IN OUT, or sharnn compress --fresh PRESET --adapt IN OUT")
+    if args.fresh and not args.adapt:
+        raise SharnnError("--fresh needs --adapt: an untrained model that does not learn predicts nothing")
+    given = (args.adapt_lr, args.adapt_decay, args.adapt_bptt)
+    if not args.adapt and any(v is not None for v in given):
+        raise SharnnError("--adapt-lr, --adapt-decay and --adapt-bptt set up --adapt: add --adapt")
+    adapt = adapt_config(bool(args.fresh), *given) if args.adapt else None
+    if args.fresh:
+        model, fresh = fresh_model(args.fresh, args.seed)
+    else:
+        model, fresh = load_model(args.paths[0], "cpu"), None
+    src, dst = args.paths[-2:]
+    res = compress_file(model, src, dst, CoderSettings(streams=args.streams, threads=args.threads, adapt=adapt),
+                        fresh=fresh, progress=not args.quiet, overwrite=args.overwrite)
+    print(f"{src}: {res.length:,} -> {res.compressed:,} bytes ({res.bits_per_byte:.4f} bits/byte; the model's "
+          f"cross-entropy {res.model_bits / max(res.length, 1):.4f}), {res.streams} streams, {res.kb_per_s:.1f} KB/s")
+    return 0
+
+
+def cmd_decompress(args: argparse.Namespace) -> int:
+    from .checkpoint import load_model
+    from .compress import decompress_file
+
+    if len(args.paths) not in (2, 3):
+        raise SharnnError("usage: sharnn decompress CKPT IN OUT (or IN OUT for a file compressed with --fresh)")
+    model = load_model(args.paths[0], "cpu") if len(args.paths) == 3 else None
+    src, dst = args.paths[-2:]
+    res = decompress_file(src, dst, model, ignore_machine=args.ignore_machine, progress=not args.quiet,
+                          overwrite=args.overwrite, checkpoint_name=args.paths[0])
+    print(f"{dst}: {res.length:,} bytes from {res.compressed:,}, checksum verified, {res.kb_per_s:.1f} KB/s")
     return 0
 
 
@@ -553,7 +744,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     commands = {"train": cmd_train, "eval": cmd_eval, "data": cmd_data, "generate": cmd_generate,
                 "score": cmd_score, "import-reference": cmd_import_reference, "collapse": cmd_collapse,
-                "export": cmd_export, "plot": cmd_plot, "attention": cmd_attention}
+                "export": cmd_export, "plot": cmd_plot, "attention": cmd_attention,
+                "compress": cmd_compress, "decompress": cmd_decompress}
     try:
         return commands[args.command](args)
     except SharnnError as e:

@@ -186,16 +186,21 @@ def split_bytes(data: np.ndarray, name: str, heldout_fraction: float = 0.1) -> C
     return Corpus(data[: n - 2 * half], data[n - 2 * half : n - half], data[n - half :], BYTES, name)
 
 
-def python_stdlib_bytes(limit: int = STDLIB_CORPUS_BYTES) -> bytes:
+def python_stdlib_files() -> list[Path]:
     """The standard library's .py sources (tests and site-packages left out), in sorted path order."""
     root = Path(sysconfig.get_paths()["stdlib"])
     skip = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"}
-    files = sorted(
+    return sorted(
         (p for p in root.rglob("*.py") if not skip.intersection(p.relative_to(root).parts)),
         key=lambda p: p.relative_to(root).as_posix(),
     )
+
+
+def python_stdlib_bytes(limit: int = STDLIB_CORPUS_BYTES) -> bytes:
+    """The first `limit` bytes of `python_stdlib_files()`, concatenated."""
+    root = Path(sysconfig.get_paths()["stdlib"])
     out = bytearray()
-    for p in files:
+    for p in python_stdlib_files():
         out += p.read_bytes()
         if len(out) >= limit:
             break

@@ -10,7 +10,7 @@ same bits per character as `sharnn eval` over the same bytes.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, BinaryIO, NamedTuple
 
 import numpy as np
@@ -42,17 +42,30 @@ class Score(NamedTuple):
         return -self.bits / self.tokens if self.tokens else float("nan")
 
 
-def _logprobs(model: SHARNN, ids: Tensor, state: State | None, chunk: int) -> tuple[Tensor, State | None]:
-    """Run (T, B) ids in chunks of `chunk` steps; returns (T-1, B) log P(ids[t+1] | ids[..t]) and the state."""
+def _logprobs(model: SHARNN, ids: Tensor, state: State | None, chunk: int,
+              adapt: Callable[[Tensor], None] | None = None) -> tuple[Tensor, State | None]:
+    """Run (T, B) ids in chunks of `chunk` steps; returns (T-1, B) log P(ids[t+1] | ids[..t]) and the state.
+
+    `adapt` (dynamic evaluation): once a chunk is scored, its mean negative log-probability, computed again with
+    autograd from the same state, is handed to `adapt` to learn from before the next chunk.
+    """
     out_lp = []
     for i in range(0, ids.shape[0] - 1, chunk):
         x = ids[i : i + chunk]
         y = ids[i + 1 : i + chunk + 1]
         out = model(x[: y.shape[0]], state)
+        lp = _gather(out.logits, y)  # (t, B)
+        if adapt is not None:  # the chunk scored, learn from it: the same pass again, with a graph
+            with torch.enable_grad():
+                adapt(-_gather(model(x[: y.shape[0]], state).logits, y).mean())
         state = out.state
-        lp = F.log_softmax(out.logits.float(), dim=-1).gather(-1, y.unsqueeze(-1)).squeeze(-1)  # (t, B)
         out_lp.append(lp)
     return torch.cat(out_lp) if out_lp else ids.new_zeros((0, ids.shape[1]), dtype=torch.float), state
+
+
+def _gather(logits: Tensor, y: Tensor) -> Tensor:
+    """(t, B, V) logits, (t, B) ids -> (t, B) log-probabilities of the ids."""
+    return F.log_softmax(logits.float(), dim=-1).gather(-1, y.unsqueeze(-1)).squeeze(-1)
 
 
 @torch.no_grad()
@@ -133,8 +146,12 @@ def score_stream(
     per_token: bool = False,
     chunk: int = 1024,
     read_bytes: int = 1 << 20,
+    adapt: Callable[[Tensor], None] | None = None,
 ) -> Score:
-    """Score a whole file read in pieces of `read_bytes`: memory stays bounded whatever its size."""
+    """Score a whole file read in pieces of `read_bytes`: memory stays bounded whatever its size.
+
+    `adapt`: dynamic evaluation, see `_logprobs` (`sharnn.dynamic.dynamic_score_stream`).
+    """
     model.eval()
     device = model.encoder.weight.device
     state, last = prime(model, vocab.encode(context), chunk)
@@ -152,7 +169,7 @@ def score_stream(
             seq = torch.empty(len(ids) + 1, 1, dtype=torch.long)
             seq[0, 0] = last
             seq[1:, 0] = torch.from_numpy(np.asarray(ids, dtype=np.int64))
-            lp, state = _logprobs(model, seq.to(device), state, chunk)
+            lp, state = _logprobs(model, seq.to(device), state, chunk, adapt)
             lp = lp[:, 0].double().cpu()
             total += float(lp.sum())
             count += len(ids)

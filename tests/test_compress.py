@@ -1,0 +1,312 @@
+"""Compression: exact round trips, size at the model's cross-entropy, and every refusal in one clear line."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from sharnn import compress
+from sharnn.checkpoint import save_checkpoint
+from sharnn.cli import main
+from sharnn.compress import (
+    START,
+    CoderSettings,
+    _stream_layout,
+    compress_file,
+    decompress_file,
+    fresh_model,
+    quantise,
+    read_header,
+)
+from sharnn.config import SHARNNConfig
+from sharnn.dynamic import DynamicConfig
+from sharnn.errors import SharnnError
+from sharnn.model import SHARNN
+from sharnn.vocab import BYTES, Vocab
+
+TEXT = b"Colourless green ideas sleep furiously; the cat sat on the mat. " * 160  # 10 KB
+
+
+def small_model(cfg: SHARNNConfig, seed: int = 0) -> SHARNN:
+    torch.manual_seed(seed)
+    m = SHARNN(cfg).eval()
+    m.vocab = BYTES
+    return m
+
+
+@pytest.fixture(autouse=True)
+def short_streams(monkeypatch) -> None:
+    """Streams of 64 bytes at least, not 4 KiB: small inputs still take several streams, and fewer steps."""
+    monkeypatch.setattr(compress, "MIN_STREAM_BYTES", 64)
+
+
+@pytest.fixture
+def model(tiny_config: SHARNNConfig) -> SHARNN:
+    return small_model(tiny_config)
+
+
+@pytest.fixture(scope="module")
+def trained() -> SHARNN:
+    """A tiny model trained for a few seconds on TEXT, so that its predictions are sharp (as in real use)."""
+    m = small_model(SHARNNConfig(emsize=16, nhid=32, nlayers=2, attn_layers=(1,), attn_span=24, dropout=0.0,
+                                 dropouth=0.0, dropouti=0.0, dropoute=0.0))
+    ids = torch.tensor(list(TEXT[:4096])).view(8, -1).t().contiguous()  # (512, 8)
+    opt = torch.optim.Adam(m.parameters(), lr=1e-2)
+    m.train()
+    for _ in range(3):
+        for i in range(0, 511, 32):
+            loss = m(ids[i : i + 32][:-1], targets=ids[i + 1 : i + 32]).loss
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    return m.eval()
+
+
+def roundtrip(model: SHARNN, data: bytes, tmp_path: Path, **settings: object) -> compress.CodingResult:
+    src, packed, back = tmp_path / "in", tmp_path / "in.shz", tmp_path / "back"
+    src.write_bytes(data)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    res = compress_file(model, src, packed, CoderSettings(**settings), overwrite=True)
+    decompress_file(packed, back, model, overwrite=True)
+    assert back.read_bytes() == data
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # adaptation leaves no trace
+    assert res.compressed == packed.stat().st_size
+    return res
+
+
+@pytest.mark.parametrize("data", [b"", b"x", bytes(range(256)) * 3, TEXT[:2000]], ids=["empty", "one", "binary", "text"])
+def test_round_trip(model: SHARNN, data: bytes, tmp_path: Path) -> None:
+    roundtrip(model, data, tmp_path, streams=4)
+
+
+def test_round_trip_random_bytes_many_blocks(model: SHARNN, tmp_path: Path) -> None:
+    data = np.random.default_rng(1).integers(0, 256, 1001, dtype=np.uint8).tobytes()
+    res = roundtrip(model, data, tmp_path, streams=8, block_steps=17)  # 8 streams of 126, the last 119; 8 blocks
+    assert res.streams == 8
+
+
+@pytest.mark.slow
+def test_round_trip_multi_megabyte(model: SHARNN, tmp_path: Path) -> None:
+    rng = np.random.default_rng(2)
+    data = b"".join(TEXT[: rng.integers(100, 1000)] + rng.integers(0, 256, 50, dtype=np.uint8).tobytes()
+                    for _ in range(7000))[: 3 << 20]
+    res = roundtrip(model, data, tmp_path, streams=256, block_steps=1000)
+    assert res.length == 3 << 20 and res.streams == 256
+
+
+def entropy_bits(model: SHARNN, data: bytes, streams: int) -> float:
+    """The model's cross-entropy on `data` cut as the coder cuts it, in one batched pass (not one byte per step)."""
+    S, n = _stream_layout(len(data), streams)
+    ids = np.zeros((n + 1, S), dtype=np.int64)
+    ids[0] = START
+    mask = np.zeros((n, S), dtype=bool)
+    for s in range(S):
+        part = np.frombuffer(data[s * n : (s + 1) * n], dtype=np.uint8)
+        ids[1 : 1 + len(part), s] = part
+        mask[: len(part), s] = True
+    with torch.no_grad():
+        logits = model(torch.from_numpy(ids[:-1])).logits
+    lp = torch.log_softmax(logits.double(), -1).gather(-1, torch.from_numpy(ids[1:])[..., None])[..., 0]
+    return float(-lp[torch.from_numpy(mask)].sum() / math.log(2))
+
+
+def test_size_is_the_models_cross_entropy(trained: SHARNN, tmp_path: Path) -> None:
+    data = TEXT[1000:9000]
+    res = roundtrip(trained, data, tmp_path, streams=16)
+    ideal = entropy_bits(trained, data, 16) / 8
+    header = read_header(tmp_path / "in.shz").body_start + 32  # magic, version, JSON header; trailer
+    assert ideal < len(data) / 3  # the model predicts well: quantisation matters here
+    assert abs(res.model_bits / 8 - ideal) < 1e-3 * ideal  # the coder's one-byte steps agree with one pass
+    assert res.compressed - header <= 1.01 * ideal
+    assert res.compressed - header >= ideal - 8  # no coder beats the model's own probabilities
+
+
+def test_adapt_learns_while_coding(trained: SHARNN, model: SHARNN, tmp_path: Path) -> None:
+    data = TEXT[:3000]
+    plain = roundtrip(model, data, tmp_path, streams=8)
+    adapt = roundtrip(model, data, tmp_path, streams=8, adapt=DynamicConfig(lr=5e-3, decay=0.0, bptt=16))
+    assert adapt.compressed < 0.8 * plain.compressed  # an untrained model learns the repeated sentence
+    header = read_header(tmp_path / "in.shz").header
+    assert header["adapt"]["lr"] == 5e-3 and header["adapt"]["bptt"] == 16
+    kept = roundtrip(trained, data, tmp_path, streams=8, adapt=DynamicConfig(lr=3e-4, decay=0.01, bptt=16))
+    assert kept.compressed > 0
+
+
+def test_quantise_is_exact_and_keeps_every_byte() -> None:
+    p = torch.softmax(torch.randn(5, 256) * 8, -1).numpy()
+    q = quantise(p)
+    assert (q >= 1).all() and (q.sum(1) == 1 << compress.PRECISION).all() and (q == np.round(q)).all()
+    assert np.abs(q / (1 << compress.PRECISION) - p).max() < 1e-4
+
+
+def test_stream_layout(monkeypatch) -> None:
+    monkeypatch.setattr(compress, "MIN_STREAM_BYTES", 4096)
+    assert _stream_layout(0, 32) == (0, 0)
+    assert _stream_layout(10, 32) == (1, 10)
+    assert _stream_layout(100_000, 32) == (24, 4167)  # one stream per 4 KiB at most
+    for length in (4096 * 5 + 1, 4096 * 40, 99_999):
+        S, n = _stream_layout(length, 32)
+        assert (S - 1) * n < length <= S * n  # no stream empty
+
+
+# --- refusals ---------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def packed(model: SHARNN, tmp_path: Path) -> Path:
+    (tmp_path / "in").write_bytes(TEXT[:3000])
+    compress_file(model, tmp_path / "in", tmp_path / "in.shz", CoderSettings(streams=8))
+    return tmp_path / "in.shz"
+
+
+def rewrite(path: Path, edit) -> None:
+    """Apply `edit` to the header JSON and put a matching trailer back (a well-formed file with other contents)."""
+    raw = path.read_bytes()
+    hlen = struct.unpack("<I", raw[10:14])[0]
+    header = json.loads(raw[14 : 14 + hlen])
+    edit(header)
+    head = json.dumps(header).encode()
+    body = raw[:10] + struct.pack("<I", len(head)) + head + raw[14 + hlen : -32]
+    path.write_bytes(body + hashlib.sha256(body).digest())
+
+
+def test_another_model_is_refused(packed: Path, tiny_config: SHARNNConfig, tmp_path: Path) -> None:
+    with pytest.raises(SharnnError, match="another model"):
+        decompress_file(packed, tmp_path / "out", small_model(tiny_config, seed=1))
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate", "magic", "version"])
+def test_damaged_or_foreign_files_are_refused(packed: Path, model: SHARNN, tmp_path: Path, damage: str) -> None:
+    raw = bytearray(packed.read_bytes())
+    if damage == "flip":
+        raw[len(raw) // 2] ^= 1
+    elif damage == "truncate":
+        raw = raw[:-40]
+    elif damage == "magic":
+        raw[0] = ord("x")
+    else:
+        raw[8:10] = struct.pack("<H", 2)
+    packed.write_bytes(bytes(raw))
+    message = {"flip": "damaged", "truncate": "damaged", "magic": "not a file made by", "version": "version 2"}
+    with pytest.raises(SharnnError, match=message[damage]):
+        decompress_file(packed, tmp_path / "out", model)
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))
+
+
+def test_another_machine_is_refused_unless_asked(packed: Path, model: SHARNN, tmp_path: Path, capsys) -> None:
+    rewrite(packed, lambda h: h["machine"].update(torch="1.0.0", isa="AVX512"))
+    with pytest.raises(SharnnError, match="torch 1.0.0 there"):
+        decompress_file(packed, tmp_path / "out", model)
+    ckpt = str(save_checkpoint(tmp_path / "ckpt", model))
+    argv = ["decompress", ckpt, str(packed), str(tmp_path / "out"), "--quiet"]
+    assert main(argv) == 2 and "another kind of machine" in capsys.readouterr().err
+    assert main(argv + ["--ignore-machine"]) == 0  # the same machine really: it decodes
+    assert (tmp_path / "out").read_bytes() == TEXT[:3000]
+    assert main(argv + ["--ignore-machine"]) == 2 and "--overwrite" in capsys.readouterr().err
+    assert main(argv + ["--ignore-machine", "--overwrite"]) == 0
+
+
+def test_a_wrong_decode_is_never_written(packed: Path, model: SHARNN, tmp_path: Path, monkeypatch) -> None:
+    # A decoder whose arithmetic differs from the encoder's (another machine, say) decodes garbage: the checksum of
+    # the original catches it and no output appears.
+    real = compress.quantise
+
+    def off_by_a_little(p: np.ndarray) -> np.ndarray:
+        return real(np.roll(p, 1, axis=1))
+
+    monkeypatch.setattr(compress, "quantise", off_by_a_little)
+    with pytest.raises(SharnnError, match="did not give back the original"):
+        decompress_file(packed, tmp_path / "out", model)
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))
+
+
+def test_word_models_and_existing_outputs_are_refused(model: SHARNN, packed: Path, tmp_path: Path) -> None:
+    model.vocab = Vocab("words", ("<eos>", "a"), "word")
+    with pytest.raises(SharnnError, match="byte-level model"):
+        compress_file(model, tmp_path / "in", tmp_path / "other", CoderSettings())
+    model.vocab = BYTES
+    with pytest.raises(SharnnError, match="exists; pass --overwrite"):
+        compress_file(model, tmp_path / "in", packed, CoderSettings())
+    with pytest.raises(SharnnError, match="is the input"):
+        compress_file(model, tmp_path / "in", tmp_path / "in", CoderSettings(), overwrite=True)
+    with pytest.raises(SharnnError, match="cannot read"):
+        compress_file(model, tmp_path / "missing", tmp_path / "x", CoderSettings())
+
+
+# --- command line -----------------------------------------------------------------------------------------------
+
+
+def test_cli_round_trip_with_a_checkpoint(model: SHARNN, tmp_path: Path, capsys) -> None:
+    ckpt = save_checkpoint(tmp_path / "ckpt", model)
+    src = tmp_path / "in.txt"
+    src.write_bytes(TEXT[:600])
+    argv = ["compress", str(ckpt), str(src), str(tmp_path / "z"), "--quiet"]
+    assert main(argv + ["--streams", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "600 ->" in out and "3 streams" in out and "KB/s" in out
+    assert main(argv) == 2 and "--overwrite" in capsys.readouterr().err
+    assert main(argv + ["--overwrite", "--adapt", "--adapt-lr", "1e-3", "--adapt-decay", "0.5", "--adapt-bptt",
+                        "8"]) == 0
+    h = read_header(tmp_path / "z").header
+    assert h["adapt"]["lr"] == 1e-3 and h["adapt"]["decay"] == 0.5 and h["adapt"]["bptt"] == 8 and h["threads"] == 1
+    assert main(["decompress", str(ckpt), str(tmp_path / "z"), str(tmp_path / "back"), "--quiet"]) == 0
+    assert (tmp_path / "back").read_bytes() == TEXT[:600]
+    assert "checksum verified" in capsys.readouterr().out
+    src.write_bytes(TEXT[:40])  # threads: recorded, and the decoder uses them (a short input: threads spin)
+    assert main(argv + ["--overwrite", "--threads", "2"]) == 0 and read_header(tmp_path / "z").header["threads"] == 2
+    assert main(["decompress", str(ckpt), str(tmp_path / "z"), str(tmp_path / "b3"), "--quiet"]) == 0
+    assert (tmp_path / "b3").read_bytes() == TEXT[:40]
+    assert main(["decompress", str(tmp_path / "z"), str(tmp_path / "b2"), "--quiet"]) == 2
+    assert "give its checkpoint" in capsys.readouterr().err
+
+
+def test_cli_fresh_model_round_trip_in_separate_processes(tmp_path: Path) -> None:
+    # Encoder and decoder in two processes: the float computation must repeat bit for bit.
+    cfg = tmp_path / "small.toml"
+    cfg.write_text("[model]\nemsize = 16\nnhid = 32\nnlayers = 2\nattn_layers = [1]\nattn_span = 24\n")
+    src = tmp_path / "in.txt"
+    src.write_bytes(TEXT[:400])
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    run = lambda *a: subprocess.run([sys.executable, "-m", "sharnn.cli", *a], capture_output=True, text=True, env=env,
+                                    check=False)
+    r = run("compress", "--fresh", str(cfg), "--seed", "3", "--adapt", str(src), str(tmp_path / "z"), "--quiet")
+    assert r.returncode == 0, r.stderr
+    assert read_header(tmp_path / "z").header["model"]["fresh"]["seed"] == 3
+    r = run("decompress", str(tmp_path / "z"), str(tmp_path / "back"), "--quiet")
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "back").read_bytes() == TEXT[:400]
+
+
+def test_fresh_models_repeat_and_differ_by_seed() -> None:
+    a, info = fresh_model("tiny", seed=1)
+    b, _ = fresh_model("tiny", seed=1)
+    c, _ = fresh_model("tiny", seed=2)
+    assert compress.weights_sha256(a) == compress.weights_sha256(b) != compress.weights_sha256(c)
+    assert info["spec"] == "tiny" and info["config"]["emsize"] == 128
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["compress", "IN", "OUT"], "usage: sharnn compress"),
+    (["compress", "--fresh", "tiny", "IN", "OUT"], "--fresh needs --adapt"),
+    (["compress", "CKPT", "IN", "OUT", "--adapt-lr", "1"], "add --adapt"),
+    (["compress", "--fresh", "nosuch", "--adapt", "IN", "OUT"], "not found"),
+    (["compress", "CKPT", "IN", "OUT", "--streams", "0"], "at least 1"),
+    (["decompress", "OUT"], "usage: sharnn decompress"),
+])
+def test_cli_mistakes(model: SHARNN, tmp_path: Path, argv: list[str], message: str, capsys) -> None:
+    ckpt = save_checkpoint(tmp_path / "ckpt", model)
+    (tmp_path / "in").write_bytes(b"abc")
+    names = {"CKPT": str(ckpt), "IN": str(tmp_path / "in"), "OUT": str(tmp_path / "out")}
+    assert main([names.get(a, a) for a in argv]) == 2
+    assert message in capsys.readouterr().err
