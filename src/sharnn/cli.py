@@ -684,6 +684,8 @@ def cmd_attention(args: argparse.Namespace) -> int:
     save(attention_figure(maps, uses, ids, model.vocab, model.cfg.attn_span), args.output)
     print(f"wrote {args.output}: {len(maps)} attention block(s), {len(ids):,} tokens, heat-map of positions "
           f"{start}-{start + args.window - 1}")
+    return 0
+
 
 def cmd_compress(args: argparse.Namespace) -> int:
     from .checkpoint import load_model
