@@ -38,9 +38,9 @@ def _fail_here(where: str) -> None:
         finish_step = train_module._Loop._finish_step
 
         def failing_step(loop):
-            if loop.step == 2 and where == "kill":
+            if loop.ts.step == 2 and where == "kill":
                 os.kill(os.getpid(), signal.SIGKILL)
-            if loop.step == 2:
+            if loop.ts.step == 2:
                 raise SharnnError(f"rank {os.environ['RANK']} could not take step 3")
             return finish_step(loop)
 
@@ -56,7 +56,7 @@ def _signal_mid_step() -> None:
         loops.append(loop)
 
     def detach_and_signal(state):  # the loop calls it once a segment, before it counts the segment
-        if loops[0].step == 2 and loops[0].micro == 0:
+        if loops[0].ts.step == 2 and loops[0].ts.micro == 0:
             loops[0].stop_signal = loops[0].ranks.signalled = signal.SIGTERM  # what the loop's handler records
         return detach_state(state)
 

@@ -15,13 +15,13 @@ import torch.nn.functional as F
 from helpers import TINY, write_sentences
 from safetensors.torch import load_file
 
-from sharnn.checkpoint import load_model, load_train_state, save_checkpoint
+from sharnn.checkpoint import load_model, load_train_state, save_checkpoint, state_from_list, state_to_list
 from sharnn.cli import main
 from sharnn.config import SHARNNConfig, TrainConfig
 from sharnn.errors import SharnnError
 from sharnn.generate import generate
 from sharnn.model import QRNN, SHARNN, Block, detach_state, forget_mult
-from sharnn.train import _state_from_list, _state_to_list, train
+from sharnn.train import train
 
 # (model, qrnn_window): every core, the QRNN with both windows
 CORES = [("LSTM", 2), ("GRU", 2), ("QRNN", 2), ("QRNN", 1)]
@@ -115,7 +115,7 @@ def test_state_layout_and_round_trips(tiny_config: SHARNNConfig, ids: torch.Tens
     assert state[1].memory is not None and state[1].memory.shape == (10, 3, 16)  # attention block
     d = detach_state(state)
     assert not any(t.requires_grad for s in d for t in s.rnn)
-    back = _state_from_list(_state_to_list(d))  # what train.py writes into train_state.pt and reads back
+    back = state_from_list(state_to_list(d))  # what train.py writes into train_state.pt and reads back
     assert all(torch.equal(a, b) for s, r in zip(d, back) for a, b in zip(s.rnn, r.rnn))
 
 

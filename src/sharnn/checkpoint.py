@@ -24,11 +24,13 @@ import hashlib
 import json
 import os
 import pickle
+import random
 import re
 import shutil
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_model as st_load_model
@@ -36,7 +38,7 @@ from safetensors.torch import save_file as st_save_file
 
 from .config import SHARNNConfig, TrainConfig
 from .errors import SharnnError
-from .model import SHARNN
+from .model import SHARNN, BlockState, State
 from .vocab import BYTES, Vocab
 
 FORMAT = "sharnn-checkpoint"
@@ -419,3 +421,45 @@ def load_pretrained(name_or_path: str | os.PathLike, device: torch.device | str 
     except Exception as e:  # noqa: BLE001 - the Hub client raises many kinds: offline, not found, gated, ...
         raise SharnnError(f"cannot fetch {name} from the Hugging Face Hub: {e}") from None
     return load_model(local, device)
+
+
+# --- what train_state.pt holds besides tensors of the model: RNG streams and the carried state ----------------
+
+
+def rng_state(rng: np.random.Generator) -> dict[str, Any]:
+    """Every random stream training draws from, as tensors and plain values (loadable with weights_only)."""
+    _, keys, pos, has_gauss, gauss = np.random.get_state(legacy=True)
+    return {"numpy": rng.bit_generator.state, "torch": torch.get_rng_state(), "python": random.getstate(),
+            "numpy_global": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                             "has_gauss": int(has_gauss), "gauss": float(gauss)},
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_state(rng: np.random.Generator, s: dict[str, Any]) -> None:
+    """Put back what `rng_state` captured: `rng` and the global Python, NumPy, torch and CUDA streams."""
+    rng.bit_generator.state = s["numpy"]
+    torch.set_rng_state(s["torch"].cpu())
+    random.setstate(_as_tuple(s["python"]))
+    if "numpy_global" in s:
+        g = s["numpy_global"]
+        np.random.set_state(("MT19937", g["keys"].cpu().numpy().astype(np.uint32), g["pos"], g["has_gauss"],
+                             g["gauss"]))
+    if s.get("cuda") and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([t.cpu() for t in s["cuda"]])
+
+
+def _as_tuple(x: Any) -> Any:
+    return tuple(_as_tuple(v) for v in x) if isinstance(x, (list, tuple)) else x
+
+
+def state_to_list(state: State | None) -> list[dict[str, Any]] | None:
+    """A recurrent state as lists and dicts of tensors: what `torch.load(weights_only=True)` reads back."""
+    if state is None:
+        return None
+    return [{"rnn": list(s.rnn), "memory": s.memory} for s in state]
+
+
+def state_from_list(saved: list[dict[str, Any]] | None) -> State | None:
+    if saved is None:
+        return None
+    return tuple(BlockState(tuple(s["rnn"]), s["memory"]) for s in saved)

@@ -41,11 +41,6 @@ from .config import (
 )
 from .errors import SharnnError
 
-# Fields that are set by the data, not by the user.
-NOT_FLAGS = {"vocab_size", "collapsed_gate"}
-# Fields whose value changes the weights' shapes: on --resume they come from the checkpoint.
-ARCHITECTURE = {"vocab_size", "model", "emsize", "nhid", "nlayers", "attn_layers", "tied", "collapsed_gate"}
-
 
 def _none_or(kind: type) -> Any:
     def parse(text: str) -> Any:
@@ -58,7 +53,7 @@ def _none_or(kind: type) -> Any:
 def _add_field_flags(parser: argparse.ArgumentParser, cls: type, title: str) -> None:
     group = parser.add_argument_group(title)
     for f in fields(cls):
-        if f.name in NOT_FLAGS:
+        if not f.metadata.get("flag", True):  # set by the data or by a command, not by the user
             continue
         under, hyphen = f"--{f.name}", f"--{f.name.replace('_', '-')}"
         # The table spells batch_size with an underscore and log-interval with a hyphen; accept both everywhere.
@@ -337,8 +332,6 @@ def cmd_train(args: argparse.Namespace) -> int:
     model_cfg, cfg, model_given = resolve_train_settings(args)
     if "qrnn_window" in model_given and model_cfg.model != "QRNN":
         raise SharnnError(f"--qrnn-window applies to --model QRNN only, not {model_cfg.model}")
-    if cfg.resume:
-        _check_resume_architecture(cfg.resume, model_given)
     if not args.quiet and os.environ.get("RANK", "0") == "0":
         print("settings: " + json.dumps({"model": model_cfg.to_dict(), "train": cfg.to_dict()}), file=sys.stderr)
     result = train(model_cfg, cfg, quiet=args.quiet or os.environ.get("RANK", "0") != "0",
@@ -371,19 +364,6 @@ def cmd_train(args: argparse.Namespace) -> int:
         print("--- sample (prompt: the test split's first 64 bytes) ---")
         print(result.sample.decode("utf-8", errors="replace"))
     return 0
-
-
-def _check_resume_architecture(resume: str, given: dict[str, Any]) -> None:
-    from .checkpoint import read_meta, resolve_checkpoint
-
-    saved = read_meta(resolve_checkpoint(resume, prefer="last"))["model"]
-    for name in sorted(ARCHITECTURE & set(given)):
-        want = list(given[name]) if isinstance(given[name], tuple) else given[name]
-        if saved.get(name) != want:
-            raise SharnnError(
-                f"--{name} {_show(given[name])} conflicts with the checkpoint's {saved.get(name)}: "
-                "on --resume the architecture comes from the checkpoint; drop the flag"
-            )
 
 
 def cmd_eval(args: argparse.Namespace) -> int:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import sys
-from dataclasses import MISSING, asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -40,9 +40,15 @@ ATTN_WINDOWS = ("sliding", "reference")
 FP32_PARTS = ("core", "attention", "boom", "decoder")
 
 
-def _doc(text: str, shown: str | None = None, **kw: Any) -> Any:
-    """A dataclass field whose help text the CLI shows; `shown` describes a default that is not a plain value."""
-    return field(metadata={"help": text, **({"shown": shown} if shown else {})}, **kw)
+def _doc(text: str, shown: str | None = None, shapes: bool = False, flag: bool = True, **kw: Any) -> Any:
+    """A dataclass field whose help text the CLI shows.
+
+    shown: describes a default that is not a plain value. shapes: the setting shapes the weights (a checkpoint's
+    value is final: --resume keeps it, and a flag that disagrees is refused). flag: the CLI offers it as a flag
+    (not those the data or a command sets).
+    """
+    meta = {"help": text, "shapes": shapes, "flag": flag, **({"shown": shown} if shown else {})}
+    return field(metadata=meta, **kw)
 
 
 def default_attn_layers(nlayers: int) -> tuple[int, ...]:
@@ -55,18 +61,18 @@ def default_attn_layers(nlayers: int) -> tuple[int, ...]:
 class SHARNNConfig:
     """Everything that shapes the network. Names follow the paper's parameter table."""
 
-    vocab_size: int = _doc("vocabulary size: 256 for raw bytes", default=256)
-    model: str = _doc("recurrent core: LSTM, GRU or QRNN", default="LSTM")
+    vocab_size: int = _doc("vocabulary size: 256 for raw bytes", shapes=True, flag=False, default=256)
+    model: str = _doc("recurrent core: LSTM, GRU or QRNN", shapes=True, default="LSTM")
     qrnn_window: int = _doc(
         "with --model QRNN: inputs each gate sees, 1 (x_t) or 2 (x_t and x_t-1, carried across segments)",
-        default=2,
+        shapes=True, default=2,
     )
-    emsize: int = _doc("E: embedding and block width", default=1024)
-    nhid: int = _doc("H: Boom feed-forward width, a multiple of emsize", default=4096)
-    nlayers: int = _doc("number of blocks", default=4)
+    emsize: int = _doc("E: embedding and block width", shapes=True, default=1024)
+    nhid: int = _doc("H: Boom feed-forward width, a multiple of emsize", shapes=True, default=4096)
+    nlayers: int = _doc("number of blocks", shapes=True, default=4)
     attn_layers: tuple[int, ...] | None = _doc(
         "blocks (0-based) with single-head attention",
-        shown="block nlayers-2, the second to last, as the original; no attention when nlayers is 1", default=None,
+        shown="block nlayers-2, the second to last, as the original; no attention when nlayers is 1", shapes=True, default=None,
     )
     attn_span: int = _doc("M: positions each query may attend to (itself and M-1 before it)", default=5000)
     attn_window: str = _doc(
@@ -87,13 +93,14 @@ class SHARNNConfig:
         "DropConnect on the RNN hidden-to-hidden weights in training (QRNN: on its input-to-gates weights)",
         default=0.0,
     )
-    tied: bool = _doc("tie decoder and embedding weights", default=True)
+    tied: bool = _doc("tie decoder and embedding weights", shapes=True, default=True)
     adaptive_cutoffs: tuple[int, ...] = _doc(
         "adaptive softmax cluster cutoffs (ids sorted by frequency); empty: automatic, used above "
-        "75,000 symbols; 0: never", default=()
+        "75,000 symbols; 0: never", shapes=True, default=()
     )
     collapsed_gate: bool = _doc(
-        "attention value gate stored as a constant (set by `sharnn collapse`; same outputs)", default=False
+        "attention value gate stored as a constant (set by `sharnn collapse`; same outputs)", shapes=True, flag=False,
+        default=False
     )
 
     def __post_init__(self) -> None:
@@ -130,6 +137,11 @@ class SHARNNConfig:
         for name in ("dropout", "dropouth", "dropouti", "dropoute", "wdrop"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise SharnnError(f"--{name} must be in [0, 1), got {getattr(self, name)}")
+
+    @classmethod
+    def weight_settings(cls) -> frozenset[str]:
+        """The settings that shape the weights: on --resume they come from the checkpoint, whatever is asked."""
+        return frozenset(f.name for f in fields(cls) if f.metadata.get("shapes"))
 
     @property
     def uses_adaptive_softmax(self) -> bool:
@@ -302,11 +314,6 @@ def _checked_value(name: str, type_text: str, v: Any) -> Any:
     return v
 
 
-def field_default(cls: type, name: str) -> Any:
-    f = next(f for f in fields(cls) if f.name == name)
-    return f.default if f.default is not MISSING else f.default_factory()  # type: ignore[misc]
-
-
 # --- presets and config files ------------------------------------------------------------------------------
 
 
@@ -361,7 +368,6 @@ def split_settings(settings: dict[str, Any]) -> tuple[dict[str, Any], dict[str, 
 __all__ = [
     "SHARNNConfig",
     "TrainConfig",
-    "field_default",
     "load_config_file",
     "load_preset",
     "preset_names",

@@ -20,14 +20,13 @@ import contextlib
 import json
 import math
 import os
-import random
 import shutil
 import signal
 import sys
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -43,8 +42,13 @@ from .checkpoint import (
     load_train_state,
     load_vocab,
     prune_checkpoints,
+    read_meta,
     resolve_checkpoint,
+    rng_state,
     save_checkpoint,
+    set_rng_state,
+    state_from_list,
+    state_to_list,
     step_name,
 )
 from .config import SHARNNConfig, TrainConfig, auto_cutoffs
@@ -53,14 +57,12 @@ from .distributed import Dist, PeerFailed, init_from_env, release_frames
 from .errors import SharnnError, require_writable_folder
 from .evaluate import EvalResult, autocast, evaluate
 from .generate import generate
-from .model import SHARNN, BlockState, SHARNNOutput, State, count_parameters, detach_state
+from .model import SHARNN, SHARNNOutput, State, count_parameters, detach_state
 from .optim import averaged_weights, build_asgd, build_optimizer, lr_at, set_lr, should_switch_to_asgd
 from .progress import TrainProgress
 from .runtime import resolve_device, seed_everything, set_tf32
 
 LN2 = math.log(2)
-# Model settings a resumed run may change; every other SHARNNConfig field shapes the weights.
-RESUME_ADJUSTABLE = {"dropout", "dropouth", "dropouti", "dropoute", "wdrop", "attn_span", "attn_window"}
 
 
 class TrainingInterrupted(SharnnError):
@@ -156,6 +158,9 @@ def train(model_cfg: SHARNNConfig, cfg: TrainConfig, quiet: bool = False,
 def _train(model_cfg: SHARNNConfig, cfg: TrainConfig, quiet: bool, model_overrides: dict[str, Any] | None,
            ranks: Dist, device: torch.device) -> TrainResult:
     run_dir = Path(cfg.save)
+    ckpt = resolve_checkpoint(cfg.resume, prefer="last") if cfg.resume else None
+    if ckpt is not None:  # refuse an architecture change before any work
+        model_cfg = _resumed_model_config(ckpt, model_overrides or {})
     if ranks.is_main:
         require_writable_folder(run_dir, "pass a writable --save")  # now, not after hours of training
         clean_run_folder(run_dir)  # what a killed save may have left
@@ -164,41 +169,10 @@ def _train(model_cfg: SHARNNConfig, cfg: TrainConfig, quiet: bool, model_overrid
     corpus = load_corpus(cfg.data, tokens=cfg.tokens)
     log = RunLog(run_dir, quiet or not ranks.is_main, write=ranks.is_main)
     seed_everything(cfg.seed)  # before the model is built: its initial weights come from this seed
-
-    resume_state: dict[str, Any] | None = None
-    old_cfg: TrainConfig | None = None
-    if cfg.resume:
-        ckpt = resolve_checkpoint(cfg.resume, prefer="last")
-        model = load_model(ckpt, device)
-        if model_overrides:
-            model = _with_overrides(model, model_overrides, ckpt, device)
-        resume_state = load_train_state(ckpt, device)
-        old_cfg = load_train_config(ckpt)
-        if load_vocab(ckpt) != corpus.vocab:
-            raise SharnnError(
-                f"checkpoint {ckpt} was trained with another vocabulary ({model.cfg.vocab_size} symbols) than the "
-                f"corpus {corpus.name} ({corpus.vocab_size}); resume on the same kind of corpus"
-            )
-        if old_cfg is not None and old_cfg.seed != cfg.seed:
-            resume_state.pop("rng", None)  # a new --seed on resume asks for fresh randomness (paper's 2nd pass)
-        old_global = (old_cfg.batch_size if old_cfg else cfg.batch_size) * resume_state.get("world", 1)
-        if old_global != cfg.batch_size * ranks.world:
-            # Stream boundaries move with the global batch: the saved position and carried state mean nothing now.
-            log.line(f"global batch changed ({old_global} -> {cfg.batch_size * ranks.world} streams): "
-                     "the epoch restarts at its start")
-            resume_state.update(position=0, carried=None, micro=0)
-        else:  # the same global streams, perhaps over another number of ranks: take this rank's share
-            carried = ranks.shard_state(_state_from_list(resume_state.get("carried")), cfg.batch_size)
-            resume_state["carried"] = _state_to_list(carried)
-        log.line(f"resuming from {ckpt} at epoch {resume_state['epoch']}, step {resume_state['step']}")
+    if ckpt is not None:
+        model, saved = _resume_model(ckpt, model_cfg, corpus, cfg, ranks, device, log)
     else:
-        mcfg = replace(model_cfg, vocab_size=corpus.vocab_size)
-        if not mcfg.adaptive_cutoffs and (cutoffs := auto_cutoffs(mcfg.vocab_size)):
-            mcfg = replace(mcfg, adaptive_cutoffs=cutoffs, tied=False)
-            log.line(f"{mcfg.vocab_size:,} symbols: adaptive softmax with cutoffs {list(cutoffs)} (untied decoder); "
-                     "--adaptive-cutoffs 0 turns it off")
-        model = SHARNN(mcfg).to(device)
-
+        model, saved = _new_model(model_cfg, corpus, device, log), None
     model.keep_fp32(cfg.fp32_part_set)
     if device.type == "cuda":
         set_tf32(cfg.tf32)
@@ -209,29 +183,13 @@ def _train(model_cfg: SHARNNConfig, cfg: TrainConfig, quiet: bool, model_overrid
     eval_bsz = cfg.eval_batch_size or cfg.batch_size
     Streams(_eval_ids(corpus.valid, cfg), eval_bsz, what="valid split")
     Streams(_eval_ids(corpus.test, cfg), cfg.test_batch_size, what="test split")
-
     if cfg.precision == "fp16" and device.type == "cpu" and model.cfg.model == "LSTM":
         raise SharnnError("--precision fp16 with the LSTM core needs a GPU (PyTorch's CPU LSTM has no float16 "
                           "kernel); on a CPU use --precision bf16")
-    optimizer = build_optimizer(model.parameters(), cfg)
-    if resume_state is not None and resume_state.get("asgd") and cfg.optimizer == "sgd":
-        optimizer = build_asgd(model.parameters(), cfg, cfg.lr)  # the run had switched: its state is ASGD's
-    rng = np.random.default_rng(cfg.seed)
-    if resume_state is not None:
-        if old_cfg is not None and old_cfg.optimizer != cfg.optimizer:
-            raise SharnnError(f"cannot resume a run trained with --optimizer {old_cfg.optimizer} using "
-                              f"--optimizer {cfg.optimizer}: its saved moments belong to the former; keep it")
-        try:
-            optimizer.load_state_dict(resume_state["optimizer"])
-        except (ValueError, KeyError) as e:
-            raise SharnnError(f"cannot resume: the saved optimizer state does not fit --optimizer {cfg.optimizer} ({e})") from None
-        for group in optimizer.param_groups:  # loading brings the old run's settings; this run's flags win
-            group["weight_decay"] = cfg.wdecay
-        if "rng" in resume_state:
-            _set_rng_state(rng, resume_state["rng"])
-    if ranks.enabled:  # same initial weights everywhere (DDP also broadcasts rank 0's), but each rank its own dropout
-        torch.manual_seed(cfg.seed + 7919 * ranks.rank + 104729 * (resume_state or {}).get("step", 0))
 
+    optimizer, rng = _optimizer_and_rng(model, cfg, saved)
+    if ranks.enabled:  # same initial weights everywhere (DDP also broadcasts rank 0's), but each rank its own dropout
+        torch.manual_seed(cfg.seed + 7919 * ranks.rank + 104729 * (saved or {}).get("step", 0))
     n_params = count_parameters(model)
     log.line(f"SHA-RNN: {n_params:,} parameters | corpus {corpus.name}: train {len(corpus.train):,} "
              f"valid {len(corpus.valid):,} test {len(corpus.test):,} tokens | device {device}")
@@ -243,22 +201,110 @@ def _train(model_cfg: SHARNNConfig, cfg: TrainConfig, quiet: bool, model_overrid
     if ranks.is_main:
         _warn_if_disk_small(run_dir, n_params, cfg, log)
 
-    loop = _Loop(model, optimizer, cfg, corpus, train_streams, rng, device, run_dir, log, resume_state, ranks)
+    loop = _Loop(model, optimizer, cfg, corpus, train_streams, rng, device, run_dir, log, saved, ranks)
     with _stop_on_signals(loop):
         loop.run()
     loop.forward_model = model  # drop the DDP wrapper: it holds the process group
     ranks.finish()  # all ranks together, then the group goes: rank 0's final measurement needs no other rank
+    ts = loop.ts
+    result = TrainResult(run_dir, ts.step, loop.epochs_done, loop.seconds, loop.chars_per_s, ts.best_bpc, None, None,
+                         b"", ts.nonfinite_total)
     if not ranks.is_main:  # rank 0 measures the result
-        return TrainResult(run_dir, loop.step, loop.epochs_done, loop.seconds, loop.chars_per_s,
-                           loop.best_bpc, None, None, b"", loop.nonfinite_total)
+        return result
+    return _final_measurement(result, model, corpus, cfg, device, log, quiet)
 
-    # Final numbers come from the best checkpoint, as the paper reports them.
-    best_dir = run_dir / "best"
+
+def _resumed_model_config(ckpt: Path, overrides: dict[str, Any]) -> SHARNNConfig:
+    """The checkpoint's model settings with the run settings the user gave (dropouts, span, window).
+
+    A setting that shapes the weights (`SHARNNConfig.weight_settings`) comes from the checkpoint: one that
+    disagrees is refused."""
+    try:
+        saved = SHARNNConfig.from_dict(read_meta(ckpt)["model"])
+    except (KeyError, TypeError) as e:
+        raise SharnnError(f"{ckpt}/config.json has no valid model section ({e})") from None
+    names = {f.name for f in fields(SHARNNConfig)} - {"vocab_size"}
+    wanted = {k: v for k, v in overrides.items() if k in names}
+    new_cfg = SHARNNConfig.from_dict(saved.to_dict() | wanted)
+    clash = sorted(k for k in wanted if k in SHARNNConfig.weight_settings() and getattr(new_cfg, k) != getattr(saved, k))
+    if clash:
+        k = clash[0]
+        raise SharnnError(f"--{k.replace('_', '-')} {_shown(getattr(new_cfg, k))} conflicts with the checkpoint {ckpt} "
+                          f"({_shown(getattr(saved, k))}): on --resume the architecture comes from the checkpoint; "
+                          "drop the setting")
+    return new_cfg
+
+
+def _resume_model(ckpt: Path, model_cfg: SHARNNConfig, corpus: Corpus, cfg: TrainConfig, ranks: Dist,
+                  device: torch.device, log: RunLog) -> tuple[SHARNN, dict[str, Any]]:
+    """The checkpoint's model (with the run's settings) and its saved training state, fitted to this run."""
+    model = load_model(ckpt, device)
+    if model_cfg != model.cfg:  # dropouts, span, window asked for: the same weights in a model built with them
+        rebuilt = SHARNN(model_cfg).to(device)
+        rebuilt.load_state_dict(model.state_dict())
+        rebuilt.vocab, model = model.vocab, rebuilt
+    if load_vocab(ckpt) != corpus.vocab:
+        raise SharnnError(
+            f"checkpoint {ckpt} was trained with another vocabulary ({model.cfg.vocab_size} symbols) than the "
+            f"corpus {corpus.name} ({corpus.vocab_size}); resume on the same kind of corpus"
+        )
+    saved = load_train_state(ckpt, device)
+    old_cfg = load_train_config(ckpt)
+    if old_cfg is not None and old_cfg.optimizer != cfg.optimizer:
+        raise SharnnError(f"cannot resume a run trained with --optimizer {old_cfg.optimizer} using "
+                          f"--optimizer {cfg.optimizer}: its saved moments belong to the former; keep it")
+    if old_cfg is not None and old_cfg.seed != cfg.seed:
+        saved.pop("rng", None)  # a new --seed on resume asks for fresh randomness (the paper's second pass)
+    old_global = (old_cfg.batch_size if old_cfg else cfg.batch_size) * saved.get("world", 1)
+    if old_global != cfg.batch_size * ranks.world:
+        # Stream boundaries move with the global batch: the saved position and carried state mean nothing now.
+        log.line(f"global batch changed ({old_global} -> {cfg.batch_size * ranks.world} streams): "
+                 "the epoch restarts at its start")
+        saved.update(position=0, carried=None, micro=0)
+    else:  # the same global streams, perhaps over another number of ranks: take this rank's share
+        carried = ranks.shard_state(state_from_list(saved.get("carried")), cfg.batch_size)
+        saved["carried"] = state_to_list(carried)
+    log.line(f"resuming from {ckpt} at epoch {saved['epoch']}, step {saved['step']}")
+    return model, saved
+
+
+def _new_model(model_cfg: SHARNNConfig, corpus: Corpus, device: torch.device, log: RunLog) -> SHARNN:
+    mcfg = replace(model_cfg, vocab_size=corpus.vocab_size)
+    if not mcfg.adaptive_cutoffs and (cutoffs := auto_cutoffs(mcfg.vocab_size)):
+        mcfg = replace(mcfg, adaptive_cutoffs=cutoffs, tied=False)
+        log.line(f"{mcfg.vocab_size:,} symbols: adaptive softmax with cutoffs {list(cutoffs)} (untied decoder); "
+                 "--adaptive-cutoffs 0 turns it off")
+    return SHARNN(mcfg).to(device)
+
+
+def _optimizer_and_rng(model: SHARNN, cfg: TrainConfig,
+                       saved: dict[str, Any] | None) -> tuple[torch.optim.Optimizer, np.random.Generator]:
+    """The optimizer (its saved moments on resume) and the generator of segment lengths (its saved position)."""
+    optimizer = build_optimizer(model.parameters(), cfg)
+    if saved is not None and saved.get("asgd") and cfg.optimizer == "sgd":
+        optimizer = build_asgd(model.parameters(), cfg, cfg.lr)  # the run had switched: its state is ASGD's
+    rng = np.random.default_rng(cfg.seed)
+    if saved is None:
+        return optimizer, rng
+    try:
+        optimizer.load_state_dict(saved["optimizer"])
+    except (ValueError, KeyError) as e:
+        raise SharnnError(f"cannot resume: the saved optimizer state does not fit --optimizer {cfg.optimizer} ({e})") from None
+    for group in optimizer.param_groups:  # loading brings the old run's settings; this run's flags win
+        group["weight_decay"] = cfg.wdecay
+    if "rng" in saved:
+        set_rng_state(rng, saved["rng"])
+    return optimizer, rng
+
+
+def _final_measurement(result: TrainResult, model: SHARNN, corpus: Corpus, cfg: TrainConfig, device: torch.device,
+                       log: RunLog, quiet: bool) -> TrainResult:
+    """Valid and test bpc of the best checkpoint, as the paper reports them, and the sample text."""
+    best_dir = result.run_dir / "best"
     final_model = load_model(best_dir, device) if (best_dir / "config.json").is_file() else model
     final_model.keep_fp32(cfg.fp32_part_set)
-    valid = evaluate(final_model, _eval_ids(corpus.valid, cfg), eval_bsz, cfg.bptt, device, cfg.precision,
-                     progress=not quiet,
-                     what="valid")
+    valid = evaluate(final_model, _eval_ids(corpus.valid, cfg), cfg.eval_batch_size or cfg.batch_size, cfg.bptt,
+                     device, cfg.precision, progress=not quiet, what="valid")
     test = evaluate(final_model, _eval_ids(corpus.test, cfg), cfg.test_batch_size, cfg.bptt, device, cfg.precision,
                     progress=not quiet, what="test")
     log.record("final", valid_bpc=valid.bpc, test_bpc=test.bpc, valid_loss=valid.loss, test_loss=test.loss)
@@ -267,8 +313,7 @@ def _train(model_cfg: SHARNNConfig, cfg: TrainConfig, quiet: bool, model_overrid
         prompt = corpus.vocab.decode(corpus.test[:64])
         text = prompt + generate(final_model, prompt, cfg.sample, temperature=0.8, seed=cfg.seed,
                                  vocab=corpus.vocab).data
-    return TrainResult(run_dir, loop.step, loop.epochs_done, loop.seconds, loop.chars_per_s,
-                       loop.best_bpc, valid, test, text, loop.nonfinite_total)
+    return replace(result, valid=valid, test=test, sample=text)
 
 
 def _claim_run_folder(run_dir: Path, cfg: TrainConfig) -> None:
@@ -288,23 +333,8 @@ def _claim_run_folder(run_dir: Path, cfg: TrainConfig) -> None:
     (run_dir / "log.jsonl").unlink(missing_ok=True)
 
 
-def _with_overrides(model: SHARNN, overrides: dict[str, Any], ckpt: Path, device: torch.device) -> SHARNN:
-    """The resumed model with the run settings the user gave (dropouts, span); architecture changes are refused."""
-    names = {f.name for f in fields(SHARNNConfig)}
-    wanted = {k: v for k, v in overrides.items() if k in names and k != "vocab_size"}
-    new_cfg = SHARNNConfig.from_dict(model.cfg.to_dict() | wanted)
-    clash = [k for k in wanted if k not in RESUME_ADJUSTABLE and getattr(new_cfg, k) != getattr(model.cfg, k)]
-    if clash:
-        k = clash[0]
-        raise SharnnError(f"--{k} {getattr(new_cfg, k)} conflicts with the checkpoint {ckpt} "
-                          f"({getattr(model.cfg, k)}): on --resume the architecture comes from the checkpoint; "
-                          "drop the setting")
-    if new_cfg == model.cfg:
-        return model
-    rebuilt = SHARNN(new_cfg).to(device)
-    rebuilt.load_state_dict(model.state_dict())
-    rebuilt.vocab = getattr(model, "vocab", None)
-    return rebuilt
+def _shown(value: Any) -> str:
+    return " ".join(map(str, value)) if isinstance(value, tuple) else str(value)
 
 
 def _warn_if_disk_small(run_dir: Path, n_params: int, cfg: TrainConfig, log: RunLog) -> None:
@@ -320,31 +350,6 @@ def _warn_if_disk_small(run_dir: Path, n_params: int, cfg: TrainConfig, log: Run
 
 def _eval_ids(ids: np.ndarray, cfg: TrainConfig) -> np.ndarray:
     return ids[: cfg.max_eval_bytes] if cfg.max_eval_bytes else ids
-
-
-def _rng_state(rng: np.random.Generator) -> dict[str, Any]:
-    """Every random stream training draws from, as tensors and plain values (loadable with weights_only)."""
-    _, keys, pos, has_gauss, gauss = np.random.get_state(legacy=True)
-    return {"numpy": rng.bit_generator.state, "torch": torch.get_rng_state(), "python": random.getstate(),
-            "numpy_global": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-                             "has_gauss": int(has_gauss), "gauss": float(gauss)},
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
-
-
-def _set_rng_state(rng: np.random.Generator, s: dict[str, Any]) -> None:
-    rng.bit_generator.state = s["numpy"]
-    torch.set_rng_state(s["torch"].cpu())
-    random.setstate(_as_tuple(s["python"]))
-    if "numpy_global" in s:
-        g = s["numpy_global"]
-        np.random.set_state(("MT19937", g["keys"].cpu().numpy().astype(np.uint32), g["pos"], g["has_gauss"],
-                             g["gauss"]))
-    if s.get("cuda") and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([t.cpu() for t in s["cuda"]])
-
-
-def _as_tuple(x: Any) -> Any:
-    return tuple(_as_tuple(v) for v in x) if isinstance(x, (list, tuple)) else x
 
 
 @contextlib.contextmanager
@@ -371,15 +376,51 @@ def _stop_on_signals(loop: _Loop) -> Iterator[None]:
             signal.signal(s, handler if handler is not None else signal.SIG_DFL)
 
 
-class _Loop:
-    """The epoch/step loop and the bookkeeping it carries (step, epoch, position, best bpc, ...).
+def new_window() -> dict[str, float]:
+    """The log window's sums since the last log line."""
+    return {"loss": 0.0, "batches": 0, "finite": 0, "chars": 0}
 
-    Everything a resume needs to continue exactly is an attribute here and goes into `train_state` (`save`).
-    """
+
+@dataclass
+class TrainState:
+    """Where a run stands: besides the weights, the optimizer and the RNG streams, all a resume needs to go on
+    exactly as if it had never stopped. `to_dict` is what train_state.pt holds (with the optimizer, RNG streams,
+    loss scaler and gathered gradients beside it); `from_dict` reads it back, older files' missing fields at
+    their defaults."""
+
+    epoch: int = 1  # 1-based, as in the paper's logs
+    step: int = 0  # optimizer steps taken, across epochs and resumes
+    position: int = 0  # where the next segment of this epoch starts
+    best_bpc: float = math.inf
+    carried: State | None = None  # the RNN state and attention memory the next segment starts from
+    micro: int = 0  # segments whose gradients are gathered for the next optimizer step (--accumulate)
+    bad_in_step: bool = False  # a non-finite loss among them
+    nonfinite_run: int = 0  # skipped optimizer steps in a row
+    nonfinite_total: int = 0
+    window: dict[str, float] = field(default_factory=new_window)  # since the last log line
+    val_history: list[float] = field(default_factory=list)  # end-of-epoch validation losses (SGD -> ASGD)
+    asgd: bool = False  # switched to averaged SGD
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {f.name: getattr(self, f.name) for f in fields(self)}
+        return d | {"carried": state_to_list(self.carried), "window": dict(self.window),
+                    "val_history": list(self.val_history)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainState:
+        kw = {f.name: d[f.name] for f in fields(cls) if f.name in d}
+        return cls(**kw | {"carried": state_from_list(d.get("carried")),
+                           "window": new_window() | dict(d.get("window", {}))})
+
+
+class _Loop:
+    """The epoch/step loop: `run` goes epoch by epoch, `_train_epoch` segment by segment (`_train_segment`), an
+    optimizer step every --accumulate segments (`_take_step`), then the decisions all ranks take together
+    (`_after_batch`: validate, save, stop). Where the run stands is `self.ts`, a `TrainState`."""
 
     def __init__(self, model: SHARNN, optimizer: torch.optim.Optimizer, cfg: TrainConfig, corpus: Corpus,
                  streams: Streams, rng: np.random.Generator, device: torch.device, run_dir: Path, log: RunLog,
-                 resume: dict[str, Any] | None, ranks: Dist | None = None):
+                 saved: dict[str, Any] | None, ranks: Dist | None = None):
         self.model, self.optimizer, self.cfg, self.corpus = model, optimizer, cfg, corpus
         self.ranks = ranks or Dist()
         # What the training step calls: the model itself, or its DistributedDataParallel wrapper (which averages
@@ -391,35 +432,15 @@ class _Loop:
             self.forward_model = torch.nn.parallel.DistributedDataParallel(
                 model, device_ids=ids, find_unused_parameters=model.cfg.uses_adaptive_softmax)
         self.streams, self.rng, self.device, self.run_dir, self.log = streams, rng, device, run_dir, log
-        self.step = 0  # optimizer steps taken, across epochs and resumes
-        self.epoch = 1  # 1-based, as in the paper's logs
-        self.position = 0  # where the next segment of this epoch starts
-        self.best_bpc = math.inf
-        self.carried: State | None = None
-        self.micro = 0  # segments whose gradients are gathered for the next optimizer step (--accumulate)
-        self.bad_in_step = False  # a non-finite loss among them
-        self.nonfinite_run = 0  # skipped optimizer steps in a row
-        self.nonfinite_total = 0
-        self.window = {"loss": 0.0, "batches": 0, "finite": 0, "chars": 0}  # since the last log line
-        self.val_history: list[float] = []  # end-of-epoch validation losses, for the SGD -> ASGD switch
-        self.asgd = isinstance(optimizer, torch.optim.ASGD)
+        self.ts = TrainState.from_dict(saved) if saved is not None else TrainState()
+        self.ts.asgd = isinstance(optimizer, torch.optim.ASGD)
         # fp16 gradients underflow without a loss scale; the scaler grows it while steps are finite and halves it
         # (skipping that step) when a scaled gradient overflows. Disabled, it passes everything through.
         self.scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
-        if resume is not None:
-            self.step, self.epoch, self.position = resume["step"], resume["epoch"], resume["position"]
-            self.best_bpc = resume["best_bpc"]
-            self.carried = _state_from_list(resume.get("carried"))
-            self.micro = resume.get("micro", 0)
-            self.bad_in_step = resume.get("bad_in_step", False)
-            self.nonfinite_run = resume.get("nonfinite_run", 0)
-            self.nonfinite_total = resume.get("nonfinite_total", 0)
-            self.window.update(resume.get("window", {}))
-            self.val_history = list(resume.get("val_history", []))
-            if resume.get("scaler") and self.scaler.is_enabled():
-                self.scaler.load_state_dict(resume["scaler"])
-            if self.micro:
-                self._restore_grads(resume["grads"])
+        if saved is not None and saved.get("scaler") and self.scaler.is_enabled():
+            self.scaler.load_state_dict(saved["scaler"])
+        if self.ts.micro:
+            self._restore_grads(saved["grads"])  # type: ignore[index]
         self.stop_signal: int | None = None  # set by the SIGINT/SIGTERM handler
         self.epochs_done = 0
         self.seconds = 0.0
@@ -433,30 +454,29 @@ class _Loop:
 
     def out_of_budget(self) -> bool:
         cfg = self.cfg
-        if cfg.max_steps is not None and self.step >= cfg.max_steps:
+        if cfg.max_steps is not None and self.ts.step >= cfg.max_steps:
             return True
         return cfg.max_time is not None and time.perf_counter() - self.start_time >= cfg.max_time
 
     def run(self) -> None:
-        cfg = self.cfg
+        cfg, ts = self.cfg, self.ts
         reason = None
-        while self.epoch <= cfg.epochs:
+        while ts.epoch <= cfg.epochs:
             reason = self._stop_reason() or self._train_epoch()
             if reason:
                 break
             # Move to the next epoch first, so that checkpoints written now resume at its start.
             self.epochs_done += 1
-            self.epoch, self.position, self.carried = self.epoch + 1, 0, None
-            self.window = {"loss": 0.0, "batches": 0, "finite": 0, "chars": 0}
-            self.validate(f"end of epoch {self.epoch - 1:3d}", end_of_epoch=True)
+            ts.epoch, ts.position, ts.carried, ts.window = ts.epoch + 1, 0, None, new_window()
+            self.validate(f"end of epoch {ts.epoch - 1:3d}", end_of_epoch=True)
             self.save("last")
-            if self.epoch - 1 in cfg.when:  # as the reference did: keep the model from before the LR drops
-                self.save(f"epoch-{self.epoch - 1:03d}")
+            if ts.epoch - 1 in cfg.when:  # as the reference did: keep the model from before the LR drops
+                self.save(f"epoch-{ts.epoch - 1:03d}")
             self.saved_at_epoch_start = True
         if reason == "budget":
-            self.log.line(f"stopping at step {self.step}: budget reached (--max-steps/--max-time)")
+            self.log.line(f"stopping at step {ts.step}: budget reached (--max-steps/--max-time)")
             if not self.saved_at_epoch_start:
-                self.validate(f"validation at epoch {self.epoch:3d}")
+                self.validate(f"validation at epoch {ts.epoch:3d}")
                 self.save("last")
         if self.stop_signal is not None:  # also when it came during a validation after the last batch
             if reason == "signal" and not self.saved_at_epoch_start:  # else last/ was just saved
@@ -464,7 +484,7 @@ class _Loop:
             self._interrupted()
 
     def _stop_reason(self) -> str | None:
-        signalled, over = self.ranks.any(self.stop_signal is not None, self.micro == 0 and self.out_of_budget(),
+        signalled, over = self.ranks.any(self.stop_signal is not None, self.ts.micro == 0 and self.out_of_budget(),
                                          device=self.device)
         if signalled:
             self.stop_signal = self.stop_signal or signal.SIGTERM  # another rank got it
@@ -473,9 +493,10 @@ class _Loop:
 
     def _interrupted(self) -> None:
         name = signal.Signals(self.stop_signal).name  # type: ignore[arg-type]
-        where = f"epoch {self.epoch}, step {self.step}" + (f" (+{self.micro} gathered segments)" if self.micro else "")
+        ts = self.ts
+        where = f"epoch {ts.epoch}, step {ts.step}" + (f" (+{ts.micro} gathered segments)" if ts.micro else "")
         self.log.line(f"stopped by {name} at {where}; saved {self.run_dir / 'last'}")
-        self.log.record("interrupted", signal=name, epoch=self.epoch, step=self.step)
+        self.log.record("interrupted", signal=name, epoch=ts.epoch, step=ts.step)
         raise TrainingInterrupted(
             f"stopped by {name} at {where}; a resumable checkpoint is in {self.run_dir / 'last'}. "
             f"To continue, run the same command with --resume {self.run_dir}",
@@ -488,89 +509,110 @@ class _Loop:
         Returns None at the epoch's end, or why it stopped early: 'budget' (--max-steps/--max-time, checked
         after each optimizer step) or 'signal' (SIGINT/SIGTERM, checked after each batch).
         """
-        cfg, model, opt = self.cfg, self.model, self.optimizer
-        model.train()
-        state = self.carried
+        cfg, ts = self.cfg, self.ts
+        self.model.train()
         est_batches = max(1, (self.streams.n - 1) // cfg.bptt)
-        bar = TrainProgress(cfg, self.epoch, est_batches, min(self.position // cfg.bptt, est_batches), self.step,
+        bar = TrainProgress(cfg, ts.epoch, est_batches, min(ts.position // cfg.bptt, est_batches), ts.step,
                             self.start_time, show=not self.log.quiet)
         self.window_start = time.perf_counter()
         try:
-            for pos, seq_len in train_segments(self.streams, cfg.bptt, self.rng, start=self.position):
+            for pos, seq_len in train_segments(self.streams, cfg.bptt, self.rng, start=ts.position):
                 self.saved_at_epoch_start = False
-                if self.micro == 0:
-                    set_lr(opt, lr_at(self.step + 1, self.epoch, cfg))
-                x, y = self.streams.segment(pos, seq_len, self.device)
                 t0 = time.perf_counter()
-                # Under DDP, gradients are averaged over the ranks only on the segment that completes a step.
-                # The epoch's last segment always does: a partial step at the epoch's end is applied too.
-                last_of_epoch = pos + seq_len >= self.streams.n - 1
-                sync = (self.forward_model.no_sync()
-                        if self.ranks.enabled and self.micro + 1 < cfg.accumulate and not last_of_epoch
-                        else contextlib.nullcontext())
-                with sync:
-                    with autocast(self.device, cfg.precision):
-                        out = self.forward_model(x, state, targets=y, recompute=cfg.checkpoint_activations)
-                        loss = (out.loss + ar_tar(out, cfg)) / cfg.accumulate  # accumulate = mean over segments
-                    self.scaler.scale(loss).backward()
-                state = detach_state(out.state)
-                self.micro += 1
-                self.position = pos + seq_len
-                checks = [out.loss.detach(), loss.detach()]
-                if self.micro >= cfg.accumulate:
-                    self.scaler.unscale_(opt)  # true gradients, for the clip and the check
-                    checks.append(self._grad_norm())
-                # The loop's one host sync per batch: the loss for the log, and whether anything is non-finite.
-                values = torch.stack([c.float() for c in checks]).tolist()
-                # Under fp16 an overflowing gradient with finite losses is the loss scaler's business (it skips
-                # that update and lowers the scale), not trouble in the model.
-                finite = all(math.isfinite(v) for v in (values[:2] if self.scaler.is_enabled() else values))
-                self.bad_in_step |= not finite
-                stepped = False
-                if self.micro >= cfg.accumulate:
-                    self.bad_in_step = self.ranks.any(self.bad_in_step, device=self.device)[0]  # all skip, or none
-                    stepped = self._finish_step()
-                    if not stepped:
-                        state = None  # the state that produced non-finite values would poison what follows
-                self.carried = state
-                w = self.window
-                w["batches"] += 1
-                if finite:
-                    w["loss"] += values[0]
-                    w["finite"] += 1
-                w["chars"] += y.numel() * self.ranks.world  # throughput of all ranks together
-                self.chars += y.numel() * self.ranks.world
+                stepped = self._train_segment(pos, seq_len)
                 self.seconds += time.perf_counter() - t0
-                bar.update(min(self.position // cfg.bptt, est_batches), self.step, self.micro)
-                if w["batches"] == cfg.log_interval:
+                bar.update(min(ts.position // cfg.bptt, est_batches), ts.step, ts.micro)
+                if ts.window["batches"] == cfg.log_interval:
                     self._log_window(est_batches, bar.log_suffix())
-                # Decisions every rank must take together (one all-reduce under torchrun, none otherwise).
-                save_due, over, signalled = self.ranks.any(
-                    stepped and self._save_due(), stepped and self.out_of_budget(), self.stop_signal is not None,
-                    device=self.device)
-                if stepped:
-                    if cfg.eval_interval and self.step % cfg.eval_interval == 0:
-                        self.validate(f"validation at epoch {self.epoch:3d}")
-                        model.train()
-                    if save_due:
-                        self.save_periodic()
-                    if over:
-                        return "budget"
-                if signalled:
-                    self.stop_signal = self.stop_signal or signal.SIGTERM  # another rank got it
-                    return "signal"
-            if self.micro:  # an epoch that ends mid-accumulation still applies what it gathered, scaled to a mean
-                self.scaler.unscale_(opt)
-                for p in model.parameters():
-                    if p.grad is not None:
-                        p.grad.mul_(cfg.accumulate / self.micro)
-                grads_finite = math.isfinite(self._grad_norm().item())
-                self.bad_in_step |= not grads_finite and not self.scaler.is_enabled()
-                self.bad_in_step = self.ranks.any(self.bad_in_step, device=self.device)[0]
-                self._finish_step()
+                reason = self._after_batch(stepped)
+                if reason:
+                    return reason
+            if ts.micro:  # an epoch that ends mid-accumulation still applies what it gathered, as a mean
+                norm = self._unscaled_grad_norm(scale=cfg.accumulate / ts.micro)
+                ts.bad_in_step |= not math.isfinite(norm.item()) and not self.scaler.is_enabled()
+                self._apply_step()
             return None
         finally:
             bar.close()
+
+    def _train_segment(self, pos: int, seq_len: int) -> bool:
+        """Forward and backward on one segment, carrying the state; the optimizer step when the segment completes
+        one (`--accumulate`). True if a step was applied."""
+        cfg, ts = self.cfg, self.ts
+        if ts.micro == 0:
+            set_lr(self.optimizer, lr_at(ts.step + 1, ts.epoch, cfg))
+        x, y = self.streams.segment(pos, seq_len, self.device)
+        # Under DDP, gradients are averaged over the ranks only on the segment that completes a step. The epoch's
+        # last segment always does: a partial step at the epoch's end is applied too.
+        syncs = ts.micro + 1 >= cfg.accumulate or pos + seq_len >= self.streams.n - 1
+        sync = self.forward_model.no_sync() if self.ranks.enabled and not syncs else contextlib.nullcontext()
+        with sync:
+            with autocast(self.device, cfg.precision):
+                out = self.forward_model(x, ts.carried, targets=y, recompute=cfg.checkpoint_activations)
+                loss = (out.loss + ar_tar(out, cfg)) / cfg.accumulate  # accumulate = mean over segments
+            self.scaler.scale(loss).backward()
+        state = detach_state(out.state)
+        ts.micro += 1
+        ts.position = pos + seq_len
+        checks = [out.loss.detach(), loss.detach()]
+        completes = ts.micro >= cfg.accumulate
+        if completes:
+            checks.append(self._unscaled_grad_norm())
+        # The loop's one host sync per batch: the loss for the log, and whether anything is non-finite. Under fp16
+        # an overflowing gradient with finite losses is the loss scaler's business (it skips that update and
+        # lowers the scale), not trouble in the model.
+        values = torch.stack([c.float() for c in checks]).tolist()
+        finite = all(math.isfinite(v) for v in (values[:2] if self.scaler.is_enabled() else values))
+        ts.bad_in_step |= not finite
+        stepped = completes and self._apply_step()
+        # After a skipped step the state starts afresh: the one that produced non-finite values would poison the rest.
+        ts.carried = None if completes and not stepped else state
+        self._count(values[0] if finite else None, y.numel())
+        return stepped
+
+    def _unscaled_grad_norm(self, scale: float = 1.0) -> torch.Tensor:
+        """The gathered gradients' global norm (clipped to --clip when set), after undoing the fp16 loss scale and
+        multiplying them by `scale`; non-finite when any gradient is."""
+        self.scaler.unscale_(self.optimizer)
+        if scale != 1.0:
+            for p in self.model.parameters():
+                if p.grad is not None:
+                    p.grad.mul_(scale)
+        return self._grad_norm()
+
+    def _apply_step(self) -> bool:
+        """The optimizer step with the gathered gradients, or its skip when any rank saw something non-finite."""
+        self.ts.bad_in_step = self.ranks.any(self.ts.bad_in_step, device=self.device)[0]  # all skip, or none
+        return self._finish_step()
+
+    def _count(self, loss: float | None, tokens: int) -> None:
+        """Add a segment to the log window and the throughput (all ranks' tokens together); loss None: not finite."""
+        w = self.ts.window
+        w["batches"] += 1
+        if loss is not None:
+            w["loss"] += loss
+            w["finite"] += 1
+        w["chars"] += tokens * self.ranks.world
+        self.chars += tokens * self.ranks.world
+
+    def _after_batch(self, stepped: bool) -> str | None:
+        """The decisions every rank takes together (one all-reduce under torchrun, none otherwise): validate and
+        save on their schedules, stop for the budget or a signal. Returns why training stops, if it does."""
+        save_due, over, signalled = self.ranks.any(
+            stepped and self._save_due(), stepped and self.out_of_budget(), self.stop_signal is not None,
+            device=self.device)
+        if stepped:
+            if self.cfg.eval_interval and self.ts.step % self.cfg.eval_interval == 0:
+                self.validate(f"validation at epoch {self.ts.epoch:3d}")
+                self.model.train()
+            if save_due:
+                self.save_periodic()
+            if over:
+                return "budget"
+        if signalled:
+            self.stop_signal = self.stop_signal or signal.SIGTERM  # another rank got it
+            return "signal"
+        return None
 
     def _grad_norm(self) -> torch.Tensor:
         """The global gradient norm, clipping to --clip when it is set; non-finite when any gradient is."""
@@ -583,33 +625,33 @@ class _Loop:
 
     def _finish_step(self) -> bool:
         """Apply the gathered gradients, or skip them if any loss or gradient was non-finite. True if applied."""
-        opt = self.optimizer
-        self.micro = 0
-        if not self.bad_in_step:
+        opt, ts = self.optimizer, self.ts
+        ts.micro = 0
+        if not ts.bad_in_step:
             self.scaler.step(opt)  # opt.step(), unless an fp16 gradient overflowed (then the scale drops)
             self.scaler.update()
             opt.zero_grad(set_to_none=True)
-            self.step += 1
-            self.nonfinite_run = 0
+            ts.step += 1
+            ts.nonfinite_run = 0
             return True
         self.scaler.update()  # closes this step's unscale_ (the next step may unscale again)
         opt.zero_grad(set_to_none=True)
-        self.bad_in_step = False
-        self.carried = None
-        self.nonfinite_run += 1
-        self.nonfinite_total += 1
+        ts.bad_in_step = False
+        ts.carried = None
+        ts.nonfinite_run += 1
+        ts.nonfinite_total += 1
         limit = self.cfg.nonfinite_limit
-        self.log.line(f"warning: non-finite loss or gradient at epoch {self.epoch}, position {self.position}: "
-                      f"update skipped, recurrent state reset ({self.nonfinite_run} in a row of at most {limit}, "
-                      f"{self.nonfinite_total} in all)")
-        self.log.record("nonfinite", epoch=self.epoch, step=self.step, position=self.position,
-                        in_a_row=self.nonfinite_run, total=self.nonfinite_total)
-        if self.nonfinite_run >= limit:
+        self.log.line(f"warning: non-finite loss or gradient at epoch {ts.epoch}, position {ts.position}: "
+                      f"update skipped, recurrent state reset ({ts.nonfinite_run} in a row of at most {limit}, "
+                      f"{ts.nonfinite_total} in all)")
+        self.log.record("nonfinite", epoch=ts.epoch, step=ts.step, position=ts.position,
+                        in_a_row=ts.nonfinite_run, total=ts.nonfinite_total)
+        if ts.nonfinite_run >= limit:
             self.save("last")  # weights and optimizer as they were before the trouble: no bad update was applied
             error = SharnnError(
-                f"stopped: {self.nonfinite_run} optimizer steps in a row had a non-finite loss or gradient (epoch "
-                f"{self.epoch}, after step {self.step}). None of them was applied: {self.run_dir / 'last'} holds the "
-                f"weights from step {self.step}, before the trouble, and resumes after the bad batches; "
+                f"stopped: {ts.nonfinite_run} optimizer steps in a row had a non-finite loss or gradient (epoch "
+                f"{ts.epoch}, after step {ts.step}). None of them was applied: {self.run_dir / 'last'} holds the "
+                f"weights from step {ts.step}, before the trouble, and resumes after the bad batches; "
                 "try it with a lower --lr or a smaller --clip"
             )
             error.all_ranks = True  # type: ignore[attr-defined]  # every rank counted the same bad steps
@@ -618,7 +660,7 @@ class _Loop:
 
     def _save_due(self) -> bool:
         cfg = self.cfg
-        if cfg.save_every and self.step % cfg.save_every == 0:
+        if cfg.save_every and self.ts.step % cfg.save_every == 0:
             return True
         return (cfg.save_every_minutes is not None
                 and time.perf_counter() - self.last_save_time >= 60 * cfg.save_every_minutes)
@@ -626,7 +668,7 @@ class _Loop:
     def save_periodic(self) -> None:
         """`last/`, and with --keep K also `step-NNNNNN/` (last/ then shares its files), the newest K kept."""
         if self.cfg.keep:
-            name = step_name(self.step)
+            name = step_name(self.ts.step)
             self.save(name)
             if self.ranks.is_main:
                 link_checkpoint(self.run_dir / name, self.run_dir / "last")
@@ -635,21 +677,21 @@ class _Loop:
             self.save("last")
 
     def _log_window(self, est_batches: int, suffix: str = "") -> None:
-        w = self.window
+        w = self.ts.window
         elapsed = time.perf_counter() - self.window_start
         loss = w["loss"] / w["finite"] if w["finite"] else math.nan
         lr = self.optimizer.param_groups[0]["lr"]
-        batch = min(self.position // self.cfg.bptt, est_batches)
+        batch = min(self.ts.position // self.cfg.bptt, est_batches)
         self.log.line(
-            f"| epoch {self.epoch:3d} | {batch:5d}/{est_batches:5d} batches | lr {lr:.3g} | "
+            f"| epoch {self.ts.epoch:3d} | {batch:5d}/{est_batches:5d} batches | lr {lr:.3g} | "
             f"ms/batch {1000 * elapsed / w['batches']:7.1f} | loss {loss:5.3f} | bpc {loss / LN2:6.3f} | "
             f"chars/s {w['chars'] / elapsed:8.0f}{suffix}"
         )
-        self.log.record("train", epoch=self.epoch, step=self.step, batch=batch, lr=lr,
+        self.log.record("train", epoch=self.ts.epoch, step=self.ts.step, batch=batch, lr=lr,
                         ms_per_batch=1000 * elapsed / w["batches"], loss=loss, bpc=loss / LN2,
                         chars_per_s=w["chars"] / elapsed,
                         **({"loss_scale": self.scaler.get_scale()} if self.scaler.is_enabled() else {}))
-        self.window = {"loss": 0.0, "batches": 0, "finite": 0, "chars": 0}
+        self.ts.window = new_window()
         self.window_start = time.perf_counter()
 
     def validate(self, label: str, end_of_epoch: bool = False) -> float:
@@ -663,59 +705,52 @@ class _Loop:
             loss = self.ranks.from_main(res.loss if self.ranks.is_main else 0.0, self.device)
             if not self.ranks.is_main:
                 res = EvalResult(loss, 0, 0.0)
-            improved = res.bpc < self.best_bpc
+            improved = res.bpc < self.ts.best_bpc
             if improved:
-                self.best_bpc = res.bpc
+                self.ts.best_bpc = res.bpc
                 self.save("best")
         self.log.line("-" * 89)
         self.log.line(
-            f"| {label} | step {self.step} | "
+            f"| {label} | step {self.ts.step} | "
             f"time {res.seconds:5.1f}s | valid loss {res.loss:5.3f} | valid bpc {res.bpc:6.4f} | "
             f"valid ppl {res.ppl:8.3f}{' | new best, saved' if improved else ''}"
         )
         self.log.line("-" * 89)
-        self.log.record("valid", epoch=self.epoch, step=self.step, loss=res.loss, bpc=res.bpc, ppl=res.ppl,
+        self.log.record("valid", epoch=self.ts.epoch, step=self.ts.step, loss=res.loss, bpc=res.bpc, ppl=res.ppl,
                         best=improved)
         if end_of_epoch:
-            if cfg.optimizer == "sgd" and not self.asgd and should_switch_to_asgd(self.val_history, res.loss, cfg.nonmono):
+            if cfg.optimizer == "sgd" and not self.ts.asgd and should_switch_to_asgd(self.ts.val_history, res.loss, cfg.nonmono):
                 lr = self.optimizer.param_groups[0]["lr"]
                 self.optimizer = build_asgd(self.model.parameters(), cfg, lr)
-                self.asgd = True
+                self.ts.asgd = True
                 self.log.line(f"switching to averaged SGD: validation has not improved for {cfg.nonmono} epochs")
-                self.log.record("asgd", epoch=self.epoch, step=self.step)
-            self.val_history.append(res.loss)
+                self.log.record("asgd", epoch=self.ts.epoch, step=self.ts.step)
+            self.ts.val_history.append(res.loss)
         return res.bpc
 
     def save(self, name: str) -> None:
         """Write a checkpoint (rank 0); under torchrun every rank calls this, to gather the carried state."""
-        carried = self.ranks.gather_state(self.carried)  # all ranks' streams: resumable on any number of ranks
+        carried = self.ranks.gather_state(self.ts.carried)  # all ranks' streams: resumable on any number of ranks
         # Inside an --accumulate step, the gradients gathered so far, averaged over the ranks (a collective too).
-        grads = self.ranks.mean_grads(list(self.model.parameters())) if self.micro else None
+        grads = self.ranks.mean_grads(list(self.model.parameters())) if self.ts.micro else None
         if not self.ranks.is_main:
             if name != "best":
                 self.last_save_time = time.perf_counter()
             return
-        progress = {"epoch": self.epoch, "step": self.step, "position": self.position, "best_bpc": self.best_bpc}
-        train_state = {
-            **progress,
+        ts = self.ts
+        progress = {"epoch": ts.epoch, "step": ts.step, "position": ts.position, "best_bpc": ts.best_bpc}
+        train_state = ts.to_dict() | {
+            "carried": state_to_list(carried),
             "optimizer": self.optimizer.state_dict(),
-            "rng": _rng_state(self.rng),
-            "carried": _state_to_list(carried),
+            "rng": rng_state(self.rng),
             "world": self.ranks.world,
-            "micro": self.micro,  # > 0: stopped inside an --accumulate step; its gradients so far come along
-            "grads": grads,
-            "bad_in_step": self.bad_in_step,
-            "nonfinite_run": self.nonfinite_run,
-            "nonfinite_total": self.nonfinite_total,
-            "window": dict(self.window),
-            "asgd": self.asgd,
-            "val_history": list(self.val_history),
+            "grads": grads,  # inside an --accumulate step (micro > 0): the gradients gathered so far
             "scaler": self.scaler.state_dict(),  # {} unless fp16
         }
         save_checkpoint(self.run_dir / name, self.model, self.cfg, progress, train_state, vocab=self.corpus.vocab)
         if name != "best":
             self.last_save_time = time.perf_counter()
-            self.log.record("save", name=name, epoch=self.epoch, step=self.step, position=self.position)
+            self.log.record("save", name=name, epoch=self.ts.epoch, step=self.ts.step, position=self.ts.position)
 
     def _restore_grads(self, grads: list[torch.Tensor | None] | None) -> None:
         params = list(self.model.parameters())
@@ -723,15 +758,3 @@ class _Loop:
             raise SharnnError("cannot resume: the checkpoint's gathered gradients do not fit the model")
         for p, g in zip(params, grads):
             p.grad = None if g is None else g.to(p.device)
-
-
-def _state_to_list(state: State | None) -> list[dict[str, Any]] | None:
-    if state is None:
-        return None
-    return [{"rnn": list(s.rnn), "memory": s.memory} for s in state]
-
-
-def _state_from_list(saved: list[dict[str, Any]] | None) -> State | None:
-    if saved is None:
-        return None
-    return tuple(BlockState(tuple(s["rnn"]), s["memory"]) for s in saved)
