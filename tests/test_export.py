@@ -103,7 +103,7 @@ def test_export_errors_are_one_line(tmp_path: Path, capsys, monkeypatch) -> None
     save_checkpoint(tmp_path / "ckpt", SHARNN(CONFIG))
     cases = {
         ("--segment", "1"): "--segment must be at least 2",
-        ("--check-bytes", "-1"): "--check-bytes must not be negative",
+        ("--check-bytes", "-1"): "--check-bytes must be at least 0",
     }
     for flags, message in cases.items():
         assert main(["export", str(tmp_path / "ckpt"), str(tmp_path / "m.onnx"), *flags]) == 2

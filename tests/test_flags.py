@@ -11,7 +11,10 @@ from helpers import TINY, write_sentences
 from safetensors.torch import load_file
 
 from sharnn.cli import main
+from sharnn.config import TrainConfig
+from sharnn.data import load_corpus
 from sharnn.errors import SharnnError
+from sharnn.optim import lr_at
 from sharnn.runtime import resolve_device
 
 
@@ -26,7 +29,7 @@ def run(corpus: Path, out: Path, *flags: str) -> tuple[dict, dict[str, torch.Ten
 
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
-        assert main(["train", "--data", str(corpus), "--save", str(out), *TINY, *flags]) == 0
+        assert main(["train", "--data", str(corpus), "--save", str(out), *TINY, "--log-interval", "1", *flags]) == 0
     return json.loads(buf.getvalue()), load_file(str(out / "last" / "model.safetensors"))
 
 
@@ -48,6 +51,20 @@ def test_flag_changes_training(corpus: Path, tmp_path: Path, baseline: dict[str,
         weights[k].shape != baseline[k].shape or not torch.equal(weights[k], baseline[k]) for k in baseline
     )
     assert differs, f"{flags} left the weights unchanged"
+    # ... and it is this flag that acted: its value is what the run recorded, and schedule flags set the very
+    # learning rate each step used.
+    ckpt = tmp_path / "run" / "last"
+    settings = json.loads((ckpt / "train_config.json").read_text()) | json.loads((ckpt / "config.json").read_text())["model"]
+    for name, value in zip(flags[::2], flags[1::2]):
+        recorded = settings[name.lstrip("-").replace("-", "_")]
+        assert str(recorded) == value or recorded == [int(value)] if isinstance(recorded, list) else (
+            str(recorded) == value or float(recorded) == float(value)), (name, recorded)
+    cfg = TrainConfig.from_dict({k: v for k, v in settings.items() if k in TrainConfig.__dataclass_fields__})
+    lrs = [(e["step"], e["lr"]) for e in map(json.loads, (tmp_path / "run" / "log.jsonl").read_text().splitlines())
+           if e["event"] == "train"]
+    assert len(lrs) == 3 * cfg.accumulate  # a log line per segment (--log-interval 1)
+    if cfg.accumulate == 1:
+        assert [lr for _, lr in lrs] == pytest.approx([lr_at(step, 1, cfg) for step, _ in lrs])
 
 
 def test_seed_repeats(corpus: Path, tmp_path: Path, baseline: dict[str, torch.Tensor]) -> None:
@@ -66,7 +83,8 @@ def test_reporting_flags(corpus: Path, tmp_path: Path) -> None:
     events = [json.loads(x) for x in (tmp_path / "r" / "log.jsonl").read_text().splitlines()]
     assert sum(e["event"] == "train" for e in events) == 3  # a line every 2 of 6 batches
     assert sum(e["event"] == "valid" for e in events) == 4  # steps 2, 4, 6 and the end of the budget
-    assert len(res["sample"].encode("utf-8", errors="surrogateescape")) >= 40
+    prompt = bytes(load_corpus(str(corpus)).test[:64]).decode()  # the sample follows the test split's first bytes
+    assert res["sample"].startswith(prompt) and len(res["sample"]) > len(prompt)
 
 
 def test_eval_and_test_streams(corpus: Path, tmp_path: Path) -> None:
@@ -82,10 +100,10 @@ def test_eval_and_test_streams(corpus: Path, tmp_path: Path) -> None:
 
 
 def test_threads_flag(corpus: Path, tmp_path: Path) -> None:
-    before = torch.get_num_threads()
+    before = torch.get_num_threads()  # the tests run with one thread (conftest)
     try:
-        run(corpus, tmp_path / "t", "--threads", "1")
-        assert torch.get_num_threads() == 1
+        run(corpus, tmp_path / "t", "--threads", "2")
+        assert torch.get_num_threads() == 2 != before
     finally:
         torch.set_num_threads(before)
 

@@ -205,3 +205,12 @@ def test_rnn_weights_stay_parameters_after_flattening(tiny_config: SHARNNConfig)
     flatten_like_cudnn(model)
     assert [id(p) for p in model.parameters()] == ids
     assert all(isinstance(p, nn.Parameter) for p in model.blocks[0].rnn.parameters())
+
+
+def test_the_bf16_lstm_probe_leaves_the_random_streams_alone() -> None:
+    # It builds a small LSTM once per process; drawing its weights from the run's stream would make the first run
+    # in a process differ from the next with the same seed.
+    model_mod._cpu_bf16_lstm.cache_clear()
+    before = torch.get_rng_state()
+    model_mod._cpu_bf16_lstm()
+    assert torch.equal(torch.get_rng_state(), before)

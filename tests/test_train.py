@@ -112,9 +112,16 @@ def test_accumulate_averages_segments(text_file: Path, tmp_path: Path) -> None:
 
 
 def test_max_time_budget_stops(text_file: Path, tmp_path: Path) -> None:
-    res = train(MODEL, cfg_for(text_file, tmp_path / "t", max_time=0.5), quiet=True)
-    assert 0 < res.steps and res.epochs_done < 8000
+    # Ten epochs of this text take several seconds: the half-second budget must end the run long before.
+    res = train(MODEL, cfg_for(text_file, tmp_path / "t", max_time=0.5, epochs=10), quiet=True)
+    assert 0 < res.steps and res.epochs_done < 10
     assert (tmp_path / "t" / "last" / "train_state.pt").is_file()
+
+
+def test_sample_follows_the_test_prompt(text_file: Path, tmp_path: Path) -> None:
+    res = train(MODEL, cfg_for(text_file, tmp_path / "s", max_steps=2, sample=40, max_eval_bytes=500), quiet=True)
+    prompt = bytes(load_corpus(str(text_file)).test[:64])
+    assert res.sample.startswith(prompt) and len(res.sample) == len(prompt) + 40
 
 
 def test_when_is_applied_in_training(text_file: Path, tmp_path: Path) -> None:

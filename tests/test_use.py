@@ -14,6 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from sharnn import SHARNN
 from sharnn.checkpoint import load_model, save_checkpoint
 from sharnn.cli import main
 from sharnn.config import SHARNNConfig, TrainConfig
@@ -21,7 +22,7 @@ from sharnn.convert import reference_vocab
 from sharnn.errors import SharnnError
 from sharnn.evaluate import evaluate
 from sharnn.generate import filter_logits, generate, generate_ids
-from sharnn.model import SHARNN, count_parameters
+from sharnn.model import count_parameters
 from sharnn.precision import for_inference
 from sharnn.score import score_lines, score_stream
 from sharnn.vocab import BYTES, Vocab
@@ -57,7 +58,7 @@ def test_filter_logits() -> None:
 
 def test_generate_is_seeded_and_continues(model: SHARNN) -> None:
     a = generate(model, b"hello", 30, seed=3)
-    assert a == a._replace() and generate(model, b"hello", 30, seed=3).data == a.data
+    assert generate(model, b"hello", 30, seed=3).data == a.data != generate(model, b"hello", 30, seed=4).data
     assert len(a.data) == 30
     greedy = generate(model, b"hello", 40, temperature=0)
     first = generate(model, b"hello", 15, temperature=0)
@@ -99,17 +100,19 @@ def test_memory_ring_steps_equal_ordinary_steps(model: SHARNN) -> None:
     assert all(torch.equal(x, y) for x, y in zip(kept, after))
 
 
-def test_generation_copies_no_memory_per_token(model: SHARNN, monkeypatch) -> None:
-    # The ring's promise, checked where it matters: no token step concatenates the attention memory.
-    calls = []
-    real_cat = torch.cat
-    monkeypatch.setattr(torch, "cat", lambda ts, *a, **k: calls.append(max(t.shape[0] for t in ts)) or
-                        real_cat(ts, *a, **k))
+def test_generation_copies_no_memory_per_token(tiny_config: SHARNNConfig) -> None:
+    # The ring's promise, checked where it matters: a token step allocates far less than the attention memory
+    # holds (20,000 rows of 64 floats, 5.1 MB), so it neither copies nor rebuilds it. Measured by PyTorch's own
+    # allocator (the profiler): what any copy of the memory, by any op, would show up in.
+    model = SHARNN(replace(tiny_config, emsize=64, nhid=64, attn_span=20_000)).eval()
     primed = generate(model, b"x" * 40, 0)
-    assert calls and max(calls) >= 11  # the prompt's pass does join memory and segment (rows >= span - 1)...
-    calls.clear()
-    steps = list(generate_ids(model, [], 25, seed=0, state=primed.state, logits=primed.logits))
-    assert len(steps) == 25 and all(n <= 1 for n in calls)  # ...the token steps never do
+    steps = generate_ids(model, [], 8, seed=0, state=primed.state, logits=primed.logits)
+    next(steps)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        assert len(list(steps)) == 7
+    per_token = sum(e.self_cpu_memory_usage for e in prof.events() if e.self_cpu_memory_usage > 0) / 7
+    memory = 20_000 * 64 * 4
+    assert per_token < memory / 4, (per_token, memory)
 
 
 @pytest.mark.parametrize("core", ["LSTM", "GRU", "QRNN"])
@@ -197,7 +200,7 @@ def test_score_lines_match_hand_computation(model: SHARNN) -> None:
         assert s.bpc == pytest.approx(-s.logprob / math.log(2) / s.tokens)
     one_by_one = [next(iter(score_lines(model, BYTES, [line]))).logprob for line in lines]
     assert one_by_one == pytest.approx([s.logprob for s in scores], abs=1e-4)  # padding never leaks
-    ctx = list(score_lines(model, BYTES, [b"the end"], context=b"some context\n", eos=False))[0]
+    ctx = next(iter(score_lines(model, BYTES, [b"the end"], context=b"some context\n", eos=False)))
     assert ctx.logprob == pytest.approx(by_hand(model, b"some context\n", b"the end"), abs=1e-4)
 
 

@@ -2,7 +2,8 @@
 
 from .config import SHARNNConfig, TrainConfig
 from .errors import SharnnError
-from .model import SHARNN, BlockState, SHARNNOutput, State
+from .model import BlockState, SHARNNOutput, State
+from .pretrained import SHARNN  # the network with generate / save_pretrained / from_pretrained
 
 __all__ = ["SHARNN", "BlockState", "SHARNNConfig", "SHARNNOutput", "SharnnError", "State", "TrainConfig"]
 __version__ = "0.1.0"

@@ -298,7 +298,8 @@ def read_meta(ckpt: Path) -> dict[str, Any]:
     return meta
 
 
-def load_model(path: str | os.PathLike, device: torch.device | str = "cpu", prefer: str = "best") -> SHARNN:
+def load_model(path: str | os.PathLike, device: torch.device | str = "cpu", prefer: str = "best",
+               model_class: type[SHARNN] = SHARNN) -> SHARNN:
     """Rebuild the network from config.json and load the weights strictly."""
     ckpt = resolve_checkpoint(path, prefer)
     meta = read_meta(ckpt)
@@ -315,7 +316,7 @@ def load_model(path: str | os.PathLike, device: torch.device | str = "cpu", pref
         raise SharnnError(f"{ckpt} has no model.safetensors; the checkpoint is incomplete")
     _verify(ckpt, "model.safetensors", meta)
     check_weight_shapes(cfg, weights)  # before the model is built: a damaged config.json must not allocate
-    model = SHARNN(cfg)
+    model = model_class(cfg)
     model.vocab = vocab
     try:
         missing, unexpected = st_load_model(model, str(weights), strict=False, device="cpu")
@@ -400,14 +401,15 @@ def load_train_state(ckpt: Path, device: torch.device | str = "cpu") -> dict[str
     return state
 
 
-def load_pretrained(name_or_path: str | os.PathLike, device: torch.device | str = "cpu") -> SHARNN:
+def load_pretrained(name_or_path: str | os.PathLike, device: torch.device | str = "cpu",
+                    model_class: type[SHARNN] = SHARNN) -> SHARNN:
     """`SHARNN.from_pretrained`: a local checkpoint or run folder, else a Hugging Face Hub repository id.
 
     The Hub needs the optional `huggingface_hub` package, which sharnn's `hub` extra installs (`pip install -e
     '.[hub]'` in a clone); what is downloaded is the same folder layout, loaded the same safe way.
     """
     if Path(name_or_path).exists():
-        return load_model(name_or_path, device)
+        return load_model(name_or_path, device, model_class=model_class)
     name = str(name_or_path)
     if name.count("/") != 1 or name.startswith((".", "/")):
         raise SharnnError(f"{name} is neither a local folder nor a Hub repository id (owner/name)")
@@ -420,7 +422,7 @@ def load_pretrained(name_or_path: str | os.PathLike, device: torch.device | str 
         local = snapshot_download(name, allow_patterns=["config.json", "model.safetensors", "train_config.json"])
     except Exception as e:  # noqa: BLE001 - the Hub client raises many kinds: offline, not found, gated, ...
         raise SharnnError(f"cannot fetch {name} from the Hugging Face Hub: {e}") from None
-    return load_model(local, device)
+    return load_model(local, device, model_class=model_class)
 
 
 # --- what train_state.pt holds besides tensors of the model: RNG streams and the carried state ----------------

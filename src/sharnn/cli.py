@@ -291,6 +291,14 @@ def _add_precision_flag(parser: argparse.ArgumentParser) -> None:
                              "for a model from import-reference) (default: the checkpoint's)")
 
 
+def _require_at_least(args: argparse.Namespace, minimum: int, *names: str) -> None:
+    """Refuse, in one line, a numeric flag below `minimum` (flags left unset, None, pass)."""
+    for name in names:
+        value = getattr(args, name)
+        if value is not None and value < minimum:
+            raise SharnnError(f"--{name.replace('_', '-')} must be at least {minimum}, got {value}")
+
+
 def _load_with_window(checkpoint: str, device: Any, args: argparse.Namespace) -> Any:
     """The checkpoint's model as trained, with the --attn-window asked for (the checkpoint's by default)."""
     from .checkpoint import load_model
@@ -373,6 +381,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .evaluate import evaluate
     from .runtime import resolve_device
 
+    _require_at_least(args, 1, "batch_size", "bptt")
     device = resolve_device(args.device)
     ckpt = resolve_checkpoint(args.checkpoint, prefer="best")
     dynamic = args.dynamic or args.dynamic_search
@@ -384,8 +393,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
     tcfg = load_train_config(ckpt) or TrainConfig()
     data = args.data or tcfg.data
     corpus = load_corpus(data, vocab=load_vocab(ckpt))
-    if args.batch_size is not None and args.batch_size < 1 or args.bptt is not None and args.bptt < 1:
-        raise SharnnError("--batch_size and --bptt must be at least 1")
     split = "valid" if args.dynamic_search else args.split
     default_bsz = tcfg.test_batch_size if split == "test" else (tcfg.eval_batch_size or tcfg.batch_size)
     bsz = args.batch_size or default_bsz
@@ -493,6 +500,7 @@ def cmd_score(args: argparse.Namespace) -> int:
     from .runtime import resolve_device
     from .score import score_lines, score_stream
 
+    _require_at_least(args, 1, "batch_size")
     if args.dynamic and not args.document:
         raise SharnnError("--dynamic scores whole documents: add --document")
     if args.data and not args.dynamic:
@@ -508,8 +516,6 @@ def cmd_score(args: argparse.Namespace) -> int:
         model = _load_for_inference(args.checkpoint, device, args)
         score_document = score_stream
     context = _read_bytes(args.context) if args.context else b"\n"
-    if args.batch_size < 1:
-        raise SharnnError("--batch_size must be at least 1")
     as_json = args.json or args.per_token
     inputs = args.inputs or ["-"]
 
@@ -593,8 +599,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     from .checkpoint import load_model
     from .export import check_onnx, export_onnx, require
 
-    if args.check_bytes < 0:
-        raise SharnnError(f"--check-bytes must not be negative, got {args.check_bytes}")
+    _require_at_least(args, 0, "check_bytes")
     if args.check_bytes:
         require("onnxruntime", unless="--check-bytes 0")  # before the export, not after it
     model = load_model(args.checkpoint)
@@ -646,8 +651,7 @@ def cmd_attention(args: argparse.Namespace) -> int:
     from .runtime import resolve_device
 
     image_format(args.output)
-    if args.window < 1 or args.max_bytes < 1:
-        raise SharnnError("--window and --max-bytes must be at least 1")
+    _require_at_least(args, 1, "window", "max_bytes")
     device = resolve_device(args.device)
     model = load_model(args.checkpoint, device)
     if not attention_blocks(model):

@@ -40,6 +40,11 @@ ATTN_WINDOWS = ("sliding", "reference")
 FP32_PARTS = ("core", "attention", "boom", "decoder")
 
 
+def valid_device(name: str) -> bool:
+    """auto, cpu, cuda or cuda:N (sharnn.runtime.resolve_device turns it into a device)."""
+    return name in ("auto", "cpu", "cuda") or (name.startswith("cuda:") and name[5:].isdigit())
+
+
 def _doc(text: str, shown: str | None = None, shapes: bool = False, flag: bool = True, **kw: Any) -> Any:
     """A dataclass field whose help text the CLI shows.
 
@@ -258,8 +263,8 @@ class TrainConfig:
             raise SharnnError(f"unknown --optimizer {self.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
         if self.nonmono < 0:
             raise SharnnError(f"--nonmono must not be negative, got {self.nonmono}")
-        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
-            raise SharnnError(f"unknown --device {self.device!r}; use auto, cpu or cuda")
+        if not valid_device(self.device):
+            raise SharnnError(f"unknown --device {self.device!r}; use auto, cpu, cuda or cuda:N")
         if self.lr <= 0 or self.clip < 0 or self.warmup < 0 or self.wdecay < 0:
             raise SharnnError("--lr must be positive; --clip, --warmup and --wdecay must not be negative")
         if self.alpha < 0 or self.beta < 0:

@@ -38,6 +38,7 @@ import torch.distributed as dist
 
 from .errors import SharnnError
 from .model import BlockState, State
+from .runtime import resolve_device
 
 POLL_S = 0.05  # how often a rank waiting for rank 0 looks at the store
 # torchrun sends SIGTERM to the other workers as soon as one fails, and SIGKILL 30 s later: a rank that stops
@@ -254,10 +255,8 @@ def init_from_env(device_name: str) -> tuple[Dist, str]:
     if world <= 1:
         return Dist(), device_name
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
-    use_cuda = device_name.startswith("cuda") or (device_name == "auto" and torch.cuda.is_available())
+    use_cuda = resolve_device(device_name).type == "cuda"  # one clear error when there is no GPU to use
     if use_cuda:
-        if not torch.cuda.is_available():
-            raise SharnnError("--device cuda under torchrun, but PyTorch sees no CUDA GPU; use --device cpu")
         torch.cuda.set_device(local_rank)
         device_name = f"cuda:{local_rank}"
     else:

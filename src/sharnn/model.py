@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 from contextlib import nullcontext
 from dataclasses import replace
 from typing import Any, NamedTuple
@@ -508,17 +507,20 @@ def autocast_takes_core(x: Tensor, core: nn.Module) -> bool:
     (AVX-512 BF16 or AMX); elsewhere the call fails. There the core stays in float32, as a GRU's does anyway
     (autocast leaves CPU GRUs alone). The rest of the block still runs in bf16.
     """
-    return x.device.type != "cpu" or not isinstance(core, nn.LSTM) or _cpu_bf16_lstm()
+    return (x.device.type != "cpu" or not torch.is_autocast_enabled("cpu") or not isinstance(core, nn.LSTM)
+            or _cpu_bf16_lstm())
 
 
 @functools.cache
 def _cpu_bf16_lstm() -> bool:
-    try:
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            nn.LSTM(8, 8)(torch.zeros(2, 1, 8))
-        return True
-    except RuntimeError:
-        return False
+    """Try oneDNN's bf16 LSTM once. The probe's weights draw from a forked RNG: the run's streams stay as they were."""
+    with torch.random.fork_rng(devices=[]):
+        try:
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                nn.LSTM(8, 8)(torch.zeros(2, 1, 8))
+            return True
+        except RuntimeError:
+            return False
 
 
 class SHARNN(nn.Module):
@@ -659,33 +661,11 @@ class SHARNN(nn.Module):
                 loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1))
         return SHARNNOutput(logits, loss, tuple(new_state), h, dropped)
 
-    # --- conveniences for using a trained model; the work is done in generate.py and checkpoint.py ---------
-    # (imported inside the methods: those modules import this one)
-
-    def generate(self, prompt: bytes | str = b"\n", length: int = 200, **kw: Any) -> Any:
-        """Continue `prompt`; see `sharnn.generate.generate` (temperature, top_k, top_p, seed, state, logits)."""
-        from .generate import generate
-
-        return generate(self, prompt, length, **kw)
-
-    def save_pretrained(self, directory: str | os.PathLike) -> None:
-        """Write weights (safetensors) and config.json into `directory`, Hugging Face Hub style."""
-        from .checkpoint import save_checkpoint
-
-        save_checkpoint(directory, self, vocab=self.vocab)
-
-    @classmethod
-    def from_pretrained(cls, name_or_path: str | os.PathLike, device: torch.device | str = "cpu") -> SHARNN:
-        """Load from a local folder (a checkpoint or a run), or a Hugging Face Hub repository id."""
-        from .checkpoint import load_pretrained
-
-        return load_pretrained(name_or_path, device)
-
     def collapse(self) -> SHARNN:
         """A copy whose attention value gates are stored constants: same outputs, fewer parameters."""
         if self.cfg.collapsed_gate:
             return self
-        new = SHARNN(replace(self.cfg, collapsed_gate=True)).to(self.encoder.weight.device)
+        new = type(self)(replace(self.cfg, collapsed_gate=True)).to(self.encoder.weight.device)
         new.vocab = self.vocab
         state = {k: v for k, v in self.state_dict().items() if ".attn.vq." not in k and not k.endswith(".attn.vs")}
         with torch.no_grad():

@@ -10,12 +10,13 @@ import random
 import numpy as np
 import torch
 
+from .config import valid_device
 from .errors import SharnnError
 
 
 def resolve_device(name: str) -> torch.device:
     """auto (a CUDA GPU when PyTorch sees one, else the CPU), cpu, cuda or cuda:N; one clear error otherwise."""
-    if name != "auto" and name != "cpu" and not (name == "cuda" or name.startswith("cuda:")):
+    if not valid_device(name):
         raise SharnnError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N")
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -1,0 +1,37 @@
+"""`sharnn.SHARNN`: the network of `sharnn.model` with the conveniences of a trained model.
+
+    model = SHARNN.from_pretrained("runs/tiny")       # a checkpoint or run folder, or a Hugging Face Hub id
+    g = model.generate("def main(", length=200)       # sharnn.generate.generate
+    model.save_pretrained("my-model")                 # sharnn.checkpoint.save_checkpoint
+
+The methods live here, above generation and checkpoints, so that the network itself (`sharnn.model`) imports
+nothing but torch and its config: the imports run one way. Everything else takes either class.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+
+from . import model
+from .checkpoint import load_pretrained, save_checkpoint
+from .generate import Generation, generate
+
+
+class SHARNN(model.SHARNN):
+    """`sharnn.model.SHARNN` plus `generate`, `save_pretrained` and `from_pretrained`."""
+
+    def generate(self, prompt: bytes | str = b"\n", length: int = 200, **kw: Any) -> Generation:
+        """Continue `prompt`; see `sharnn.generate.generate` (temperature, top_k, top_p, seed, state, logits)."""
+        return generate(self, prompt, length, **kw)
+
+    def save_pretrained(self, directory: str | os.PathLike) -> None:
+        """Write weights (safetensors) and config.json into `directory`, Hugging Face Hub style."""
+        save_checkpoint(directory, self, vocab=self.vocab)
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str | os.PathLike, device: torch.device | str = "cpu") -> SHARNN:
+        """Load from a local folder (a checkpoint or a run), or a Hugging Face Hub repository id."""
+        return load_pretrained(name_or_path, device, model_class=cls)  # type: ignore[return-value]
