@@ -15,16 +15,21 @@ torch.set_num_threads(1)
 from sharnn.config import SHARNNConfig
 
 
+# Two marks. `slow`: seconds each (torchrun, killed processes, the 100 MB zip, longer trainings, ONNX export);
+# part of the full suite, left out of a quick loop by `pytest -m "not slow"`. `long`: minutes, beyond the full
+# suite's ~3-minute budget (repeated runs under load, the GPU check's plumbing); run with `--runlong`.
+
+
 def pytest_addoption(parser: pytest.Parser) -> None:
-    parser.addoption("--runslow", action="store_true", help="also run tests marked slow")
+    parser.addoption("--runlong", action="store_true", help="also run the tests marked long (minutes)")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    if config.getoption("--runslow") or "slow" in (config.getoption("-m") or ""):
+    if config.getoption("--runlong") or "long" in (config.getoption("-m") or ""):
         return
-    skip = pytest.mark.skip(reason="slow: run with --runslow")
+    skip = pytest.mark.skip(reason="long: run with --runlong")
     for item in items:
-        if "slow" in item.keywords:
+        if "long" in item.keywords:
             item.add_marker(skip)
 
 

@@ -129,6 +129,7 @@ def test_eval_garbage_config_json(tmp_path: Path, content: str, capsys: pytest.C
     assert_one_error_line(capsys.readouterr().err, str(ckpt))
 
 
+@pytest.mark.slow
 def test_error_from_a_real_process_has_no_traceback(tmp_path: Path) -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "sharnn.cli", "train", "--data", "/nonexistent", *tiny_flags(tmp_path)],

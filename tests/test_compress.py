@@ -95,7 +95,7 @@ def test_round_trip_random_bytes_many_blocks(model: SHARNN, tmp_path: Path) -> N
     assert res.streams == 8
 
 
-@pytest.mark.slow
+@pytest.mark.long
 def test_round_trip_multi_megabyte(model: SHARNN, tmp_path: Path) -> None:
     rng = np.random.default_rng(2)
     data = b"".join(TEXT[: rng.integers(100, 1000)] + rng.integers(0, 256, 50, dtype=np.uint8).tobytes()
@@ -131,6 +131,7 @@ def test_size_is_the_models_cross_entropy(trained: SHARNN, tmp_path: Path) -> No
     assert res.compressed - header >= ideal - 8  # no coder beats the model's own probabilities
 
 
+@pytest.mark.slow
 def test_adapt_learns_while_coding(trained: SHARNN, model: SHARNN, tmp_path: Path) -> None:
     data = TEXT[:3000]
     plain = roundtrip(model, data, tmp_path, streams=8)
@@ -271,6 +272,7 @@ def test_cli_round_trip_with_a_checkpoint(model: SHARNN, tmp_path: Path, capsys)
     assert "give its checkpoint" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_cli_fresh_model_round_trip_in_separate_processes(tmp_path: Path) -> None:
     # Encoder and decoder in two processes: the float computation must repeat bit for bit.
     cfg = tmp_path / "small.toml"

@@ -124,13 +124,12 @@ def test_state_carry_matches_one_pass(tiny_config: SHARNNConfig, ids: torch.Tens
     torch.manual_seed(0)
     model = SHARNN(with_core(tiny_config, core)).eval()
     whole = model(ids).logits
-    for sizes in ([20, 20], [13, 1, 26], [5] * 8):
-        state, outs, i = None, [], 0
-        for n in sizes:
-            out = model(ids[i : i + n], state)
-            state, i = out.state, i + n
-            outs.append(out.logits)
-        assert torch.allclose(torch.cat(outs), whole, atol=1e-5), sizes
+    state, outs, i = None, [], 0
+    for n in (13, 1, 26):  # test_model.py tries more cuts and spans with the LSTM; here each core's own state
+        out = model(ids[i : i + n], state)
+        state, i = out.state, i + n
+        outs.append(out.logits)
+    assert torch.allclose(torch.cat(outs), whole, atol=1e-5)
 
 
 @pytest.mark.parametrize("core", CORES, ids=CORE_IDS)
@@ -208,12 +207,12 @@ def test_resume_is_exact(text_file: Path, tmp_path: Path, core: tuple[str, int],
         return TrainConfig(data=str(text_file), batch_size=4, bptt=16, lr=2e-2, warmup=5, save=str(run),
                            max_steps=steps, max_eval_bytes=400, log_interval=1000, **kw)
 
-    train(model_cfg, cfg(tmp_path / "straight", 10), quiet=True)
+    train(model_cfg, cfg(tmp_path / "straight", 7), quiet=True)
     train(model_cfg, cfg(tmp_path / "split", 4), quiet=True)
     saved = load_train_state(tmp_path / "split" / "last")
     assert saved["step"] == 4 and len(saved["carried"][0]["rnn"]) == STATE_LEN.get(core[0], core[1])
-    res = train(model_cfg, cfg(tmp_path / "split", 10, resume=str(tmp_path / "split")), quiet=True)
-    assert res.steps == 10
+    res = train(model_cfg, cfg(tmp_path / "split", 7, resume=str(tmp_path / "split")), quiet=True)
+    assert res.steps == 7
     a = load_file(str(tmp_path / "straight" / "last" / "model.safetensors"))
     b = load_file(str(tmp_path / "split" / "last" / "model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -47,6 +47,7 @@ def split_files(folder: Path) -> list[Path]:
 # --- enwik8 -------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_prepare_enwik8_full_size(tmp_path: Path) -> None:
     zip_path = make_zip(tmp_path / "enwik8.zip", 100_000_000)
     out = tmp_path / "enwik8"

@@ -16,6 +16,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+pytestmark = pytest.mark.slow  # every test here launches torchrun: seconds each
+
 FLAGS = ["--emsize", "16", "--nhid", "32", "--nlayers", "2", "--attn-layers", "1", "--attn-span", "24",
          "--bptt", "16", "--dropout", "0", "--dropouth", "0", "--dropouti", "0", "--dropoute", "0",
          "--warmup", "2", "--quiet", "--json", "--log-interval", "2", "--max-eval-bytes", "2000"]
@@ -70,22 +72,19 @@ def assert_close(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None
         assert torch.allclose(a[k], b[k], atol=1e-5), k
 
 
-def test_two_ranks_match_one_process_with_combined_batch(corpus: Path, tmp_path: Path) -> None:
-    common = ["--data", str(corpus), *FLAGS, "--max-steps", "6", "--accumulate", "2"]
-    two = sharnn(*common, "--batch_size", "2", "--save", str(tmp_path / "two"), ranks=2)
-    one = sharnn(*common, "--batch_size", "4", "--save", str(tmp_path / "one"))
-    assert two["steps"] == one["steps"] == 6
-    assert_close(weights(tmp_path / "two"), weights(tmp_path / "one"))
-    start = json.loads((tmp_path / "two" / "log.jsonl").read_text().splitlines()[0])
-    assert start["world"] == 2 and start["global_batch"] == 4  # stated in the log
-
-
-def test_resume_on_another_number_of_ranks(corpus: Path, tmp_path: Path) -> None:
-    common = ["--data", str(corpus), *FLAGS]
+def test_two_ranks_match_one_process_and_resume_on_another_number(corpus: Path, tmp_path: Path) -> None:
+    # 3 steps on 2 ranks of 2 streams, resumed for 3 more in one process of 4 streams, give the weights of 6 steps
+    # in one process of 4: the ranks together computed what one process with the combined batch computes (with
+    # --accumulate: gradients averaged over the ranks only on a step's last segment), and a checkpoint holds every
+    # rank's carried state, so it resumes on another number of ranks.
+    common = ["--data", str(corpus), *FLAGS, "--accumulate", "2"]
     sharnn(*common, "--batch_size", "2", "--max-steps", "3", "--save", str(tmp_path / "r"), ranks=2)
-    sharnn(*common, "--batch_size", "4", "--max-steps", "6", "--save", str(tmp_path / "r"),
-           "--resume", str(tmp_path / "r"))
-    sharnn(*common, "--batch_size", "4", "--max-steps", "6", "--save", str(tmp_path / "straight"))
+    start = json.loads((tmp_path / "r" / "log.jsonl").read_text().splitlines()[0])
+    assert start["world"] == 2 and start["global_batch"] == 4  # stated in the log
+    resumed = sharnn(*common, "--batch_size", "4", "--max-steps", "6", "--save", str(tmp_path / "r"),
+                     "--resume", str(tmp_path / "r"))
+    straight = sharnn(*common, "--batch_size", "4", "--max-steps", "6", "--save", str(tmp_path / "straight"))
+    assert resumed["steps"] == straight["steps"] == 6
     assert_close(weights(tmp_path / "r"), weights(tmp_path / "straight"))
 
 
@@ -103,7 +102,7 @@ def test_epoch_ending_inside_an_accumulation(corpus: Path, tmp_path: Path) -> No
 @pytest.mark.parametrize("where,rank,message", [
     ("save", 0, "cannot write checkpoint"),  # a full disk: rank 0 alone writes checkpoints
     ("step", 1, "rank 1 could not take step 3"),  # the others are already in their next collective
-    pytest.param("valid", 0, "validation failed on this rank", marks=pytest.mark.slow),  # the others wait for it
+    pytest.param("valid", 0, "validation failed on this rank", marks=pytest.mark.long),  # the others wait for it
 ])
 def test_an_error_on_one_rank_stops_every_rank_with_its_message(corpus: Path, tmp_path: Path, where: str,
                                                                  rank: int, message: str) -> None:
@@ -124,7 +123,7 @@ def test_an_error_on_one_rank_stops_every_rank_with_its_message(corpus: Path, tm
     assert re.search(rf"rank\s*: {1 - rank} ", others) and "(SIGTERM)" in others, err[-3000:]  # torchrun's teardown
 
 
-@pytest.mark.slow
+@pytest.mark.long
 def test_signal_inside_an_accumulation_step_saves_and_resumes(corpus: Path, tmp_path: Path) -> None:
     # SIGTERM on one rank after the first segment of step 3: every rank stops, last/ holds the gradients
     # gathered so far averaged over the ranks (a collective in the save), and one process with the combined
@@ -140,7 +139,7 @@ def test_signal_inside_an_accumulation_step_saves_and_resumes(corpus: Path, tmp_
     assert_close(weights(tmp_path / "r"), weights(tmp_path / "straight"))
 
 
-@pytest.mark.slow
+@pytest.mark.long
 def test_a_crashed_rank_is_named_the_cause(corpus: Path, tmp_path: Path) -> None:
     # Rank 1 is killed (no message, no mark): rank 0's collective breaks, and it must not present its echo of
     # the crash ("Connection closed by peer") as the run's error; torchrun names rank 1 and its signal.
@@ -153,7 +152,7 @@ def test_a_crashed_rank_is_named_the_cause(corpus: Path, tmp_path: Path) -> None
     assert re.search(r"rank\s*: 1 \(local_rank: 1\)", root) and "SIGKILL" in root, err[-3000:]
 
 
-@pytest.mark.slow
+@pytest.mark.long
 def test_two_ranks_end_cleanly_again_and_again_under_load(corpus: Path, tmp_path: Path) -> None:
     # The abort this guards against came about once in ten runs on a busy machine: two processes keep both
     # cores busy while 2-rank runs finish, one after another.

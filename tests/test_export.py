@@ -17,6 +17,8 @@ from sharnn.config import SHARNNConfig
 from sharnn.export import CHECK_TOLERANCE, check_cuts, segment_path, state_names, stream
 from sharnn.model import SHARNN
 
+pytestmark = pytest.mark.slow  # every test here runs the ONNX exporter: seconds each
+
 ort = pytest.importorskip("onnxruntime", reason="onnxruntime is not installed: pip install 'sharnn[onnx]'")
 pytest.importorskip("onnxscript", reason="onnxscript is not installed: pip install 'sharnn[onnx]'")
 

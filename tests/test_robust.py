@@ -172,6 +172,7 @@ def _check_killed_run(run: Path) -> tuple[int, bool]:
     return step, debris
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not hasattr(os, "fork") or sys.platform == "darwin", reason="forks a process that imported torch")
 def test_checkpoint_survives_sigkill_at_any_point(tmp_path: Path) -> None:
     proc = subprocess.run([sys.executable, "-c", DRIVER, str(tmp_path), "10"], capture_output=True, text=True,
@@ -271,6 +272,7 @@ def test_resume_at_an_epoch_boundary(text_file: Path, tmp_path: Path, accumulate
 # --- SIGINT / SIGTERM in a real process ------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
 def test_signals_stop_cleanly_and_resume(text_file: Path, tmp_path: Path) -> None:
     procs = {}

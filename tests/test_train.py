@@ -49,24 +49,7 @@ def _weights(run: Path) -> dict[str, torch.Tensor]:
     return load_file(str(run / "last" / "model.safetensors"))
 
 
-def test_resume_is_exact(text_file: Path, tmp_path: Path) -> None:
-    straight = tmp_path / "straight"
-    train(MODEL, cfg_for(text_file, straight, max_steps=30), quiet=True)
-    split = tmp_path / "split"
-    train(MODEL, cfg_for(text_file, split, max_steps=12), quiet=True)
-    first = load_train_state(split / "last")
-    assert first["step"] == 12 and first["position"] > 0 and first["carried"] is not None
-    res = train(MODEL, cfg_for(text_file, split, max_steps=30, resume=str(split)), quiet=True)
-    assert res.steps == 30
-    a, b = _weights(straight), _weights(split)
-    assert a.keys() == b.keys()
-    assert all(torch.equal(a[k], b[k]) for k in a)
-    sa, sb = load_train_state(straight / "last"), load_train_state(split / "last")
-    assert sa["position"] == sb["position"]
-    ea = sa["optimizer"]["state"][0]["exp_avg"]
-    assert torch.equal(ea, sb["optimizer"]["state"][0]["exp_avg"])
-
-
+@pytest.mark.slow
 def test_epochs_and_best_checkpoint(text_file: Path, tmp_path: Path) -> None:
     run = tmp_path / "run"
     res = train(MODEL, cfg_for(text_file, run, epochs=2), quiet=True)
@@ -124,6 +107,7 @@ def test_sample_follows_the_test_prompt(text_file: Path, tmp_path: Path) -> None
     assert res.sample.startswith(prompt) and len(res.sample) == len(prompt) + 40
 
 
+@pytest.mark.slow
 def test_when_is_applied_in_training(text_file: Path, tmp_path: Path) -> None:
     run = tmp_path / "w"
     train(MODEL, cfg_for(text_file, run, epochs=2, when=(1,), warmup=0, log_interval=5), quiet=True)
@@ -187,6 +171,7 @@ def test_asgd_switch_rule_and_averaging() -> None:
     assert torch.allclose(p.data, torch.full((3,), -9.0))
 
 
+@pytest.mark.slow
 def test_sgd_switches_to_asgd_and_resumes(text_file: Path, tmp_path: Path, monkeypatch) -> None:
     import sharnn.train as train_module
     from sharnn.evaluate import EvalResult
@@ -211,6 +196,7 @@ def test_sgd_switches_to_asgd_and_resumes(text_file: Path, tmp_path: Path, monke
     assert res.epochs_done == 1
 
 
+@pytest.mark.slow
 def test_bf16_learns_like_fp32(text_file: Path, tmp_path: Path) -> None:
     model_cfg = replace(MODEL, dropout=0.0, dropouth=0.0, dropouti=0.0)
     fp32 = train(model_cfg, cfg_for(text_file, tmp_path / "a", max_steps=100), quiet=True)
@@ -239,6 +225,7 @@ def test_new_run_never_replaces_an_old_one_silently(text_file: Path, tmp_path: P
     assert len(starts) == 1
 
 
+@pytest.mark.slow
 def test_fp16_with_loss_scaler_learns_skips_overflows_and_resumes_exactly(text_file: Path, tmp_path: Path,
                                                                          monkeypatch) -> None:
     # GRU: PyTorch's CPU LSTM has no float16 kernel (the LSTM is refused below); the scaler logic is the same.
@@ -271,3 +258,50 @@ def test_fp16_with_loss_scaler_learns_skips_overflows_and_resumes_exactly(text_f
 def test_fp16_lstm_on_cpu_is_refused(text_file: Path, tmp_path: Path) -> None:
     with pytest.raises(SharnnError, match="fp16 with the LSTM core needs a GPU.*bf16"):
         train(MODEL, cfg_for(text_file, tmp_path / "r", max_steps=2, precision="fp16"), quiet=True)
+
+
+# --- resume with changed run settings, and the automatic adaptive softmax ----------------------------------------
+
+
+def test_a_new_seed_on_resume_starts_fresh_streams(text_file: Path, tmp_path: Path) -> None:
+    # The paper's second pass resumes with another --seed: new dropout masks and segment lengths from there on,
+    # themselves repeatable; the same seed continues the old streams exactly (test_robust's exact resume).
+    train(MODEL, cfg_for(text_file, tmp_path / "first", max_steps=3), quiet=True)
+    ends = {}
+    for name, seed in (("same", 1111), ("new", 7), ("new-again", 7)):
+        run = tmp_path / name
+        run.mkdir()
+        for f in (tmp_path / "first" / "last").iterdir():
+            (run / "last").mkdir(exist_ok=True)
+            (run / "last" / f.name).write_bytes(f.read_bytes())
+        train(MODEL, cfg_for(text_file, run, max_steps=6, seed=seed, resume=str(run)), quiet=True)
+        ends[name] = _weights(run)
+    assert TrainConfig().seed == 1111  # the first run's seed
+    assert all(torch.equal(ends["new"][k], ends["new-again"][k]) for k in ends["new"])
+    assert not all(torch.equal(ends["new"][k], ends["same"][k]) for k in ends["new"])
+
+
+def test_resume_with_another_global_batch_restarts_the_epoch(text_file: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    train(MODEL, cfg_for(text_file, run, max_steps=5), quiet=True)
+    assert load_train_state(run / "last")["position"] > 4 * 32  # well into the epoch, 4 streams
+    train(MODEL, cfg_for(text_file, run, max_steps=6, batch_size=2, resume=str(run)), quiet=True)
+    state = load_train_state(run / "last")
+    assert state["step"] == 6 and state["position"] <= 32  # one segment from the epoch's start
+    assert state["carried"][0]["rnn"][0].shape[1] == 2  # the new streams' own state
+
+
+def test_a_large_vocabulary_gets_the_adaptive_softmax(tmp_path: Path) -> None:
+    words = [f"w{i}" for i in range(80_000)]  # above the 75,000 symbols where it starts
+    corpus = tmp_path / "words"
+    corpus.mkdir()
+    (corpus / "train.txt").write_text("\n".join(" ".join(words[i : i + 20]) for i in range(0, len(words), 20)))
+    for split in ("valid", "test"):
+        (corpus / f"{split}.txt").write_text(" ".join(words[:400]) + "\n")
+    model_cfg = SHARNNConfig(emsize=64, nhid=64, nlayers=1)  # the last cluster is emsize / 4³ wide
+    cfg = TrainConfig(data=str(corpus), tokens="words", batch_size=2, bptt=8, max_steps=1, test_batch_size=2,
+                      save=str(tmp_path / "run"))
+    train(model_cfg, cfg, quiet=True)
+    model = load_model(tmp_path / "run" / "last")
+    assert model.cfg.adaptive_cutoffs == (2800, 20000, 76000) and not model.cfg.tied
+    assert isinstance(model.decoder, torch.nn.AdaptiveLogSoftmaxWithLoss)
