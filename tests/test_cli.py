@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from sharnn.cli import build_parser, main, resolve_train_settings
+from sharnn.cli import build_parser, main
+from sharnn.flags import resolve_train_settings
 
 SENTENCES = (
     b"The quick brown fox jumps over the lazy dog. ",

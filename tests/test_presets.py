@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sharnn.cli import build_parser, resolve_train_settings
+from sharnn.cli import build_parser
+from sharnn.flags import resolve_train_settings
 from sharnn.model import SHARNN, count_parameters
 
 

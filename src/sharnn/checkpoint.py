@@ -425,6 +425,32 @@ def load_pretrained(name_or_path: str | os.PathLike, device: torch.device | str 
     return load_model(local, device, model_class=model_class)
 
 
+# --- the run folder -------------------------------------------------------------------------------------------
+
+
+def claim_run_folder(run_dir: Path, cfg: TrainConfig) -> None:
+    """A new run never silently replaces the checkpoints of an earlier one in its --save folder."""
+    if cfg.resume:
+        return
+    old = sorted(p.name for p in run_dir.iterdir() if (p / "config.json").is_file())
+    if not old:
+        return
+    if not cfg.overwrite:
+        raise SharnnError(
+            f"{run_dir} already holds a run ({', '.join(old)}); continue it with --resume {run_dir}, start over "
+            "with --overwrite, or pass another --save"
+        )
+    for name in old:
+        shutil.rmtree(run_dir / name)
+    (run_dir / "log.jsonl").unlink(missing_ok=True)
+
+
+def checkpoint_bytes_needed(n_params: int, cfg: TrainConfig) -> int:
+    """About how much disk the run's checkpoints take at once: best, last, one being written, the kept step-*."""
+    moments = 2 if cfg.optimizer in ("lamb", "adam", "adamw") else 0
+    return 4 * n_params * (1 + moments) * (3 + cfg.keep)  # float32 weights and optimizer moments
+
+
 # --- what train_state.pt holds besides tensors of the model: RNG streams and the carried state ----------------
 
 

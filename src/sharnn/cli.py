@@ -14,9 +14,7 @@
     sharnn compress CKPT IN OUT | --fresh PRESET IN OUT  [--adapt] [--streams N]
     sharnn decompress [CKPT] IN OUT
 
-Training flags are derived from the fields of `SHARNNConfig` and `TrainConfig` and spelled as in the seed's
-parameter table (`--batch_size`, `--log-interval`); each also accepts the other spelling (`--batch-size`).
-Progress goes to stderr, results to stdout. A `SharnnError` is printed as one line, with exit status 2.
+Training flags are derived from the fields of `SHARNNConfig` and `TrainConfig` (sharnn.flags). Progress goes to stderr, results to stdout. A `SharnnError` is printed as one line, with exit status 2.
 """
 
 from __future__ import annotations
@@ -27,61 +25,11 @@ import math
 import os
 import sys
 from collections.abc import Sequence
-from dataclasses import fields
 from typing import Any
 
-from .config import (
-    ATTN_WINDOWS,
-    SHARNNConfig,
-    TrainConfig,
-    load_config_file,
-    load_preset,
-    preset_names,
-    split_settings,
-)
+from .config import ATTN_WINDOWS, SHARNNConfig, TrainConfig, preset_names
 from .errors import SharnnError
-
-
-def _none_or(kind: type) -> Any:
-    def parse(text: str) -> Any:
-        return None if text.lower() in ("none", "off", "") else kind(text)
-
-    parse.__name__ = kind.__name__
-    return parse
-
-
-def _add_field_flags(parser: argparse.ArgumentParser, cls: type, title: str) -> None:
-    group = parser.add_argument_group(title)
-    for f in fields(cls):
-        if not f.metadata.get("flag", True):  # set by the data or by a command, not by the user
-            continue
-        under, hyphen = f"--{f.name}", f"--{f.name.replace('_', '-')}"
-        # The table spells batch_size with an underscore and log-interval with a hyphen; accept both everywhere.
-        names = [under, hyphen] if f.name == "batch_size" else list(dict.fromkeys([hyphen, under]))
-        kw: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS}
-        default = f.default
-        help_text = f"{f.metadata.get('help', '')} (default: {f.metadata.get('shown') or _show(default)})"
-        t = str(f.type)
-        if t == "bool":
-            kw["action"] = argparse.BooleanOptionalAction
-        elif t.startswith("tuple"):
-            kw.update(nargs="+", type=int, metavar="N")
-        elif "None" in t:
-            base = int if t.startswith("int") else float if t.startswith("float") else str
-            kw.update(type=_none_or(base), metavar=base.__name__.upper())
-        else:
-            kw["type"] = type(default)
-            if f.name == "optimizer":
-                kw["choices"] = ["lamb", "adam", "adamw", "sgd"]
-        group.add_argument(*names, help=help_text, **kw)
-
-
-def _show(v: Any) -> str:
-    if v == ():
-        return "automatic"
-    if isinstance(v, tuple):
-        return " ".join(map(str, v))
-    return "none" if v is None else str(v)
+from .flags import add_field_flags, resolve_train_settings
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -105,8 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="train on the GPU (same as --device cuda)")
     t.add_argument("--json", action="store_true", help="print the final results as one JSON object")
     t.add_argument("--quiet", action="store_true", help="no progress bar or log lines on stderr")
-    _add_field_flags(t, SHARNNConfig, "model (SHARNNConfig)")
-    _add_field_flags(t, TrainConfig, "run (TrainConfig)")
+    add_field_flags(t, SHARNNConfig, "model (SHARNNConfig)")
+    add_field_flags(t, TrainConfig, "run (TrainConfig)")
 
     e = sub.add_parser("eval", help="bpc and perplexity of a checkpoint on a split")
     e.add_argument("checkpoint", help="checkpoint folder, or a run folder (its best/ is used)")
@@ -314,24 +262,6 @@ def _load_for_inference(checkpoint: str, device: Any, args: argparse.Namespace) 
     from .precision import for_inference
 
     return for_inference(_load_with_window(checkpoint, device, args), args.precision)
-
-
-def resolve_train_settings(args: argparse.Namespace) -> tuple[SHARNNConfig, TrainConfig, dict[str, Any]]:
-    """Defaults < preset < config file < flags. Returns the configs and the model settings the user gave."""
-    settings: dict[str, Any] = {}
-    if args.preset:
-        settings.update(load_preset(args.preset))
-    if args.config:
-        settings.update(load_config_file(args.config))
-    flag_names = {f.name for f in fields(SHARNNConfig)} | {f.name for f in fields(TrainConfig)}
-    settings.update({k: v for k, v in vars(args).items() if k in flag_names})
-    model_kw, train_kw = split_settings(settings)
-    try:
-        model_cfg = SHARNNConfig.from_dict(model_kw)
-        train_cfg = TrainConfig.from_dict(train_kw)
-    except TypeError as e:  # a config file value of the wrong kind
-        raise SharnnError(f"bad setting: {e}") from None
-    return model_cfg, train_cfg, model_kw
 
 
 def cmd_train(args: argparse.Namespace) -> int:

@@ -15,6 +15,8 @@ from tqdm import tqdm
 from .data import Streams, eval_segments
 from .model import SHARNN
 
+LN2 = math.log(2)  # nats per bit
+
 
 class EvalResult(NamedTuple):
     loss: float  # mean cross-entropy per predicted token, in nats
@@ -25,7 +27,7 @@ class EvalResult(NamedTuple):
     @property
     def bpc(self) -> float:
         """Bits per character (per byte for byte-level corpora): nats / ln 2."""
-        return self.loss / math.log(2)
+        return self.loss / LN2
 
     @property
     def ppl(self) -> float:

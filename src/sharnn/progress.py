@@ -1,4 +1,5 @@
-"""Training progress: how long until the run stops, on a bar (terminal) or in the log lines (anywhere else).
+"""What training shows: log lines (`RunLog`: stderr and log.jsonl), and how long until the run stops, on a bar
+(terminal) or in the log lines (anywhere else).
 
 Training stops at the first of: the end of the epoch (each epoch has its own bar), `--max-steps`, `--max-time`.
 The bar follows whichever of them is nearest, at the pace of the batches so far, and says which it is. When
@@ -8,9 +9,11 @@ log lines carry the same estimate instead.
 
 from __future__ import annotations
 
+import json
 import sys
 import time
-from typing import NamedTuple
+from pathlib import Path
+from typing import Any, NamedTuple
 
 from tqdm import tqdm
 
@@ -88,3 +91,25 @@ class TrainProgress:
 
     def close(self) -> None:
         self.bar.close()
+
+
+class RunLog:
+    """Human log lines to stderr (above the progress bar) and the same numbers as JSON lines in the run folder."""
+
+    def __init__(self, run_dir: Path, quiet: bool = False, write: bool = True):
+        self.path = run_dir / "log.jsonl"
+        self.quiet = quiet
+        self.broken = not write  # other ranks than 0 never write the log
+
+    def line(self, text: str) -> None:
+        if not self.quiet:
+            tqdm.write(text, file=sys.stderr)
+
+    def record(self, event: str, **values: Any) -> None:
+        try:
+            with open(self.path, "a") as f:
+                f.write(json.dumps({"event": event, "time": round(time.time(), 3), **values}) + "\n")
+        except OSError as e:  # a full disk must not end a long run over a log line; the next save reports it
+            if not self.broken:
+                self.broken = True
+                tqdm.write(f"warning: cannot append to {self.path} ({e.strerror}); continuing", file=sys.stderr)

@@ -9,7 +9,6 @@ same bits per character as `sharnn eval` over the same bytes.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, BinaryIO, NamedTuple
 
@@ -19,12 +18,12 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .errors import SharnnError
+from .evaluate import LN2
 from .model import SHARNN, BlockState, State
 
 if TYPE_CHECKING:
     from .vocab import Vocab
 
-LN2 = math.log(2)
 
 
 class Score(NamedTuple):

@@ -17,12 +17,10 @@ What survives what (the README's "What we guarantee"):
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 import shutil
 import signal
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -32,9 +30,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from .checkpoint import (
+    checkpoint_bytes_needed,
+    claim_run_folder,
     clean_run_folder,
     link_checkpoint,
     load_model,
@@ -55,14 +54,12 @@ from .config import SHARNNConfig, TrainConfig, auto_cutoffs
 from .data import Corpus, Streams, load_corpus, train_segments
 from .distributed import Dist, PeerFailed, init_from_env, release_frames
 from .errors import SharnnError, require_writable_folder
-from .evaluate import EvalResult, autocast, evaluate
+from .evaluate import LN2, EvalResult, autocast, evaluate
 from .generate import generate
 from .model import SHARNN, SHARNNOutput, State, count_parameters, detach_state
 from .optim import averaged_weights, build_asgd, build_optimizer, lr_at, set_lr, should_switch_to_asgd
-from .progress import TrainProgress
+from .progress import RunLog, TrainProgress
 from .runtime import resolve_device, seed_everything, set_tf32
-
-LN2 = math.log(2)
 
 
 class TrainingInterrupted(SharnnError):
@@ -105,28 +102,6 @@ def ar_tar(out: SHARNNOutput, cfg: TrainConfig) -> torch.Tensor | float:
     return penalty
 
 
-class RunLog:
-    """Human log lines to stderr (above the progress bar) and the same numbers as JSON lines in the run folder."""
-
-    def __init__(self, run_dir: Path, quiet: bool = False, write: bool = True):
-        self.path = run_dir / "log.jsonl"
-        self.quiet = quiet
-        self.broken = not write  # other ranks than 0 never write the log
-
-    def line(self, text: str) -> None:
-        if not self.quiet:
-            tqdm.write(text, file=sys.stderr)
-
-    def record(self, event: str, **values: Any) -> None:
-        try:
-            with open(self.path, "a") as f:
-                f.write(json.dumps({"event": event, "time": round(time.time(), 3), **values}) + "\n")
-        except OSError as e:  # a full disk must not end a long run over a log line; the next save reports it
-            if not self.broken:
-                self.broken = True
-                tqdm.write(f"warning: cannot append to {self.path} ({e.strerror}); continuing", file=sys.stderr)
-
-
 def train(model_cfg: SHARNNConfig, cfg: TrainConfig, quiet: bool = False,
           model_overrides: dict[str, Any] | None = None) -> TrainResult:
     """Train as `cfg` says; returns where the run went and its final valid/test numbers.
@@ -164,7 +139,7 @@ def _train(model_cfg: SHARNNConfig, cfg: TrainConfig, quiet: bool, model_overrid
     if ranks.is_main:
         require_writable_folder(run_dir, "pass a writable --save")  # now, not after hours of training
         clean_run_folder(run_dir)  # what a killed save may have left
-        _claim_run_folder(run_dir, cfg)
+        claim_run_folder(run_dir, cfg)
     ranks.barrier()
     corpus = load_corpus(cfg.data, tokens=cfg.tokens)
     log = RunLog(run_dir, quiet or not ranks.is_main, write=ranks.is_main)
@@ -198,8 +173,9 @@ def _train(model_cfg: SHARNNConfig, cfg: TrainConfig, quiet: bool, model_overrid
                  f"{ranks.world * cfg.batch_size} streams ({'nccl' if device.type == 'cuda' else 'gloo'})")
     log.record("start", params=n_params, model=model.cfg.to_dict(), train=cfg.to_dict(), device=str(device),
                world=ranks.world, global_batch=ranks.world * cfg.batch_size)
-    if ranks.is_main:
-        _warn_if_disk_small(run_dir, n_params, cfg, log)
+    if ranks.is_main and (need := checkpoint_bytes_needed(n_params, cfg)) > (free := shutil.disk_usage(run_dir).free):
+        log.line(f"warning: {run_dir} has {free / 1e9:.2f} GB free, but this run's checkpoints may need about "
+                 f"{need / 1e9:.2f} GB; a save that finds the disk full stops training (the last good one stays)")
 
     loop = _Loop(model, optimizer, cfg, corpus, train_streams, rng, device, run_dir, log, saved, ranks)
     with _stop_on_signals(loop):
@@ -316,36 +292,8 @@ def _final_measurement(result: TrainResult, model: SHARNN, corpus: Corpus, cfg: 
     return replace(result, valid=valid, test=test, sample=text)
 
 
-def _claim_run_folder(run_dir: Path, cfg: TrainConfig) -> None:
-    """A new run never silently replaces the checkpoints of an earlier one in its --save folder."""
-    if cfg.resume:
-        return
-    old = sorted(p.name for p in run_dir.iterdir() if (p / "config.json").is_file())
-    if not old:
-        return
-    if not cfg.overwrite:
-        raise SharnnError(
-            f"{run_dir} already holds a run ({', '.join(old)}); continue it with --resume {run_dir}, start over "
-            "with --overwrite, or pass another --save"
-        )
-    for name in old:
-        shutil.rmtree(run_dir / name)
-    (run_dir / "log.jsonl").unlink(missing_ok=True)
-
-
 def _shown(value: Any) -> str:
     return " ".join(map(str, value)) if isinstance(value, tuple) else str(value)
-
-
-def _warn_if_disk_small(run_dir: Path, n_params: int, cfg: TrainConfig, log: RunLog) -> None:
-    """Say at the start when the save folder's disk looks too small for the checkpoints this run will write."""
-    moments = 2 if cfg.optimizer in ("lamb", "adam", "adamw") else 0
-    per_checkpoint = 4 * n_params * (1 + moments)  # float32 weights and optimizer moments
-    need = per_checkpoint * (3 + cfg.keep)  # best, last, one being written, the kept step-* folders
-    free = shutil.disk_usage(run_dir).free
-    if free < need:
-        log.line(f"warning: {run_dir} has {free / 1e9:.2f} GB free, but this run's checkpoints may need about "
-                 f"{need / 1e9:.2f} GB; a save that finds the disk full stops training (the last good one stays)")
 
 
 def _eval_ids(ids: np.ndarray, cfg: TrainConfig) -> np.ndarray:

@@ -1,0 +1,77 @@
+"""Training flags, derived from the fields of `SHARNNConfig` and `TrainConfig`, and settings resolved from them.
+
+Each field is a flag spelled as in the seed's parameter table (`--batch_size`, `--log-interval`), also accepted in
+the other spelling (`--batch-size`); its help and default come from the field. Precedence when a run is set up:
+dataclass defaults < `--preset NAME` < `--config FILE` < flags.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import fields
+from typing import Any
+
+from .config import SHARNNConfig, TrainConfig, load_config_file, load_preset, split_settings
+from .errors import SharnnError
+
+
+def _none_or(kind: type) -> Any:
+    def parse(text: str) -> Any:
+        return None if text.lower() in ("none", "off", "") else kind(text)
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
+def add_field_flags(parser: argparse.ArgumentParser, cls: type, title: str) -> None:
+    """One flag per field of `cls` (a config dataclass), with its help text and default from the field."""
+    group = parser.add_argument_group(title)
+    for f in fields(cls):
+        if not f.metadata.get("flag", True):  # set by the data or by a command, not by the user
+            continue
+        under, hyphen = f"--{f.name}", f"--{f.name.replace('_', '-')}"
+        # The table spells batch_size with an underscore and log-interval with a hyphen; accept both everywhere.
+        names = [under, hyphen] if f.name == "batch_size" else list(dict.fromkeys([hyphen, under]))
+        kw: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS}
+        default = f.default
+        help_text = f"{f.metadata.get('help', '')} (default: {f.metadata.get('shown') or show(default)})"
+        t = str(f.type)
+        if t == "bool":
+            kw["action"] = argparse.BooleanOptionalAction
+        elif t.startswith("tuple"):
+            kw.update(nargs="+", type=int, metavar="N")
+        elif "None" in t:
+            base = int if t.startswith("int") else float if t.startswith("float") else str
+            kw.update(type=_none_or(base), metavar=base.__name__.upper())
+        else:
+            kw["type"] = type(default)
+            if f.name == "optimizer":
+                kw["choices"] = ["lamb", "adam", "adamw", "sgd"]
+        group.add_argument(*names, help=help_text, **kw)
+
+
+def show(v: Any) -> str:
+    if v == ():
+        return "automatic"
+    if isinstance(v, tuple):
+        return " ".join(map(str, v))
+    return "none" if v is None else str(v)
+
+
+
+def resolve_train_settings(args: argparse.Namespace) -> tuple[SHARNNConfig, TrainConfig, dict[str, Any]]:
+    """Defaults < preset < config file < flags. Returns the configs and the model settings the user gave."""
+    settings: dict[str, Any] = {}
+    if args.preset:
+        settings.update(load_preset(args.preset))
+    if args.config:
+        settings.update(load_config_file(args.config))
+    flag_names = {f.name for f in fields(SHARNNConfig)} | {f.name for f in fields(TrainConfig)}
+    settings.update({k: v for k, v in vars(args).items() if k in flag_names})
+    model_kw, train_kw = split_settings(settings)
+    try:
+        model_cfg = SHARNNConfig.from_dict(model_kw)
+        train_cfg = TrainConfig.from_dict(train_kw)
+    except TypeError as e:  # a config file value of the wrong kind
+        raise SharnnError(f"bad setting: {e}") from None
+    return model_cfg, train_cfg, model_kw
