@@ -9,11 +9,12 @@ each row written to OUT/gpu_check.md (and .json) as soon as it is measured, so a
 
 1. smoke: tiny runs on the device for the LSTM, GRU and QRNN cores in fp32, bf16 and fp16, --wdrop,
    --checkpoint-activations, --resume, eval, generate (CUDA graph against eager), score --document, a checkpoint
-   saved on the GPU loaded on the CPU and the other way, and torchrun --nproc_per_node 1 (NCCL). Each must exit 0
-   and leave a loadable checkpoint.
+   saved on the GPU loaded on the CPU and the other way, and torchrun --nproc_per_node 1 (its launch only: one
+   rank makes no process group, and NCCL needs two GPUs). Each must exit 0 and leave a loadable checkpoint.
 2. speed: the paper's configuration (E 1024, H 4096, 4 blocks, batch 16, bptt 1024, memory 5000, 256 symbols):
-   training ms/step and chars/s in fp32 (TF32 off), TF32, bf16 and fp16, evaluation chars/s in fp32 and bf16, batch-1 generation chars/s with the memory full (CUDA graph and eager),
-   peak GPU memory of each; and the attention kernels alone (benchmarks/attention.py).
+   training ms/step and chars/s in fp32 (TF32 off), TF32, bf16 and fp16, evaluation chars/s in fp32 and bf16,
+   batch-1 generation chars/s with the memory full (CUDA graph and eager), peak GPU memory of each; and the
+   attention kernels alone (benchmarks/attention.py).
 3. quality: 200 training steps of the paper's configuration per precision (LAMB, lr 2e-3, warm-up 100, seed 0,
    the same data in the same order), then validation bpc on 200 KB of held-out text: fp32 (TF32 off), bf16, fp16,
    TF32, and bf16 with parts kept in fp32 (--fp32-parts), to find which computation loses the signal.
@@ -210,9 +211,11 @@ def smoke_generation_graph(rep: Report, ckpt: Path, device: torch.device) -> Non
     try:
         model = for_inference(load_model(ckpt, device), "fp32")
         prompt = list(b"def main():\n    ")
-        runs = [list(generate_ids(model, prompt, 300, temperature=0, graph=g)) for g in (True, False)]
-        tokens = [[t for t, _, _ in r] for r in runs]
-        diff = max(float((a[2] - b[2]).abs().max()) for a, b in zip(*runs))  # the last step's logits
+        # Each step's logits are copied as they come: a graph's output buffer is overwritten by the next replay.
+        runs = [[(t, logits.clone()) for t, _, logits in generate_ids(model, prompt, 300, temperature=0, graph=g)]
+                for g in (True, False)]
+        tokens = [[t for t, _ in r] for r in runs]
+        diff = max(float((a[1] - b[1]).abs().max()) for a, b in zip(*runs))  # every step's scores
         ok = tokens[0] == tokens[1] and diff < 1e-3
         rep.add("smoke", check="generate: CUDA graph = eager", result="ok" if ok else "FAILED",
                 note=f"300 greedy bytes, max |logit diff| {diff:.2e}")
@@ -231,8 +234,9 @@ def smoke_torchrun(rep: Report, base: list[str], work: Path, device: torch.devic
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, check=False)
     ok = proc.returncode == 0 and (work / "torchrun" / "last" / "config.json").is_file()
-    backend = "nccl" if device.type == "cuda" else "gloo"
-    rep.add("smoke", check=f"torchrun --nproc_per_node 1 ({backend})", result="ok" if ok else f"FAILED ({proc.returncode})",
+    # One process makes no process group: torchrun's launch and environment are checked, not NCCL (that needs
+    # two GPUs).
+    rep.add("smoke", check="torchrun --nproc_per_node 1 (launch only: no process group with one rank)", result="ok" if ok else f"FAILED ({proc.returncode})",
             seconds=time.perf_counter() - t0, note="" if ok else last_line(proc.stderr))
 
 

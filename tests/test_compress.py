@@ -312,3 +312,24 @@ def test_cli_mistakes(model: SHARNN, tmp_path: Path, argv: list[str], message: s
     names = {"CKPT": str(ckpt), "IN": str(tmp_path / "in"), "OUT": str(tmp_path / "out")}
     assert main([names.get(a, a) for a in argv]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_a_crafted_fresh_header_is_refused_before_building(tmp_path: Path, capsys) -> None:
+    # The trailer is a checksum anyone can recompute: a header asking for a 10^9-wide fresh model must be refused
+    # in one line, not end in an allocation's traceback.
+    cfg = tmp_path / "small.toml"
+    cfg.write_text("[model]\nemsize = 16\nnhid = 32\nnlayers = 2\nattn_layers = [1]\nattn_span = 24\n")
+    src = tmp_path / "in.txt"
+    src.write_bytes(TEXT[:300])
+    assert main(["compress", "--fresh", str(cfg), "--adapt", str(src), str(tmp_path / "z"), "--quiet"]) == 0
+    c = read_header(tmp_path / "z")
+    c.header["model"]["fresh"]["config"].update(emsize=10**9, nhid=10**9)
+    raw = (tmp_path / "z").read_bytes()
+    head = json.dumps(c.header).encode()
+    crafted = compress.MAGIC + struct.pack("<HI", compress.VERSION, len(head)) + head + raw[c.body_start : c.body_end]
+    (tmp_path / "crafted").write_bytes(crafted + hashlib.sha256(crafted).digest())
+    capsys.readouterr()
+    assert main(["decompress", str(tmp_path / "crafted"), str(tmp_path / "back"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "the fresh model its header describes needs" in err, err
+    assert not (tmp_path / "back").exists()

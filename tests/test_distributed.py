@@ -79,8 +79,10 @@ def test_two_ranks_match_one_process_and_resume_on_another_number(corpus: Path, 
     # rank's carried state, so it resumes on another number of ranks.
     common = ["--data", str(corpus), *FLAGS, "--accumulate", "2"]
     sharnn(*common, "--batch_size", "2", "--max-steps", "3", "--save", str(tmp_path / "r"), ranks=2)
-    start = json.loads((tmp_path / "r" / "log.jsonl").read_text().splitlines()[0])
-    assert start["world"] == 2 and start["global_batch"] == 4  # stated in the log
+    events = [json.loads(x) for x in (tmp_path / "r" / "log.jsonl").read_text().splitlines()]
+    starts = [e for e in events if e["event"] == "start"]
+    assert len(starts) == 1 and starts[0]["world"] == 2 and starts[0]["global_batch"] == 4  # rank 0 alone logs
+    assert len([e for e in events if e["event"] == "valid"]) == 1
     resumed = sharnn(*common, "--batch_size", "4", "--max-steps", "6", "--save", str(tmp_path / "r"),
                      "--resume", str(tmp_path / "r"))
     straight = sharnn(*common, "--batch_size", "4", "--max-steps", "6", "--save", str(tmp_path / "straight"))

@@ -214,3 +214,17 @@ def test_the_bf16_lstm_probe_leaves_the_random_streams_alone() -> None:
     before = torch.get_rng_state()
     model_mod._cpu_bf16_lstm()
     assert torch.equal(torch.get_rng_state(), before)
+
+
+def test_inference_commands_set_tf32_as_asked(tmp_path, capsys) -> None:
+    from sharnn.cli import main
+
+    cfg = SHARNNConfig(emsize=16, nhid=32, nlayers=2, attn_span=24)
+    save_checkpoint(tmp_path / "ckpt", SHARNN(cfg))
+    before = tf32_enabled()
+    try:
+        for flag, want in (("--no-tf32", False), ("--tf32", True)):
+            assert main(["generate", str(tmp_path / "ckpt"), "--length", "2", "--device", "cpu", flag]) == 0
+            assert tf32_enabled() is want
+    finally:
+        set_tf32(before)

@@ -33,3 +33,11 @@ def test_presets_as_shipped(argv: list[str], params: int, attn: tuple[int, ...],
 def test_tiny_preset_runs_without_a_download() -> None:
     _, train = built("--preset", "tiny")
     assert train.data == "python-stdlib" and train.max_time is not None
+
+
+def test_a_preset_with_another_depth_says_what_to_do(capsys) -> None:
+    from sharnn.cli import main
+
+    assert main(["train", "--preset", "tiny", "--nlayers", "2", "--save", "/nonexistent/never-used"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "give --attn-layers for this one too (the original's choice: 0)" in err[0], err

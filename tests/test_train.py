@@ -305,3 +305,11 @@ def test_a_large_vocabulary_gets_the_adaptive_softmax(tmp_path: Path) -> None:
     model = load_model(tmp_path / "run" / "last")
     assert model.cfg.adaptive_cutoffs == (2800, 20000, 76000) and not model.cfg.tied
     assert isinstance(model.decoder, torch.nn.AdaptiveLogSoftmaxWithLoss)
+
+
+def test_a_budget_stop_right_after_a_validation_does_not_repeat_it(text_file: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    train(MODEL, cfg_for(text_file, run, max_steps=6, eval_interval=3, save_every=3, max_eval_bytes=400), quiet=True)
+    events = [json.loads(x) for x in (run / "log.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in events if e["event"] == "valid"] == [3, 6]
+    assert [e["step"] for e in events if e["event"] == "save"] == [3, 6]

@@ -287,14 +287,22 @@ def test_config_json_that_disagrees_with_the_weights(ckpt: Path, edit: dict, fra
         load_model(ckpt)
 
 
-def test_attention_span_too_large_to_generate_with(ckpt: Path, capsys) -> None:
-    # No weight depends on the span, so only generation's preallocated memory ring can notice 10^12.
+@pytest.mark.parametrize("command", [["generate", "{ckpt}", "--length", "3", "--device", "cpu"],
+                                     ["compress", "{ckpt}", "{text}", "{out}"],
+                                     ["export", "{ckpt}", "{out}"],
+                                     ["attention", "{ckpt}", "--text", "{text}", "-o", "{out}.png"]],
+                         ids=["generate", "compress", "export", "attention"])
+def test_attention_span_too_large_to_use(ckpt: Path, tmp_path: Path, capsys, command: list[str]) -> None:
+    # No weight depends on the span, so only the commands' memory allocations would notice 10^12: each refuses.
     meta = json.loads((ckpt / "config.json").read_text())
     meta["model"]["attn_span"] = 10**12
     (ckpt / "config.json").write_text(json.dumps(meta))
-    assert main(["generate", str(ckpt), "--length", "3", "--device", "cpu"]) == 2
+    text = tmp_path / "text.txt"
+    text.write_bytes(b"some text to read, long enough for a window of attention. " * 4)
+    argv = [a.format(ckpt=ckpt, text=text, out=tmp_path / "out") for a in command]
+    assert main(argv) == 2
     err = capsys.readouterr().err
-    assert "Traceback" not in err and "attn_span 1,000,000,000,000 needs 59,604.6 GiB" in err, err
+    assert "Traceback" not in err and "attn_span 1,000,000,000,000" in err and "GiB" in err, err
 
 
 def test_save_and_from_pretrained(model: SHARNN, tmp_path: Path) -> None:
@@ -475,3 +483,15 @@ def test_cli_flags_of_eval_score_and_import(ckpt: Path, tmp_path: Path, capsys) 
     torch.save(load_model(ckpt).state_dict(), sd)
     assert main(["import-reference", str(sd), str(tmp_path / "imp"), "--attn-span", "77"]) == 0
     assert load_model(tmp_path / "imp").cfg.attn_span == 77
+
+
+@pytest.mark.parametrize("window", ["sliding", "reference"])
+def test_a_lines_score_does_not_depend_on_its_batch(model: SHARNN, window: str) -> None:
+    # With the reference window the memory is trimmed by the segment's length, so padding to a longer line in
+    # the same batch would change the score: lines are batched only with lines of their own length there.
+    model.set_attn_window(window)
+    context = b"a context longer than the attention span of this tiny model, to fill its memory\n"
+    short, long = b"short line", b"a much longer line than the other one"
+    alone = next(iter(score_lines(model, BYTES, [short], context=context))).logprob
+    beside = next(iter(score_lines(model, BYTES, [short, long], context=context))).logprob
+    assert beside == pytest.approx(alone, abs=1e-5)

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from .model import SHARNN
+from .runtime import attention_bytes, require_memory
 
 
 class AttentionMap(NamedTuple):
@@ -54,6 +55,8 @@ def attention_over_text(model: SHARNN, ids: Tensor, start: int, window: int,
     """
     L, M = ids.shape[0], model.cfg.attn_span
     assert 0 <= start and start + window <= L
+    require_memory(attention_bytes(model.cfg, 1, rows=2 * (M + chunk + window)),
+                   f"attn_span {M:,}: the attention memory and its statistics", ids.device)
     blocks = attention_blocks(model)
     mean_distance = {i: torch.zeros(L) for i in blocks}
     by_distance = {i: torch.zeros(M + chunk + window) for i in blocks}

@@ -167,7 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
     z = sub.add_parser("compress", help="compress a file losslessly with the model (range coding)",
                        description="Compress IN into OUT: each byte range-coded under the model's prediction. "
                                    "Decode with `sharnn decompress` and the same model, on the same kind of machine "
-                                   "(same CPU architecture and instruction set, torch and constriction versions).")
+                                   "(same CPU architecture and instruction set, torch, constriction and sharnn versions).")
     z.add_argument("paths", nargs="+", metavar="[CKPT] IN OUT",
                    help="the model's checkpoint (or run folder), the file to compress and the file to write; "
                         "with --fresh, IN and OUT only")
@@ -230,10 +230,13 @@ def _dynamic_config(args: argparse.Namespace, enabled: bool) -> Any:
 
 
 def _add_precision_flag(parser: argparse.ArgumentParser) -> None:
-    """The flags every inference command shares: --precision and --attn-window."""
+    """The flags every inference command shares: --precision, --tf32 and --attn-window."""
     parser.add_argument("--precision", choices=["fp32", "bf16", "int8"], default="fp32",
                         help="run the model in bf16 (weights and activations) or int8 (dynamic quantisation of the "
                              "weights, CPU only): faster and smaller, at a small cost in bpc (default: fp32)")
+    parser.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=True,
+                        help="on CUDA GPUs, float32 matmuls and cuDNN's LSTM/GRU use TensorFloat-32 tensor cores, as in "
+                             "training (--no-tf32: full float32); no effect on CPUs (default: on)")
     parser.add_argument("--attn-window", "--attn_window", choices=list(ATTN_WINDOWS), default=None,
                         help="attention window rule: sliding, or reference (the original code's; what it reports "
                              "for a model from import-reference) (default: the checkpoint's)")
@@ -248,8 +251,12 @@ def _require_at_least(args: argparse.Namespace, minimum: int, *names: str) -> No
 
 
 def _load_with_window(checkpoint: str, device: Any, args: argparse.Namespace) -> Any:
-    """The checkpoint's model as trained, with the --attn-window asked for (the checkpoint's by default)."""
+    """The checkpoint's model as trained, with the --attn-window asked for (the checkpoint's by default); TF32 set
+    as asked (for CUDA)."""
     from .checkpoint import load_model
+    from .runtime import set_tf32
+
+    set_tf32(args.tf32)
 
     model = load_model(checkpoint, device)
     if args.attn_window:
@@ -328,7 +335,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     bsz = args.batch_size or default_bsz
     bptt = args.bptt or tcfg.bptt
     if args.dynamic_search:
-        return _dynamic_search(model, corpus, bsz, bptt, cfg, device)
+        return _dynamic_search(model, corpus, bsz, bptt, cfg, device, args.json)
     dyn = None
     if args.dynamic:
         res, dyn = static_and_dynamic(model, corpus.train, corpus.split(split), bsz, bptt, cfg, device,
@@ -358,22 +365,30 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def _dynamic_search(model: Any, corpus: Any, bsz: int, bptt: int, cfg: Any, device: Any) -> int:
+def _dynamic_search(model: Any, corpus: Any, bsz: int, bptt: int, cfg: Any, device: Any, as_json: bool) -> int:
     from .dynamic import dynamic_search, gradient_stats, search_grid
     from .evaluate import evaluate
 
-    static = evaluate(model, corpus.valid, bsz, bptt, device, progress=True, what="valid split")
-    print(f"valid, {bsz} streams: static bpc {static.bpc:.4f} (bptt {bptt})")
+    static = evaluate(model, corpus.valid, bsz, bptt, device, progress=not as_json, what="valid split")
+    if not as_json:
+        print(f"valid, {bsz} streams: static bpc {static.bpc:.4f} (bptt {bptt})")
 
     def show(point: Any) -> None:
         c = point.cfg
-        print(f"  --dynamic-lr {c.lr:<9.3g} --dynamic-decay {c.decay:<9.3g} --dynamic-bptt {c.bptt:<4d} "
-              f"bpc {point.result.bpc:.4f} ({100 * (point.result.bpc / static.bpc - 1):+.2f}%)", flush=True)
+        if not as_json:
+            print(f"  --dynamic-lr {c.lr:<9.3g} --dynamic-decay {c.decay:<9.3g} --dynamic-bptt {c.bptt:<4d} "
+                  f"bpc {point.result.bpc:.4f} ({100 * (point.result.bpc / static.bpc - 1):+.2f}%)", flush=True)
 
     points = dynamic_search(model, corpus.valid, bsz, search_grid(cfg),
                             lambda b: gradient_stats(model, corpus.train, bsz, b, cfg.stats_tokens, device, True),
-                            device, progress=True, report=show)
+                            device, progress=not as_json, report=show)
     best = points[0].cfg
+    if as_json:
+        print(json.dumps({"split": "valid", "static_bpc": static.bpc, "batch_size": bsz, "bptt": bptt,
+                          "settings": [{"lr": p.cfg.lr, "decay": p.cfg.decay, "bptt": p.cfg.bptt, "bpc": p.result.bpc}
+                                       for p in points],
+                          "best": {"lr": best.lr, "decay": best.decay, "bptt": best.bptt, "bpc": points[0].result.bpc}}))
+        return 0
     print(f"best: --dynamic-lr {best.lr:.3g} --dynamic-decay {best.decay:.3g} --dynamic-bptt {best.bptt}: valid bpc "
           f"{points[0].result.bpc:.4f} (static {static.bpc:.4f})")
     return 0

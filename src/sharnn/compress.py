@@ -55,7 +55,8 @@ from tqdm import tqdm
 from .config import SHARNNConfig, load_config_file, load_preset, preset_names, split_settings
 from .dynamic import DynamicConfig, DynamicEval
 from .errors import SharnnError
-from .model import SHARNN, State
+from .model import SHARNN, State, parameter_count
+from .runtime import attention_bytes, require_memory
 from .vocab import BYTES
 
 MAGIC = b"\x93SHARNNZ"  # a non-ASCII first byte, as PNG's: a file mangled as text shows at once
@@ -146,8 +147,10 @@ def machine() -> dict[str, str]:
         constriction_version = metadata.version("constriction")
     except metadata.PackageNotFoundError:
         constriction_version = "none"
+    from . import __version__  # a later sharnn may compute the model's steps differently
+
     return {"arch": platform.machine(), "isa": torch.backends.cpu.get_cpu_capability(), "torch": torch.__version__,
-            "constriction": constriction_version}
+            "constriction": constriction_version, "sharnn": __version__}
 
 
 def _cpu_name() -> str:
@@ -195,6 +198,8 @@ class _Stepper:
     def __init__(self, model: SHARNN, streams: int, adapt: DynamicConfig | None):
         self.model = model.eval()
         self.S = streams
+        require_memory(attention_bytes(model.cfg, streams), f"attn_span {model.cfg.attn_span:,}: the attention memory "
+                       f"of {streams} streams", "cpu")
         self.state: State = model.ring_state(model.initial_state(streams))
         self.prev = np.full(streams, START, dtype=np.int64)
         self.learner = DynamicEval(model, adapt, rms=None, beta=BETA) if adapt else None
@@ -487,7 +492,13 @@ def decompress_file(src: str | os.PathLike, dst: str | os.PathLike, model: SHARN
         raise SharnnError(f"{src} was compressed with a trained model (weights SHA-256 {want_weights[:12]}...); give "
                           f"its checkpoint: sharnn decompress CKPT {src} {dst}")
     if model is None:
-        model = _build(SHARNNConfig.from_dict(fresh["config"]), int(fresh["seed"]))
+        cfg = SHARNNConfig.from_dict(fresh["config"])
+        try:  # a crafted header can ask for any size: counted on the meta device, nothing allocated
+            need = 4 * parameter_count(cfg)
+        except RuntimeError:  # more elements than a tensor can have
+            need = 1 << 62
+        require_memory(need, "the fresh model its header describes", "cpu")
+        model = _build(cfg, int(fresh["seed"]))
     _check_model(model)
     if weights_sha256(model) != want_weights:
         raise SharnnError(f"{src} was compressed with another model (weights SHA-256 {want_weights[:12]}...), not "
@@ -496,8 +507,8 @@ def decompress_file(src: str | os.PathLike, dst: str | os.PathLike, model: SHARN
     if h["machine"] != here and not ignore_machine:
         diff = ", ".join(f"{k} {h['machine'].get(k)} there, {here[k]} here" for k in here
                          if h["machine"].get(k) != here[k])
-        raise SharnnError(f"{src} was compressed on another kind of machine ({diff}; {h.get('cpu')}): the model's "
-                          "arithmetic may differ, so it decodes only where these match (--ignore-machine tries "
+        raise SharnnError(f"{src} was compressed on another kind of machine or by another sharnn ({diff}; "
+                          f"{h.get('cpu')}): the model's arithmetic may differ, so it decodes only where these match (--ignore-machine tries "
                           "anyway; a wrong result is still never written)")
     cs = _constriction()
     out = _Output(dst, overwrite)

@@ -126,7 +126,9 @@ class SHARNNConfig:
             raise SharnnError(f"--qrnn-window must be 1 or 2, got {self.qrnn_window}")
         bad = [i for i in self.attn_layers if not 0 <= i < self.nlayers]
         if bad:
-            raise SharnnError(f"attn_layers {bad} out of range for nlayers={self.nlayers} (0..{self.nlayers - 1})")
+            raise SharnnError(f"attn_layers {bad} out of range for nlayers={self.nlayers} (0..{self.nlayers - 1}); "
+                              "a preset or config file sets --attn-layers for its own depth: give --attn-layers for "
+                              f"this one too (the original's choice: {self.nlayers - 2 if self.nlayers > 1 else 'none'})")
         if len(set(self.attn_layers)) != len(self.attn_layers):
             raise SharnnError(f"attn_layers {list(self.attn_layers)} lists a block twice")
         if self.uses_adaptive_softmax:

@@ -40,6 +40,7 @@ from torch import Tensor, nn
 from .errors import SharnnError
 from .model import SHARNN, BlockState, MemoryRing, State
 from .precision import for_inference
+from .runtime import attention_bytes, require_memory
 
 OPSET = 18
 CHECK_TOLERANCE = 1e-4  # largest |log p| difference from PyTorch the check accepts
@@ -127,6 +128,7 @@ def export_onnx(model: SHARNN, out: str | Path, segment: int | None = None) -> l
     out = Path(out)
     if not out.parent.is_dir():
         raise SharnnError(f"cannot write {out}: folder {out.parent} does not exist")
+    require_memory(attention_bytes(model.cfg, 2), f"attn_span {model.cfg.attn_span:,}: the exported memory", "cpu")
     m = exportable(model)
     paths = [out] + ([segment_path(out, segment)] if segment else [])
     for path, tokens in zip(paths, (1, segment)):

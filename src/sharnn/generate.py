@@ -10,7 +10,6 @@ as a CUDA graph and replayed: one launch per token instead of a few hundred smal
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, NamedTuple
 
@@ -19,6 +18,7 @@ from torch import Tensor
 
 from .errors import SharnnError
 from .model import SHARNN, MemoryRing, State
+from .runtime import attention_bytes, require_memory
 
 if TYPE_CHECKING:
     from .vocab import Vocab
@@ -128,37 +128,6 @@ class TokenStep:
         return self.logits
 
 
-def check_ring_fits(model: SHARNN, state: State, device: torch.device) -> None:
-    """Refuse, in one line, an attention span whose memory rings cannot fit in the device's memory.
-
-    Generation preallocates attn_span rows per attention block and stream (`SHARNN.ring_state`). No weight
-    depends on the span, so a damaged or hand-edited config.json (attn_span 10^12) passes every shape check and
-    would only fail here, in an allocation.
-    """
-    memories = [s.memory for s in state if s.memory is not None]
-    if not memories:
-        return
-    rows = memories[0] if isinstance(memories[0], Tensor) else memories[0].rows  # (m, B, E)
-    need = len(memories) * model.cfg.attn_span * rows.shape[1] * rows.shape[2] * rows.element_size()
-    have = _memory_of(device)
-    if have is not None and need > have:
-        raise SharnnError(
-            f"attn_span {model.cfg.attn_span:,} needs {need / 2**30:,.1f} GiB of attention memory to generate, more "
-            f"than the {have / 2**30:,.1f} GiB of {device}; the checkpoint's config.json is damaged, or its model "
-            "needs a bigger machine"
-        )
-
-
-def _memory_of(device: torch.device) -> int | None:
-    """Total memory of `device` in bytes (physical RAM for the CPU), or None where it cannot be told."""
-    try:
-        if device.type == "cuda":
-            return int(torch.cuda.get_device_properties(device).total_memory)
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (AttributeError, ValueError, OSError, RuntimeError):  # no sysconf on Windows
-        return None
-
-
 @torch.no_grad()
 def generate_ids(
     model: SHARNN,
@@ -193,12 +162,16 @@ def generate_ids(
         else:
             gen.seed()
         if prompt:
+            if state is not None:  # a ring in it would be written in place by a one-byte prompt
+                state = model.ordered_state(state)
             out = model(torch.tensor(prompt, dtype=torch.long, device=device).unsqueeze(1), state)
             state, logits = out.state, out.logits[-1, 0]
         assert state is not None and logits is not None
         if length == 0:
             return
-        check_ring_fits(model, state, device)
+        batch = state[0].rnn[0].shape[1]
+        require_memory(attention_bytes(model.cfg, batch, element_size=model.encoder.weight.element_size()),
+                       f"attn_span {model.cfg.attn_span:,}: the attention memory to generate with", device)
         # A copy: the caller's state stays as it was.
         step = TokenStep(model, model.ring_state(state), graph=device.type == "cuda" if graph is None else graph)
         for _ in range(length):

@@ -689,3 +689,9 @@ def detach_state(state: State) -> State:
 def count_parameters(model: nn.Module) -> int:
     """Every parameter counted once (tied weights are one tensor)."""
     return sum(p.numel() for p in model.parameters())
+
+
+def parameter_count(cfg: SHARNNConfig) -> int:
+    """The parameters a network of `cfg` would have, counted without allocating them (PyTorch's meta device)."""
+    with torch.device("meta"):
+        return count_parameters(SHARNN(cfg))

@@ -99,13 +99,16 @@ class RunLog:
     def __init__(self, run_dir: Path, quiet: bool = False, write: bool = True):
         self.path = run_dir / "log.jsonl"
         self.quiet = quiet
-        self.broken = not write  # other ranks than 0 never write the log
+        self.write = write  # under torchrun, rank 0 alone writes the log
+        self.broken = False
 
     def line(self, text: str) -> None:
         if not self.quiet:
             tqdm.write(text, file=sys.stderr)
 
     def record(self, event: str, **values: Any) -> None:
+        if not self.write:
+            return
         try:
             with open(self.path, "a") as f:
                 f.write(json.dumps({"event": event, "time": round(time.time(), 3), **values}) + "\n")

@@ -5,12 +5,13 @@ Shared by training and by the inference commands (eval, generate, score), none o
 
 from __future__ import annotations
 
+import os
 import random
 
 import numpy as np
 import torch
 
-from .config import valid_device
+from .config import SHARNNConfig, valid_device
 from .errors import SharnnError
 
 
@@ -58,3 +59,32 @@ def tf32_enabled() -> bool:
     if hasattr(matmul, "fp32_precision"):
         return matmul.fp32_precision == "tf32"
     return bool(matmul.allow_tf32)
+
+
+def memory_of(device: torch.device | str) -> int | None:
+    """Total memory of `device` in bytes (physical RAM for the CPU), or None where it cannot be told."""
+    device = torch.device(device)
+    try:
+        if device.type == "cuda":
+            return int(torch.cuda.get_device_properties(device).total_memory)
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError, RuntimeError):  # no sysconf on Windows
+        return None
+
+
+def require_memory(need: int, what: str, device: torch.device | str) -> None:
+    """Refuse, in one line, to allocate more than the device holds.
+
+    Nothing in a checkpoint's weights bounds its attention span, and a crafted file can ask for any model size:
+    without this, a damaged config.json (attn_span 10^12) would end in an allocation's traceback.
+    """
+    have = memory_of(device)
+    if have is not None and need > have:
+        raise SharnnError(f"{what} needs {need / 2**30:,.1f} GiB, more than the {have / 2**30:,.1f} GiB of "
+                          f"{torch.device(device)}; the checkpoint's config.json is damaged, or the model needs a bigger "
+                          "machine")
+
+
+def attention_bytes(cfg: SHARNNConfig, batch: int, rows: int | None = None, element_size: int = 4) -> int:
+    """Bytes of attention memory for `batch` streams: `rows` (default attn_span) per stream and attention block."""
+    return len(cfg.attn_layers) * (cfg.attn_span if rows is None else rows) * batch * cfg.emsize * element_size

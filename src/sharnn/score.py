@@ -93,7 +93,9 @@ def score_lines(
 ) -> Iterable[Score]:
     """Score each line on its own, after `context`, in batches of right-padded lines.
 
-    Right padding is safe: the model is causal, so padding after a line never changes that line's scores.
+    Right padding is safe: the model is causal, so padding after a line never changes that line's scores. Except
+    under the reference attention window, whose memory is trimmed by the segment's length: there a batch holds
+    only lines of one length, so that a line's score never depends on the lines scored beside it.
     """
     model.eval()
     device = model.encoder.weight.device
@@ -119,7 +121,11 @@ def score_lines(
         data = line + b"\n" if eos else line
         if not data:
             raise SharnnError("an input line is empty (and --no-eos leaves nothing to score)")
-        batch.append(vocab.encode(data))
+        ids = vocab.encode(data)
+        if batch and model.cfg.attn_window == "reference" and len(ids) != len(batch[0]):
+            yield from flush()
+            batch = []
+        batch.append(ids)
         if len(batch) == batch_size:
             yield from flush()
             batch = []

@@ -395,6 +395,7 @@ class _Loop:
         self.chars = 0
         self.start_time = self.last_save_time = self.window_start = time.perf_counter()
         self.saved_at_epoch_start = False  # the epoch-end validation and save just happened, nothing since
+        self.validated_at = self.last_saved_at = -1  # the step of the latest validation and save of last/
 
     @property
     def chars_per_s(self) -> float:
@@ -423,9 +424,11 @@ class _Loop:
             self.saved_at_epoch_start = True
         if reason == "budget":
             self.log.line(f"stopping at step {ts.step}: budget reached (--max-steps/--max-time)")
-            if not self.saved_at_epoch_start:
-                self.validate(f"validation at epoch {ts.epoch:3d}")
-                self.save("last")
+            if not self.saved_at_epoch_start:  # unless --eval-interval / --save-every just did it at this step
+                if self.validated_at != ts.step:
+                    self.validate(f"validation at epoch {ts.epoch:3d}")
+                if self.last_saved_at != ts.step:
+                    self.save("last")
         if self.stop_signal is not None:  # also when it came during a validation after the last batch
             if reason == "signal" and not self.saved_at_epoch_start:  # else last/ was just saved
                 self.save("last")
@@ -644,6 +647,7 @@ class _Loop:
 
     def validate(self, label: str, end_of_epoch: bool = False) -> float:
         cfg = self.cfg
+        self.validated_at = self.ts.step
         ids = _eval_ids(self.corpus.valid, cfg)
         # After the switch to averaged SGD, the averaged weights are the model: evaluate and keep those.
         with averaged_weights(self.model.parameters(), self.optimizer):
@@ -678,6 +682,8 @@ class _Loop:
 
     def save(self, name: str) -> None:
         """Write a checkpoint (rank 0); under torchrun every rank calls this, to gather the carried state."""
+        if name == "last":
+            self.last_saved_at = self.ts.step  # on every rank: they decide together whether to save again
         carried = self.ranks.gather_state(self.ts.carried)  # all ranks' streams: resumable on any number of ranks
         # Inside an --accumulate step, the gradients gathered so far, averaged over the ranks (a collective too).
         grads = self.ranks.mean_grads(list(self.model.parameters())) if self.ts.micro else None
