@@ -392,7 +392,7 @@ def test_save_every_minutes(text_file: Path, tmp_path: Path) -> None:
     run = tmp_path / "run"
     train(MODEL, cfg_for(text_file, run, max_steps=3, save_every_minutes=1e-6), quiet=True)
     saves = [r for r in map(json.loads, (run / "log.jsonl").read_text().splitlines()) if r["event"] == "save"]
-    assert [s["step"] for s in saves] == [1, 2, 3, 3]  # after every step, then the end of the budget
+    assert [s["step"] for s in saves] == [1, 2, 3]  # after every step; the budget's end saves no second step-3
 
 
 def test_keep_needs_periodic_saves() -> None:
