@@ -30,6 +30,14 @@ def text_file(tmp_path: Path) -> Path:
     return p
 
 
+@pytest.fixture
+def short_file(text_file: Path) -> Path:
+    """A few steps an epoch, for tests that run several epochs."""
+    p = text_file.with_name("short.txt")
+    p.write_bytes(text_file.read_bytes()[:4000])
+    return p
+
+
 def cfg_for(text_file: Path, run: Path, **kw) -> TrainConfig:
     base = dict(data=str(text_file), batch_size=4, bptt=32, lr=2e-2, warmup=10, alpha=0.0, beta=0.0,
                 save=str(run), log_interval=1000)
@@ -50,9 +58,9 @@ def _weights(run: Path) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.slow
-def test_epochs_and_best_checkpoint(text_file: Path, tmp_path: Path) -> None:
+def test_epochs_and_best_checkpoint(short_file: Path, tmp_path: Path) -> None:
     run = tmp_path / "run"
-    res = train(MODEL, cfg_for(text_file, run, epochs=2), quiet=True)
+    res = train(MODEL, cfg_for(short_file, run, epochs=2), quiet=True)
     assert res.epochs_done == 2
     state = load_train_state(run / "last")
     assert state["epoch"] == 3 and state["position"] == 0  # resumes at the start of the next epoch
@@ -108,9 +116,9 @@ def test_sample_follows_the_test_prompt(text_file: Path, tmp_path: Path) -> None
 
 
 @pytest.mark.slow
-def test_when_is_applied_in_training(text_file: Path, tmp_path: Path) -> None:
+def test_when_is_applied_in_training(short_file: Path, tmp_path: Path) -> None:
     run = tmp_path / "w"
-    train(MODEL, cfg_for(text_file, run, epochs=2, when=(1,), warmup=0, log_interval=5), quiet=True)
+    train(MODEL, cfg_for(short_file, run, epochs=2, when=(1,), warmup=0, log_interval=5), quiet=True)
     lrs = {r["epoch"]: r["lr"] for r in map(json.loads, (run / "log.jsonl").read_text().splitlines())
            if r["event"] == "train"}
     assert lrs[1] == pytest.approx(2e-2) and lrs[2] == pytest.approx(2e-3)
@@ -172,7 +180,7 @@ def test_asgd_switch_rule_and_averaging() -> None:
 
 
 @pytest.mark.slow
-def test_sgd_switches_to_asgd_and_resumes(text_file: Path, tmp_path: Path, monkeypatch) -> None:
+def test_sgd_switches_to_asgd_and_resumes(short_file: Path, tmp_path: Path, monkeypatch) -> None:
     import sharnn.train as train_module
     from sharnn.evaluate import EvalResult
 
@@ -186,7 +194,7 @@ def test_sgd_switches_to_asgd_and_resumes(text_file: Path, tmp_path: Path, monke
 
     monkeypatch.setattr(train_module, "evaluate", fake_validation)
     run = tmp_path / "sgd"
-    cfg = cfg_for(text_file, run, optimizer="sgd", nonmono=1, lr=0.5, warmup=0, epochs=4)
+    cfg = cfg_for(short_file, run, optimizer="sgd", nonmono=1, lr=0.5, warmup=0, epochs=4)
     train(MODEL, cfg, quiet=True)
     events = [json.loads(x) for x in (run / "log.jsonl").read_text().splitlines()]
     assert any(e["event"] == "asgd" for e in events)
@@ -246,11 +254,11 @@ def test_fp16_with_loss_scaler_learns_skips_overflows_and_resumes_exactly(text_f
     scales = [e["loss_scale"] for e in events if e["event"] == "train"]
     assert scales[0] < 2.0**40 and scales[-1] < 2.0**20  # halved on every overflow
     assert load_train_state(tmp_path / "fp16" / "last")["scaler"]["scale"] == scales[-1]
-    # Exact resume carries the scale too: 20 steps straight == 12 + 8 resumed.
+    # Exact resume carries the scale too: 10 steps straight == 6 + 4 resumed.
     straight, split = tmp_path / "straight", tmp_path / "split"
-    train(model_cfg, cfg_for(text_file, straight, max_steps=20, precision="fp16"), quiet=True)
-    train(model_cfg, cfg_for(text_file, split, max_steps=12, precision="fp16"), quiet=True)
-    train(model_cfg, cfg_for(text_file, split, max_steps=20, precision="fp16", resume=str(split)), quiet=True)
+    train(model_cfg, cfg_for(text_file, straight, max_steps=10, precision="fp16"), quiet=True)
+    train(model_cfg, cfg_for(text_file, split, max_steps=6, precision="fp16"), quiet=True)
+    train(model_cfg, cfg_for(text_file, split, max_steps=10, precision="fp16", resume=str(split)), quiet=True)
     a, b = _weights(straight), _weights(split)
     assert all(torch.equal(a[k], b[k]) for k in a)
 
