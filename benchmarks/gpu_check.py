@@ -107,15 +107,16 @@ def run_cli(*args: str) -> tuple[int, str, str]:
     return rc, out.getvalue(), err.getvalue()
 
 
-def last_line(text: str) -> str:
+def last_line(text: str, limit: int | None = 300) -> str:
+    """The last non-blank line, cut to `limit` characters for a table's note (None: whole, to parse it)."""
     lines = [x for x in text.strip().splitlines() if x.strip()]
-    return lines[-1][:300] if lines else ""
+    return lines[-1][:limit] if lines else ""
 
 
 def summary(command: str, out: str) -> str:
     """A short note on a successful command's output."""
     if command in ("eval", "score"):
-        return f"bpc {json.loads(last_line(out))['bpc']:.3f}"
+        return f"bpc {json.loads(last_line(out, None))['bpc']:.3f}"
     return f"{len(out.encode('utf-8', errors='replace'))} bytes printed"
 
 
