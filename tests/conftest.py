@@ -14,7 +14,6 @@ torch.set_num_threads(1)
 
 from sharnn.config import SHARNNConfig
 
-
 # Two marks. `slow`: seconds each (torchrun, killed processes, the 100 MB zip, longer trainings, ONNX export);
 # part of the full suite, left out of a quick loop by `pytest -m "not slow"`. `long`: minutes, beyond the full
 # suite's ~3-minute budget (repeated runs under load, the GPU check's plumbing); run with `--runlong`.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import zipfile
 from pathlib import Path
 
@@ -30,13 +31,13 @@ def pattern(start: int, n: int) -> np.ndarray:
 def make_zip(path: Path, size: int, *, member: str = "enwik8", method: int = zipfile.ZIP_DEFLATED) -> Path:
     """A zip holding `member` = the first `size` bytes of the periodic pattern, written in chunks."""
     chunk = pattern(0, PERIOD * 4000).tobytes()  # a multiple of the period: every chunk starts at phase 0
-    with zipfile.ZipFile(path, "w", compression=method, compresslevel=1) as zf:
-        with zf.open(member, "w", force_zip64=size > 2**31) as f:
-            left = size
-            while left:
-                n = min(left, len(chunk))
-                f.write(chunk[:n])
-                left -= n
+    with (zipfile.ZipFile(path, "w", compression=method, compresslevel=1) as zf,
+          zf.open(member, "w", force_zip64=size > 2**31) as f):
+        left = size
+        while left:
+            n = min(left, len(chunk))
+            f.write(chunk[:n])
+            left -= n
     return path
 
 
@@ -278,7 +279,7 @@ def test_eval_segments_cover_every_prediction_once(n_ids: int, bsz: int, bptt: i
     covered = []
     for i, seq_len in eval_segments(s, bptt):
         assert 1 <= seq_len <= bptt
-        x, y = s.segment(i, seq_len)
+        x, _y = s.segment(i, seq_len)
         assert x.shape == (seq_len, bsz)
         covered.extend(range(i, i + seq_len))
     assert covered == list(range(s.n - 1))
@@ -291,7 +292,7 @@ def test_train_segments_cover_the_epoch(bptt: int, start: int) -> None:
     segs = list(train_segments(s, bptt, np.random.default_rng(0), start=start))
     assert segs[0][0] == start
     assert sum(n for _, n in segs) == s.n - 1 - start
-    for (i, n), (j, _) in zip(segs, segs[1:]):
+    for (i, n), (j, _) in itertools.pairwise(segs):
         assert j == i + n
     assert all(5 <= n <= bptt for _, n in segs[:-1])
     assert 1 <= segs[-1][1] <= bptt

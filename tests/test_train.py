@@ -39,8 +39,8 @@ def short_file(text_file: Path) -> Path:
 
 
 def cfg_for(text_file: Path, run: Path, **kw) -> TrainConfig:
-    base = dict(data=str(text_file), batch_size=4, bptt=32, lr=2e-2, warmup=10, alpha=0.0, beta=0.0,
-                save=str(run), log_interval=1000)
+    base = {"data": str(text_file), "batch_size": 4, "bptt": 32, "lr": 2e-2, "warmup": 10, "alpha": 0.0, "beta": 0.0,
+            "save": str(run), "log_interval": 1000}
     return TrainConfig(**(base | kw))
 
 

@@ -234,6 +234,17 @@ class _Stepper:
                 self.learner.learn(loss)
 
 
+def _stream_lengths(length: int, streams: int, n: int) -> np.ndarray:
+    """Bytes in each of `streams` streams of `n` (the last one shorter)."""
+    return np.array([min(n, length - s * n) for s in range(streams)])
+
+
+def _bar(length: int, what: str, progress: bool) -> tqdm:
+    """A KB/s progress bar on a terminal (tqdm's own check), none when `progress` is off."""
+    return tqdm(total=length, desc=what, unit="B", unit_scale=True, unit_divisor=1024,
+                disable=None if progress else True, leave=False)
+
+
 def _stream_layout(length: int, max_streams: int) -> tuple[int, int]:
     """(streams S, stream length n) for `length` bytes: n = ceil(length / S), no stream empty."""
     if length == 0:
@@ -353,12 +364,11 @@ def compress_file(model: SHARNN, src: str | os.PathLike, dst: str | os.PathLike,
             head = json.dumps(_header(length, original_sha, streams, n, settings, model, fresh)).encode()
             w.write(MAGIC + struct.pack("<HI", VERSION, len(head)) + head)
             stepper = _Stepper(model, streams, settings.adapt) if streams else None
-            lengths = np.array([min(n, length - s * n) for s in range(streams)])
+            lengths = _stream_lengths(length, streams, n)
             encoder = cs.stream.queue.RangeEncoder()
             family = cs.stream.model.Categorical(perfect=False)
             bits = 0.0
-            bar = tqdm(total=length, desc="compress", unit="B", unit_scale=True, unit_divisor=1024,
-                       disable=None if progress else True, leave=False)
+            bar = _bar(length, "compress", progress)
             for t0 in range(0, n, settings.block_steps):
                 t1 = min(n, t0 + settings.block_steps)
                 block = np.zeros((streams, t1 - t0), dtype=np.int64)
@@ -517,11 +527,10 @@ def decompress_file(src: str | os.PathLike, dst: str | os.PathLike, model: SHARN
             start = time.perf_counter()
             f.seek(info.body_start)
             stepper = _Stepper(model, streams, settings.adapt) if streams else None
-            lengths = np.array([min(n, length - s * n) for s in range(streams)])
+            lengths = _stream_lengths(length, streams, n)
             family = cs.stream.model.Categorical(perfect=False)
             bits = 0.0
-            bar = tqdm(total=length, desc="decompress", unit="B", unit_scale=True, unit_divisor=1024,
-                       disable=None if progress else True, leave=False)
+            bar = _bar(length, "decompress", progress)
             for t0 in range(0, n, settings.block_steps):
                 t1 = min(n, t0 + settings.block_steps)
                 words = _read_block(f, info.body_end, src)

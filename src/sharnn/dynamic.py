@@ -123,7 +123,7 @@ class DynamicEval:
             for p, p0 in zip(self.params, self.start):
                 p.copy_(p0)
 
-    def __enter__(self) -> DynamicEval:
+    def __enter__(self) -> DynamicEval:  # noqa: PYI034 - typing.Self needs Python 3.11
         return self
 
     def __exit__(self, *exc: object) -> None:
