@@ -77,8 +77,8 @@ def test_plain_and_fused_attention_agree(tiny_config: SHARNNConfig, window: str,
 
 def test_attention_kernel_choice_follows_the_measurements() -> None:
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert model_mod.fused_attention_wins(cpu, 128, True) and not model_mod.fused_attention_wins(cpu, 1, False)
-    assert not model_mod.fused_attention_wins(cuda, 1024, True) and not model_mod.fused_attention_wins(cuda, 1, False)
+    assert model_mod.fused_attention_wins(cpu, 128) and not model_mod.fused_attention_wins(cpu, 1)
+    assert not model_mod.fused_attention_wins(cuda, 1024) and not model_mod.fused_attention_wins(cuda, 1)
 
 
 def test_attention_weights_are_what_forward_mixes(tiny_config: SHARNNConfig) -> None:

@@ -199,7 +199,7 @@ def attend_fused(q: Tensor, k: Tensor, v: Tensor, visible: Tensor | None, dropou
     return F.scaled_dot_product_attention(*heads, attn_mask=visible, dropout_p=dropout_p).squeeze(1).transpose(0, 1)
 
 
-def fused_attention_wins(device: torch.device, T: int, grad: bool) -> bool:
+def fused_attention_wins(device: torch.device, T: int) -> bool:
     """Whether SDPA beats two plain matmuls here; measured, not assumed (benchmarks/attention.py).
 
     CUDA (H200, bf16, batch 16, 1024 queries, E 1024, ~6000 keys): plain 5.5 ms forward + backward against
@@ -274,7 +274,7 @@ class Attention(nn.Module):
         if visible is None:
             visible = visible_keys(T, K, mem_len, self.span, self.window, h.device)
         fused = self.kernel == "fused" or (
-            self.kernel == "auto" and fused_attention_wins(h.device, T, torch.is_grad_enabled()))
+            self.kernel == "auto" and fused_attention_wins(h.device, T))
         if fused:
             mix = attend_fused(q, k, v, visible, self.dropout_p if self.training else 0.0)
         else:
