@@ -5,7 +5,8 @@ enwik9-sized corpus costs one byte of RAM per byte at most (and only for the pag
 converted to int64 one batch at a time.
 
 Where a corpus can come from (`load_corpus`):
-    'python-stdlib'               the Python standard library's own source, a text on every Python machine
+    'python-stdlib'               the Python standard library's own source, a text on every Python machine;
+                                  whole modules drawn across the library by a fixed rule (python_stdlib_splits)
     DIR with train/valid/test     explicit splits: train.bin, train.txt or train (same for valid, test)
     DIR (anything else)           every file under it, in sorted path order, concatenated, then split
     FILE                          split deterministically: last 10% -> valid (first half) and test (second half)
@@ -40,7 +41,8 @@ ENWIK8_BYTES = 100_000_000  # the first 10^8 bytes of the English Wikipedia dump
 ENWIK8_HELDOUT = 5_000_000  # valid and test are 5M each, taken from the end
 SPLIT_NAMES = ("train", "valid", "test")
 STDLIB_CORPUS = "python-stdlib"
-STDLIB_CORPUS_BYTES = 4_000_000  # enough for a few CPU minutes; train 3.6M, valid 200K, test 200K
+# Bytes per split of the built-in corpus: enough for a few CPU minutes.
+STDLIB_SPLIT_BYTES = {"train": 3_600_000, "valid": 200_000, "test": 200_000}
 
 
 @dataclass(frozen=True)
@@ -124,7 +126,8 @@ def _load_word_corpus(folder: Path, level: str, vocab: Vocab | None) -> Corpus:
 
 def _load_bytes_corpus(spec: str | os.PathLike) -> Corpus:
     if str(spec) == STDLIB_CORPUS:
-        return split_bytes(np.frombuffer(python_stdlib_bytes(), dtype=np.uint8), STDLIB_CORPUS)
+        splits = {n: np.frombuffer(b, dtype=np.uint8) for n, b in python_stdlib_splits().items()}
+        return Corpus(**splits, vocab=BYTES, name=STDLIB_CORPUS)
     path = Path(spec)
     if not path.exists():
         hint = " (fetch it with `sharnn data enwik8 DIR`)" if "enwik8" in str(spec) else ""
@@ -190,23 +193,56 @@ def python_stdlib_files() -> list[Path]:
     """The standard library's .py sources (tests and site-packages left out), in sorted path order."""
     root = Path(sysconfig.get_paths()["stdlib"])
     skip = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"}
-    return sorted(
-        (p for p in root.rglob("*.py") if not skip.intersection(p.relative_to(root).parts)),
-        key=lambda p: p.relative_to(root).as_posix(),
-    )
+    found = []
+    for folder, subfolders, names in os.walk(root):
+        subfolders[:] = [d for d in subfolders if d not in skip]  # never walk into installed packages
+        found += [Path(folder, n) for n in names if n.endswith(".py")]
+    return sorted(found, key=lambda p: p.relative_to(root).as_posix())
 
 
-def python_stdlib_bytes(limit: int = STDLIB_CORPUS_BYTES) -> bytes:
-    """The first `limit` bytes of `python_stdlib_files()`, concatenated."""
+def python_stdlib_order() -> list[Path]:
+    """The files the python-stdlib corpus draws from, in its fixed pseudo-random order.
+
+    Generated data is left out: `encodings/` (codec tables) and `pydoc_data/` (a dump of the documentation), which
+    are not representative Python. The order is by SHA-256 of each file's path relative to the library, so a
+    file's place does not depend on which other files this Python version has, and every split below is a sample
+    of whole modules from across the library (not one alphabetical stretch of it).
+    """
     root = Path(sysconfig.get_paths()["stdlib"])
-    out = bytearray()
-    for p in python_stdlib_files():
-        out += p.read_bytes()
-        if len(out) >= limit:
-            break
-    if len(out) < 10_000:
-        raise SharnnError(f"found too little Python source under {root} to use --data {STDLIB_CORPUS}")
-    return bytes(out[:limit])
+    generated = {"encodings", "pydoc_data"}
+    files = [p for p in python_stdlib_files() if p.relative_to(root).parts[0] not in generated]
+    return sorted(files, key=lambda p: hashlib.sha256(p.relative_to(root).as_posix().encode()).hexdigest())
+
+
+def python_stdlib_splits(sizes: dict[str, int] = STDLIB_SPLIT_BYTES) -> dict[str, bytes]:
+    """The python-stdlib corpus: whole files in `python_stdlib_order()`, filling valid, then test, then train.
+
+    Each split takes files until it holds its size in bytes (its last file cut there); the files after the
+    corpus (`python_stdlib_unused()`) are held out of all three.
+    """
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files = iter(python_stdlib_order())
+    splits: dict[str, bytes] = {}
+    for name in ("valid", "test", "train"):
+        out = bytearray()
+        for p in files:
+            out += p.read_bytes()
+            if len(out) >= sizes[name]:
+                break
+        if len(out) < sizes[name] // 2:
+            raise SharnnError(f"found too little Python source under {root} to use --data {STDLIB_CORPUS}")
+        splits[name] = bytes(out[: sizes[name]])
+    return splits
+
+
+def python_stdlib_unused(sizes: dict[str, int] = STDLIB_SPLIT_BYTES) -> list[Path]:
+    """The files of `python_stdlib_order()` that no split of the python-stdlib corpus reads: held-out text."""
+    seen, order = 0, python_stdlib_order()
+    for i, p in enumerate(order):
+        seen += len(p.read_bytes())
+        if seen >= sum(sizes.values()):
+            return order[i + 1 :]
+    return []
 
 
 # --- batching -----------------------------------------------------------------------------------------------
