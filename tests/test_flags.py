@@ -44,6 +44,8 @@ def baseline(corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str
     ["--dropout", "0.5"], ["--dropouth", "0.5"], ["--dropouti", "0.5"], ["--dropoute", "0.5"],
     ["--alpha", "2"], ["--beta", "1"], ["--attn-span", "3"], ["--optimizer", "adam"], ["--optimizer", "adamw"],
     ["--optimizer", "sgd", "--nonmono", "0"], ["--attn-layers", "0"], ["--nlayers", "3"], ["--precision", "bf16"],
+    ["--decay", "linear"], ["--decay", "cosine"], ["--decay", "linear", "--decay-to", "0.9"],
+    ["--decay", "linear", "--decay-fraction", "0.9"],
 ])
 def test_flag_changes_training(corpus: Path, tmp_path: Path, baseline: dict[str, torch.Tensor], flags: list[str]) -> None:
     _, weights = run(corpus, tmp_path / "run", *flags)
@@ -64,7 +66,8 @@ def test_flag_changes_training(corpus: Path, tmp_path: Path, baseline: dict[str,
            if e["event"] == "train"]
     assert len(lrs) == 3 * cfg.accumulate  # a log line per segment (--log-interval 1)
     if cfg.accumulate == 1:
-        assert [lr for _, lr in lrs] == pytest.approx([lr_at(step, 1, cfg) for step, _ in lrs])
+        # --max-steps 3 is the budget that ends first: --decay runs to it
+        assert [lr for _, lr in lrs] == pytest.approx([lr_at(step, 1, cfg, cfg.max_steps) for step, _ in lrs])
 
 
 def test_seed_repeats(corpus: Path, tmp_path: Path, baseline: dict[str, torch.Tensor]) -> None:

@@ -35,6 +35,7 @@ def auto_cutoffs(vocab_size: int) -> tuple[int, ...]:
 # Recurrent cores the table lists (`--model`); model.py's `Block` builds the one named.
 RNN_CORES = ("LSTM", "GRU", "QRNN")
 OPTIMIZERS = ("lamb", "adam", "adamw", "sgd")
+DECAYS = ("none", "linear", "cosine")  # --decay: the learning rate after the warm-up
 ATTN_WINDOWS = ("sliding", "reference")
 # The parts of the network mixed-precision training may keep in float32 (--fp32-parts; SHARNN.keep_fp32).
 FP32_PARTS = ("core", "attention", "boom", "decoder")
@@ -182,6 +183,12 @@ class TrainConfig:
     epochs: int = _doc("epoch limit", default=8000)
     warmup: int = _doc("linear warm-up, in optimizer steps (0 = off)", default=800)
     cooldown: int | None = _doc("linear cool-down length in optimizer steps (none = off)", default=None)
+    decay: str = _doc("after the warm-up, lower the learning rate to the end of the budget (the earliest of "
+                      "--max-steps, --max-time, --epochs; a time budget's steps estimated from the pace so far): "
+                      "none (the original's flat rate), linear or cosine", default="none")
+    decay_to: float = _doc("with --decay: the fraction of --lr reached at the end of the budget", default=0.0)
+    decay_fraction: float = _doc("with --decay: the share of the steps after the warm-up that the decay takes, at "
+                                 "the end (1: all of them; 0.2: the rate stays at --lr for the first 80%)", default=1.0)
     accumulate: int = _doc("segments averaged per optimizer step", default=1)
     wdecay: float = _doc("weight decay", default=1.2e-6)
     # A plain run behaves like the original, whose loop never added either penalty; the flags turn them on.
@@ -261,6 +268,13 @@ class TrainConfig:
             raise SharnnError(f"unknown --fp32-parts {', '.join(unknown)}; choose from {', '.join(FP32_PARTS)}")
         if self.tokens not in ("auto", "bytes", "words", "chars"):
             raise SharnnError(f"unknown --tokens {self.tokens!r}; use auto, bytes, words or chars")
+        if self.decay not in DECAYS:
+            raise SharnnError(f"unknown --decay {self.decay!r}; use none, linear or cosine")
+        if not 0.0 <= self.decay_to <= 1.0:
+            raise SharnnError(f"--decay-to is a fraction of --lr between 0 and 1, got {self.decay_to}")
+        if not 0.0 < self.decay_fraction <= 1.0:
+            raise SharnnError(f"--decay-fraction is a share of the steps, above 0 and at most 1, got "
+                              f"{self.decay_fraction}")
         if self.optimizer not in OPTIMIZERS:
             raise SharnnError(f"unknown --optimizer {self.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
         if self.nonmono < 0:

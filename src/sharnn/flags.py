@@ -11,7 +11,7 @@ import argparse
 from dataclasses import fields
 from typing import Any
 
-from .config import SHARNNConfig, TrainConfig, load_config_file, load_preset, split_settings
+from .config import DECAYS, OPTIMIZERS, SHARNNConfig, TrainConfig, load_config_file, load_preset, split_settings
 from .errors import SharnnError
 
 
@@ -21,6 +21,9 @@ def _none_or(kind: type) -> Any:
 
     parse.__name__ = kind.__name__
     return parse
+
+
+CHOICES = {"optimizer": OPTIMIZERS, "decay": DECAYS}  # text flags with a fixed set of values
 
 
 def add_field_flags(parser: argparse.ArgumentParser, cls: type, title: str) -> None:
@@ -45,8 +48,8 @@ def add_field_flags(parser: argparse.ArgumentParser, cls: type, title: str) -> N
             kw.update(type=_none_or(base), metavar=base.__name__.upper())
         else:
             kw["type"] = type(default)
-            if f.name == "optimizer":
-                kw["choices"] = ["lamb", "adam", "adamw", "sgd"]
+            if f.name in CHOICES:
+                kw["choices"] = list(CHOICES[f.name])
         group.add_argument(*names, help=help_text, **kw)
 
 

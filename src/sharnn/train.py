@@ -57,7 +57,8 @@ from .errors import SharnnError, require_writable_folder
 from .evaluate import LN2, EvalResult, autocast, evaluate
 from .generate import generate
 from .model import SHARNN, SHARNNOutput, State, count_parameters, detach_state
-from .optim import averaged_weights, build_asgd, build_optimizer, lr_at, set_lr, should_switch_to_asgd
+from .optim import (averaged_weights, budget_horizon, build_asgd, build_optimizer, lr_at, set_lr,
+                    should_switch_to_asgd)
 from .progress import RunLog, TrainProgress
 from .runtime import resolve_device, seed_everything, set_tf32
 
@@ -394,6 +395,9 @@ class _Loop:
         self.seconds = 0.0
         self.chars = 0
         self.start_time = self.last_save_time = self.window_start = time.perf_counter()
+        # --decay runs to the step where the budget ends; all ranks agree on it (their clocks differ a little).
+        self.first_step = self.ts.step
+        self.horizon = self._horizon(seconds=0.0)
         self.saved_at_epoch_start = False  # the epoch-end validation and save just happened, nothing since
         self.validated_at = self.last_saved_at = -1  # the step of the latest validation and save of last/
 
@@ -491,7 +495,7 @@ class _Loop:
         one (`--accumulate`). True if a step was applied."""
         cfg, ts = self.cfg, self.ts
         if ts.micro == 0:
-            set_lr(self.optimizer, lr_at(ts.step + 1, ts.epoch, cfg))
+            set_lr(self.optimizer, lr_at(ts.step + 1, ts.epoch, cfg, self.horizon))
         x, y = self.streams.segment(pos, seq_len, self.device)
         # Under DDP, gradients are averaged over the ranks only on the segment that completes a step. The epoch's
         # last segment always does: a partial step at the epoch's end is applied too.
@@ -549,10 +553,12 @@ class _Loop:
     def _after_batch(self, stepped: bool) -> str | None:
         """The decisions every rank takes together (one all-reduce under torchrun, none otherwise): validate and
         save on their schedules, stop for the budget or a signal. Returns why training stops, if it does."""
-        save_due, over, signalled = self.ranks.any(
+        *flags, seconds = self.ranks.maximum(
             stepped and self._save_due(), stepped and self.out_of_budget(), self.stop_signal is not None,
-            device=self.device)
+            time.perf_counter() - self.start_time, device=self.device)
+        save_due, over, signalled = map(bool, flags)
         if stepped:
+            self.horizon = self._horizon(seconds)
             if self.cfg.eval_interval and self.ts.step % self.cfg.eval_interval == 0:
                 self.validate(f"validation at epoch {self.ts.epoch:3d}")
                 self.model.train()
@@ -564,6 +570,14 @@ class _Loop:
             self.stop_signal = self.stop_signal or signal.SIGTERM  # another rank got it
             return "signal"
         return None
+
+    def _horizon(self, seconds: float) -> float:
+        """The step at which the budget ends (optim.budget_horizon), `seconds` into this process's run."""
+        cfg, ts = self.cfg, self.ts
+        per_epoch = (self.streams.n - 1) / cfg.bptt / cfg.accumulate
+        to_end = (cfg.epochs - ts.epoch + 1) * per_epoch - ts.position / cfg.bptt / cfg.accumulate
+        return budget_horizon(ts.step, cfg, seconds=seconds, timed_steps=ts.step - self.first_step,
+                              steps_to_last_epoch_end=to_end)
 
     def _grad_norm(self) -> torch.Tensor:
         """The global gradient norm, clipping to --clip when it is set; non-finite when any gradient is."""
