@@ -199,9 +199,10 @@ class TrainConfig:
     when: tuple[int, ...] = _doc("epochs after which the learning rate is divided by 10", default=(-1,))
     log_interval: int = _doc("batches between log lines", default=10)
     save: str = _doc("run folder: best/ and last/ checkpoints and the logs", default="runs/sharnn")
-    resume: str | None = _doc("checkpoint (or run folder) to resume from", default=None)
-    overwrite: bool = _doc("start over in a --save folder that already holds a run (its checkpoints are deleted)",
-                           default=False)
+    resume: str | None = _doc("checkpoint (or run folder) to continue: its saved settings are the base, the "
+                              "flags given override them, --save defaults to its run folder", default=None)
+    overwrite: bool = _doc("start over in a --save folder that already holds a run (its checkpoints and log are "
+                           "deleted, nothing else)", default=False)
     save_every: int | None = _doc("also save a resumable checkpoint (last/) every N optimizer steps", default=None)
     save_every_minutes: float | None = _doc(
         "also save a resumable checkpoint (last/) every N minutes of training (none = off)", default=30.0

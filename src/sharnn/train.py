@@ -11,6 +11,7 @@ What survives what (the README's "What we guarantee"):
   143: 128 + the signal's number); a second signal stops at once. Handlers live only while the loop runs.
 - A non-finite loss or gradient skips its optimizer step (weights and optimizer untouched, recurrent state
   reset); `--nonfinite-limit` of them in a row stop the run with the pre-trouble weights saved in `last/`.
+  Non-finite weights are never saved: `last/` then keeps its latest finite save, and the message says so.
 - Checkpoints are atomic (see checkpoint.py); `--save-every`/`--save-every-minutes` add periodic ones.
 """
 
@@ -111,10 +112,15 @@ def train(model_cfg: SHARNNConfig, cfg: TrainConfig, quiet: bool = False,
 
     With `cfg.resume`, the architecture, weights, optimizer, schedule position, RNG streams, data position and
     carried state come from the checkpoint; run settings (lr, budgets, ...) come from `cfg`, and so do the
-    non-architecture model settings in `model_overrides` (dropouts, attention span) when given.
+    non-architecture model settings in `model_overrides` (dropouts, attention span) when given. (The CLI builds
+    `cfg` from the run's saved settings with the typed flags on top: `flags.resolve_train_settings`.) Every
+    setting that differs from the run's is logged in one line and in the log's start event.
+
+    The --save folder is locked for the run (`RunLock`): a second trainer of it is refused.
 
     Raises `TrainingInterrupted` when SIGINT/SIGTERM stopped the run (after saving `last/`), and `SharnnError`
-    when too many steps in a row were non-finite (after saving the weights from before them).
+    when too many steps in a row were non-finite (after saving the weights from before them, if they are
+    finite).
     """
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
