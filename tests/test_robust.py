@@ -309,6 +309,13 @@ def test_the_first_log_line_after_a_resume_times_this_process_only(text_file: Pa
     assert line["ms_per_batch"] >= 100 and line["chars_per_s"] <= 4 * 64 / 0.1, line
 
 
+def test_a_lower_log_interval_on_resume_still_logs(text_file: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    train(MODEL, cfg_for(text_file, run, max_steps=9), quiet=True)  # the saved window holds 4 batches
+    train(MODEL, cfg_for(text_file, run, max_steps=11, log_interval=2, resume=str(run)), quiet=True)
+    assert [r["step"] for r in train_records(run)] == [5, 10]  # 4 + 1 batches: past 2, so a line at once
+
+
 def test_the_epoch_end_partial_step_is_a_step_like_any_other(text_file: Path, tmp_path: Path) -> None:
     # --accumulate 4 over an epoch whose segments are not a multiple of 4: the last step is partial, and its
     # periodic save (--save-every 1 --keep) happens like every other step's.

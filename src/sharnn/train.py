@@ -529,7 +529,7 @@ class _Loop:
                 stepped = self._train_segment(pos, seq_len)
                 self.seconds += time.perf_counter() - t0
                 bar.update(min(ts.position // cfg.bptt, est_batches), ts.step, ts.micro)
-                if ts.window["batches"] == cfg.log_interval:
+                if ts.window["batches"] >= cfg.log_interval:  # >=: a resume may lower --log-interval
                     self._log_window(est_batches, bar.log_suffix())
                 reason = self._after_batch(stepped)
                 if reason:
