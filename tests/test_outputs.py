@@ -235,3 +235,16 @@ def test_a_run_that_fails_to_start_leaves_no_folder(text: Path, tmp_path: Path, 
     assert main(["train", "--data", str(text), "--save", "new/deeper/run", *TINY, "--batch_size", "999"]) == 2
     one_line(capsys, "too few for 999 streams")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["text.txt"]
+
+
+def test_save_pretrained_replaces_a_checkpoint_but_no_other_folder(tmp_path: Path) -> None:
+    from sharnn import SHARNN as Pretrained
+
+    model = Pretrained(CONFIG)
+    mine = user_folder(tmp_path / "mine")
+    with pytest.raises(SharnnError, match="is not a sharnn checkpoint"):
+        model.save_pretrained(mine)
+    assert (mine / "notes.txt").read_text() == "mine"
+    model.save_pretrained(tmp_path / "pre")
+    model.save_pretrained(tmp_path / "pre")  # its own kind: replaced, as Hugging Face's save_pretrained does
+    assert is_checkpoint(tmp_path / "pre")
