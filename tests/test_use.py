@@ -265,6 +265,7 @@ def test_crafted_pickles_never_run(ckpt: Path, tmp_path: Path, capsys) -> None:
 
 @pytest.mark.parametrize("edit,fragment", [
     ({"emsize": 10**9, "nhid": 10**9}, "impossibly large model (emsize 1000000000"),
+    ({"emsize": 10**9, "nhid": 10**9}, "unlike its weights (decoder.weight [256, 16])"),  # tied: stored once as that
     ({"emsize": 10**6, "nhid": 10**6}, "decoder.weight is [256, 16] in model.safetensors but [256, 1000000]"),
     ({"nhid": 64}, "blocks.0.ff.linear1.weight is [32, 16] in model.safetensors but [64, 16]"),
     ({"nlayers": 3, "attn_layers": [1]}, "model.safetensors lacks blocks.2."),
@@ -495,3 +496,103 @@ def test_a_lines_score_does_not_depend_on_its_batch(model: SHARNN, window: str) 
     alone = next(iter(score_lines(model, BYTES, [short], context=context))).logprob
     beside = next(iter(score_lines(model, BYTES, [short, long], context=context))).logprob
     assert beside == pytest.approx(alone, abs=1e-5)
+
+
+# --- one line for each mistake, nothing printed before it, no invalid JSON ----------------------------------------
+
+
+def only_error_line(capsys, *fragments: str) -> str:
+    out, err = capsys.readouterr()
+    lines = err.strip("\n").split("\n")
+    assert out == "" and len(lines) == 1 and lines[0].startswith("sharnn: error: "), (out, err)
+    for f in fragments:
+        assert f in lines[0], (f, lines[0])
+    return lines[0]
+
+
+@pytest.mark.parametrize("flags,fragment", [
+    (["--top-k", "0"], "--top-k must be at least 1"),
+    (["--top-p", "2"], "--top-p must be in (0, 1]"),
+    (["--length", "-1"], "--length must not be negative"),
+    (["--temperature", "-1"], "--temperature must be a number, not negative"),
+    (["--temperature", "nan"], "--temperature must be a finite number"),
+    (["--temperature", "inf"], "--temperature must be a finite number"),
+    (["--top-p", "nan"], "--top-p must be a finite number"),
+])
+def test_generate_refuses_bad_flags_before_printing_anything(ckpt: Path, flags: list[str], fragment: str,
+                                                             capsys) -> None:
+    assert main(["generate", str(ckpt), "--prompt", "hello", "--device", "cpu", *flags]) == 2
+    only_error_line(capsys, fragment)
+
+
+@pytest.mark.parametrize("argv", [["eval", "{ckpt}", "--dynamic", "--dynamic-lr", "nan"],
+                                  ["score", "{ckpt}", "--document", "--dynamic", "--dynamic-decay", "inf"],
+                                  ["compress", "{ckpt}", "a", "b", "--adapt", "--adapt-lr=-inf"]])
+def test_every_float_flag_must_be_finite(ckpt: Path, argv: list[str], capsys) -> None:
+    assert main([a.format(ckpt=ckpt) for a in argv]) == 2
+    only_error_line(capsys, "must be a finite number")
+
+
+def test_eval_json_never_prints_nan(ckpt: Path, tmp_path: Path, capsys) -> None:
+    # A diverged model's loss is NaN, which JSON cannot hold: the line must still parse as strict JSON.
+    model = load_model(ckpt)
+    with torch.no_grad():
+        model.encoder.weight.fill_(float("nan"))
+    bad = save_checkpoint(tmp_path / "bad", model, TrainConfig(bptt=16, batch_size=2))
+    text = tmp_path / "t.txt"
+    text.write_bytes(b"some text to evaluate on, long enough for a few segments of sixteen bytes. " * 20)
+    assert main(["eval", str(bad), "--data", str(text), "--split", "valid", "--json", "--device", "cpu"]) == 0
+    line = capsys.readouterr().out.strip()
+
+    def no_constants(name: str) -> None:
+        pytest.fail(f"eval --json printed {name}, which is not JSON: {line}")
+
+    result = json.loads(line, parse_constant=no_constants)
+    assert result["loss"] is None and result["bpc"] is None and result["ppl"] is None
+
+
+def test_a_refused_pickle_is_one_line(ckpt: Path, tmp_path: Path) -> None:
+    # In a real process: torch's advice (several lines, suggesting weights_only=False) must not reach the user,
+    # nor any warning after sharnn's line.
+    import subprocess
+    import sys
+
+    evil = tmp_path / "evil.pt"
+    torch.save({"x": _Evil(tmp_path / "PWNED")}, evil)
+    (ckpt / "train_state.pt").write_bytes(evil.read_bytes())
+    text = tmp_path / "t.txt"
+    text.write_bytes(b"text " * 400)
+    for argv in (["import-reference", str(evil), str(tmp_path / "out")],
+                 ["train", "--resume", str(ckpt), "--data", str(text), "--save", str(tmp_path / "run"), "--quiet"]):
+        proc = subprocess.run([sys.executable, "-m", "sharnn.cli", *argv], capture_output=True, text=True,
+                              timeout=120, check=False)
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+        assert "holds pickled Python objects (" in lines[0] and "refusing to load it" in lines[0], lines[0]
+        assert "weights_only" not in lines[0] and "trusted" not in lines[0]
+    assert not (tmp_path / "PWNED").exists()
+
+
+@pytest.mark.parametrize("content,fragment", [
+    (b"hello\n", "is not a PyTorch file (neither torch.save's zip archive nor a pickle)"),
+    (b"a,b,c\n1,2,3\n", "is not a PyTorch file"),
+    (b"\x80\x02garbage", "is not a readable PyTorch file ("),
+])
+def test_import_reference_does_not_call_any_file_a_pickle(tmp_path: Path, content: bytes, fragment: str,
+                                                          capsys) -> None:
+    p = tmp_path / "file.pt"
+    p.write_bytes(content)
+    assert main(["import-reference", str(p), str(tmp_path / "out")]) == 2
+    assert "pickled" not in only_error_line(capsys, fragment) and not (tmp_path / "out").exists()
+
+
+def test_a_symlink_loop_is_reported_as_such(tmp_path: Path, capsys) -> None:
+    (tmp_path / "a").symlink_to(tmp_path / "b")
+    (tmp_path / "b").symlink_to(tmp_path / "a")
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
+    assert main(["eval", str(tmp_path / "a"), "--device", "cpu"]) == 2
+    only_error_line(capsys, "is a loop of symbolic links")
+    assert main(["eval", str(tmp_path / "dangling"), "--device", "cpu"]) == 2
+    only_error_line(capsys, f"is a symbolic link to {tmp_path / 'nowhere'}, which does not exist")
+    assert main(["eval", str(tmp_path / "absent"), "--device", "cpu"]) == 2
+    only_error_line(capsys, "does not exist")

@@ -56,6 +56,7 @@ from .config import SHARNNConfig, load_config_file, load_preset, preset_names, s
 from .dynamic import DynamicConfig, DynamicEval
 from .errors import SharnnError
 from .model import SHARNN, State, parameter_count
+from .outputs import refuse_input_as_output
 from .runtime import attention_bytes, require_memory
 from .vocab import BYTES
 
@@ -350,8 +351,7 @@ def compress_file(model: SHARNN, src: str | os.PathLike, dst: str | os.PathLike,
     """
     src, dst = Path(src), Path(dst)
     _check_model(model)
-    if dst.exists() and src.exists() and dst.resolve() == src.resolve():
-        raise SharnnError(f"the output {dst} is the input; give another file name")
+    refuse_input_as_output(dst, src)  # the same file by any name: a link, a hard link, `..`
     data, length = _open_input(src)
     cs = _constriction()
     streams, n = _stream_layout(length, settings.streams)
@@ -482,6 +482,7 @@ def decompress_file(src: str | os.PathLike, dst: str | os.PathLike, model: SHARN
     """Decompress `src` into `dst`. `model`: the checkpoint's model, or None for a file whose header says it was
     made from a fresh model. `dst` appears only once the decoded bytes match the original's SHA-256."""
     src, dst = Path(src), Path(dst)
+    refuse_input_as_output(dst, src)  # --overwrite replaces OUT, never the compressed file being read
     info = read_header(src)
     h = info.header
     try:

@@ -8,6 +8,7 @@ dataclass defaults < `--preset NAME` < `--config FILE.toml` < explicit flags.
 from __future__ import annotations
 
 import json
+import math
 import sys
 from dataclasses import asdict, dataclass, field, fields, replace
 from importlib import resources
@@ -110,6 +111,7 @@ class SHARNNConfig:
     )
 
     def __post_init__(self) -> None:
+        _refuse_non_finite(self)
         if self.vocab_size < 2:
             raise SharnnError(f"vocab_size={self.vocab_size} must be at least 2")
         if self.emsize < 1 or self.nhid < 1 or self.nlayers < 1:
@@ -204,9 +206,10 @@ class TrainConfig:
     when: tuple[int, ...] = _doc("epochs after which the learning rate is divided by 10", default=(-1,))
     log_interval: int = _doc("batches between log lines", default=10)
     save: str = _doc("run folder: best/ and last/ checkpoints and the logs", default="runs/sharnn")
-    resume: str | None = _doc("checkpoint (or run folder) to resume from", default=None)
-    overwrite: bool = _doc("start over in a --save folder that already holds a run (its checkpoints are deleted)",
-                           default=False)
+    resume: str | None = _doc("checkpoint (or run folder) to continue: its saved settings are the base, the "
+                              "flags given override them, --save defaults to its run folder", default=None)
+    overwrite: bool = _doc("start over in a --save folder that already holds a run (its checkpoints and log are "
+                           "deleted, nothing else)", default=False)
     save_every: int | None = _doc("also save a resumable checkpoint (last/) every N optimizer steps", default=None)
     save_every_minutes: float | None = _doc(
         "also save a resumable checkpoint (last/) every N minutes of training (none = off)", default=30.0
@@ -239,6 +242,7 @@ class TrainConfig:
         "for long segments, for one more forward pass per step", default=False)
 
     def __post_init__(self) -> None:
+        _refuse_non_finite(self)
         positive = ("batch_size", "bptt", "epochs", "accumulate", "log_interval", "test_batch_size")
         for name in positive:
             if getattr(self, name) < 1:
@@ -287,6 +291,11 @@ class TrainConfig:
             raise SharnnError("--alpha and --beta must not be negative")
         if self.sample < 0:
             raise SharnnError("--sample must not be negative")
+        if bad := [w for w in self.when if w < 1 and w != -1]:
+            # The original's loop counts epochs from 1 (`for epoch in range(1, args.epochs + 1)`), as we do: an
+            # epoch 0 or below never ends, so --when would never act on it.
+            raise SharnnError(f"--when {bad[0]}: epochs count from 1, so it would never act; give the epochs after "
+                              "which to divide the learning rate by 10 (1 or more), or -1 for never")
 
     @property
     def fp32_part_set(self) -> frozenset[str]:
@@ -298,6 +307,15 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
         return cls(**_checked_kwargs(cls, d))
+
+
+def _refuse_non_finite(cfg: Any) -> None:
+    """NaN or an infinity in any number setting (a flag, a TOML `nan`/`inf`) is refused: it would pass every
+    range check and turn the weights to NaN at the first step."""
+    for f in fields(cfg):
+        v = getattr(cfg, f.name)
+        if isinstance(v, float) and not math.isfinite(v):
+            raise SharnnError(f"--{f.name.replace('_', '-')} must be a finite number, got {v}")
 
 
 def _checked_kwargs(cls: type, d: dict[str, Any]) -> dict[str, Any]:

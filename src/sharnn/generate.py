@@ -58,8 +58,8 @@ def filter_logits(logits: Tensor, top_k: int | None = None, top_p: float | None 
 def check_sampling(length: int, temperature: float, top_k: int | None, top_p: float | None) -> None:
     if length < 0:
         raise SharnnError(f"--length must not be negative, got {length}")
-    if temperature < 0:
-        raise SharnnError(f"--temperature must not be negative, got {temperature}")
+    if not temperature >= 0:  # NaN too
+        raise SharnnError(f"--temperature must be a number, not negative, got {temperature}")
     if top_k is not None and top_k < 1:
         raise SharnnError(f"--top-k must be at least 1, got {top_k}")
     if top_p is not None and not 0 < top_p <= 1:
