@@ -282,6 +282,20 @@ def test_score_cli(ckpt: Path, tmp_path: Path, capsys) -> None:
     assert main(["score", str(ckpt), str(tmp_path / "missing.txt")]) == 2
 
 
+def test_score_lines_are_the_bytes_as_given(ckpt: Path, model: SHARNN, tmp_path: Path, capsys) -> None:
+    # A line ends at \n only: a \r before it (a CRLF file) is the line's own byte and is scored, as is a lone \r
+    # or a form feed inside a line. (bytes.splitlines() dropped the \r, scoring other bytes than the file holds.)
+    f = tmp_path / "crlf.txt"
+    f.write_bytes(b"first line\r\nsecond\rhalf\x0cthird\nlast, no newline")
+    assert main(["score", str(ckpt), str(f), "--json"]) == 0
+    rows = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    lines = [b"first line\r", b"second\rhalf\x0cthird", b"last, no newline"]
+    assert [r["text"] for r in rows] == [line.decode() for line in lines]
+    assert [r["tokens"] for r in rows] == [len(line) + 1 for line in lines]
+    for r, line in zip(rows, lines):
+        assert r["logprob"] == pytest.approx(by_hand(model, b"\n", line + b"\n"), abs=1e-4)
+
+
 # --- checkpoints -------------------------------------------------------------------------------------------------
 
 

@@ -443,7 +443,7 @@ def _read_bytes(path: str, limit: int = -1) -> bytes:
 
 def cmd_score(args: argparse.Namespace) -> int:
     from .runtime import resolve_device
-    from .score import score_lines, score_stream
+    from .score import score_lines, score_stream, split_lines
 
     _require_at_least(args, 1, "batch_size")
     if args.dynamic and not args.document:
@@ -494,7 +494,7 @@ def cmd_score(args: argparse.Namespace) -> int:
             report(name, score)
         else:
             data = sys.stdin.buffer.read() if name == "-" else _read_bytes(name)
-            lines = data.splitlines()
+            lines = split_lines(data)
             if not lines:
                 raise SharnnError(f"{'stdin' if name == '-' else name} has no lines to score")
             scores = score_lines(model, model.vocab, lines, context, eos=not args.no_eos,

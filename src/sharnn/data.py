@@ -33,7 +33,7 @@ import torch
 from tqdm import tqdm
 
 from .errors import SharnnError, require_writable_folder
-from .vocab import BYTES, Vocab
+from .vocab import BYTES, Vocab, text_lines
 
 ENWIK8_URL = "http://mattmahoney.net/dc/enwik8.zip"
 ENWIK8_BYTES = 100_000_000  # the first 10^8 bytes of the English Wikipedia dump of 2006-03-03
@@ -112,7 +112,7 @@ def _load_word_corpus(folder: Path, level: str, vocab: Vocab | None) -> Corpus:
     texts = {}
     for name, p in files.items():
         try:
-            texts[name] = p.read_text(encoding="utf-8").splitlines()  # type: ignore[union-attr]
+            texts[name] = text_lines(p.read_text(encoding="utf-8"))  # type: ignore[union-attr]
         except UnicodeDecodeError as e:
             raise SharnnError(f"{p} is not UTF-8 text ({e.reason} at byte {e.start}); word corpora must be "
                               "UTF-8 (a byte-level model, --tokens bytes, reads any bytes)") from None

@@ -67,6 +67,16 @@ def _gather(logits: Tensor, y: Tensor) -> Tensor:
     return F.log_softmax(logits.float(), dim=-1).gather(-1, y.unsqueeze(-1)).squeeze(-1)
 
 
+def split_lines(data: bytes) -> list[bytes]:
+    """Line mode's lines: `data` cut at every \n, which ends its line (and is scored as its end, see `score_lines`).
+    Every other byte is the line's own, a \r before the \n included: the bytes are scored as they are given. A
+    last line without a \n is a line too."""
+    lines = data.split(b"\n")
+    if lines[-1] == b"":
+        lines.pop()
+    return lines
+
+
 @torch.no_grad()
 def prime(model: SHARNN, context_ids: np.ndarray, chunk: int = 1024) -> tuple[State | None, int]:
     """Run the context (all but its last token) and return the state and that last token, for scoring after it."""
