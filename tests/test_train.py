@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from sharnn.checkpoint import load_model, load_train_state
+from sharnn.cli import main
 from sharnn.config import SHARNNConfig, TrainConfig
 from sharnn.data import load_corpus
 from sharnn.errors import SharnnError
@@ -210,6 +211,22 @@ def test_bf16_learns_like_fp32(text_file: Path, tmp_path: Path) -> None:
     fp32 = train(model_cfg, cfg_for(text_file, tmp_path / "a", max_steps=100), quiet=True)
     bf16 = train(model_cfg, cfg_for(text_file, tmp_path / "b", max_steps=100, precision="bf16"), quiet=True)
     assert bf16.valid.bpc < 1.0 and fp32.valid.bpc < 1.0  # both from ~8 bits; bf16 trains as well
+
+
+def test_a_bf16_runs_numbers_are_float32_and_eval_reproduces_them(text_file: Path, tmp_path: Path, capsys) -> None:
+    # Training in bf16 autocast; validation (which picks best/) and the final valid/test numbers in float32, so
+    # `sharnn eval` (float32) gives exactly what the run printed, and best/ was chosen on that number too.
+    run = tmp_path / "run"
+    res = train(MODEL, cfg_for(text_file, run, max_steps=12, precision="bf16", eval_interval=4), quiet=True)
+    got = {}
+    for split in ("valid", "test"):
+        assert main(["eval", str(run), "--split", split, "--json", "--device", "cpu"]) == 0
+        got[split] = json.loads(capsys.readouterr().out)["bpc"]
+    assert got == {"valid": res.valid.bpc, "test": res.test.bpc}
+    assert res.best_valid_bpc == res.valid.bpc  # the validation that chose best/ measured what eval measures
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # (and bf16 would have given another number)
+        blurred = evaluate(load_model(run / "best"), load_corpus(str(text_file)).valid, 4, 32)
+    assert blurred.bpc != res.valid.bpc
 
 
 def test_resume_refuses_another_optimizer_and_takes_new_weight_decay(text_file: Path, tmp_path: Path) -> None:

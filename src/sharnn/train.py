@@ -275,13 +275,15 @@ def _optimizer_and_rng(model: SHARNN, cfg: TrainConfig,
 
 def _final_measurement(result: TrainResult, model: SHARNN, corpus: Corpus, cfg: TrainConfig, device: torch.device,
                        log: RunLog, quiet: bool) -> TrainResult:
-    """Valid and test bpc of the best checkpoint, as the paper reports them, and the sample text."""
+    """Valid and test bpc of the best checkpoint, as the paper reports them, and the sample text.
+
+    Measured in float32 whatever --precision trained in, as every validation is: `sharnn eval` (float32)
+    reproduces these numbers."""
     best_dir = result.run_dir / "best"
     final_model = load_model(best_dir, device) if (best_dir / "config.json").is_file() else model
-    final_model.keep_fp32(cfg.fp32_part_set)
     valid = evaluate(final_model, _eval_ids(corpus.valid, cfg), cfg.eval_batch_size or cfg.batch_size, cfg.bptt,
-                     device, cfg.precision, progress=not quiet, what="valid")
-    test = evaluate(final_model, _eval_ids(corpus.test, cfg), cfg.test_batch_size, cfg.bptt, device, cfg.precision,
+                     device, progress=not quiet, what="valid")
+    test = evaluate(final_model, _eval_ids(corpus.test, cfg), cfg.test_batch_size, cfg.bptt, device,
                     progress=not quiet, what="test")
     log.record("final", valid_bpc=valid.bpc, test_bpc=test.bpc, valid_loss=valid.loss, test_loss=test.loss)
     text = b""
@@ -652,7 +654,9 @@ class _Loop:
         # After the switch to averaged SGD, the averaged weights are the model: evaluate and keep those.
         with averaged_weights(self.model.parameters(), self.optimizer):
             if self.ranks.is_main:  # rank 0 evaluates; the others take its number (they must agree on "best")
-                res = evaluate(self.model, ids, cfg.eval_batch_size or cfg.batch_size, cfg.bptt, self.device, cfg.precision,
+                # In float32 whatever --precision trains in: the number that picks best/ is the one `sharnn eval`
+                # gives, not one blurred by bf16/fp16 rounding.
+                res = evaluate(self.model, ids, cfg.eval_batch_size or cfg.batch_size, cfg.bptt, self.device,
                                progress=not self.log.quiet, what="valid")
             loss = self.ranks.from_main(res.loss if self.ranks.is_main else 0.0, self.device)
             if not self.ranks.is_main:
