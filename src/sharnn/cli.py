@@ -381,7 +381,7 @@ def _dynamic_search(model: Any, corpus: Any, bsz: int, bptt: int, cfg: Any, devi
 
     points = dynamic_search(model, corpus.valid, bsz, search_grid(cfg),
                             lambda b: gradient_stats(model, corpus.train, bsz, b, cfg.stats_tokens, device, True),
-                            device, progress=not as_json, report=show)
+                            device, progress=not as_json, report=show, bptt=bptt)
     best = points[0].cfg
     if as_json:
         print(json.dumps({"split": "valid", "static_bpc": static.bpc, "batch_size": bsz, "bptt": bptt,
