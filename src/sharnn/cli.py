@@ -312,8 +312,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from .checkpoint import load_train_config, load_vocab, resolve_checkpoint
-    from .data import load_corpus
+    from .checkpoint import load_train_config, load_vocab, read_meta, resolve_checkpoint
+    from .data import data_warning, load_corpus
     from .dynamic import static_and_dynamic
     from .evaluate import evaluate
     from .runtime import resolve_device
@@ -331,6 +331,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     data = args.data or tcfg.data
     corpus = load_corpus(data, vocab=load_vocab(ckpt))
     split = "valid" if args.dynamic_search else args.split
+    if warning := data_warning(read_meta(ckpt).get("data"), corpus, [split], str(ckpt)):
+        print(f"sharnn: warning: {warning}", file=sys.stderr)
     default_bsz = tcfg.test_batch_size if split == "test" else (tcfg.eval_batch_size or tcfg.batch_size)
     bsz = args.batch_size or default_bsz
     bptt = args.bptt or tcfg.bptt

@@ -51,7 +51,7 @@ from .checkpoint import (
     step_name,
 )
 from .config import SHARNNConfig, TrainConfig, auto_cutoffs
-from .data import Corpus, Streams, load_corpus, train_segments
+from .data import SPLIT_NAMES, Corpus, Streams, data_warning, load_corpus, train_segments
 from .distributed import Dist, PeerFailed, init_from_env, release_frames
 from .errors import SharnnError, require_writable_folder
 from .evaluate import LN2, EvalResult, autocast, evaluate
@@ -148,6 +148,11 @@ def _train(model_cfg: SHARNNConfig, cfg: TrainConfig, quiet: bool, model_overrid
         model, saved = _resume_model(ckpt, model_cfg, corpus, cfg, ranks, device, log)
     else:
         model, saved = _new_model(model_cfg, corpus, device, log), None
+    if ranks.is_main:  # the data's identity, hashed once now (rank 0 saves it with every checkpoint)
+        recorded = read_meta(ckpt).get("data") if ckpt is not None else None
+        if warning := data_warning(recorded, corpus, SPLIT_NAMES, str(ckpt)):
+            log.line(f"warning: {warning}")
+            log.record("warning", message=warning)
     model.keep_fp32(cfg.fp32_part_set)
     if device.type == "cuda":
         set_tf32(cfg.tf32)
@@ -172,7 +177,8 @@ def _train(model_cfg: SHARNNConfig, cfg: TrainConfig, quiet: bool, model_overrid
         log.line(f"distributed: {ranks.world} ranks x batch {cfg.batch_size} = global batch "
                  f"{ranks.world * cfg.batch_size} streams ({'nccl' if device.type == 'cuda' else 'gloo'})")
     log.record("start", params=n_params, model=model.cfg.to_dict(), train=cfg.to_dict(), device=str(device),
-               world=ranks.world, global_batch=ranks.world * cfg.batch_size)
+               world=ranks.world, global_batch=ranks.world * cfg.batch_size,
+               data=corpus.identity if ranks.is_main else None)
     if ranks.is_main and (need := checkpoint_bytes_needed(n_params, cfg)) > (free := shutil.disk_usage(run_dir).free):
         log.line(f"warning: {run_dir} has {free / 1e9:.2f} GB free, but this run's checkpoints may need about "
                  f"{need / 1e9:.2f} GB; a save that finds the disk full stops training (the last good one stays)")
@@ -705,7 +711,8 @@ class _Loop:
             "grads": grads,  # inside an --accumulate step (micro > 0): the gradients gathered so far
             "scaler": self.scaler.state_dict(),  # {} unless fp16
         }
-        save_checkpoint(self.run_dir / name, self.model, self.cfg, progress, train_state, vocab=self.corpus.vocab)
+        save_checkpoint(self.run_dir / name, self.model, self.cfg, progress, train_state, vocab=self.corpus.vocab,
+                        data=self.corpus.identity)
         if name != "best":
             self.last_save_time = time.perf_counter()
             self.log.record("save", name=name, epoch=self.ts.epoch, step=self.ts.step, position=self.ts.position)
