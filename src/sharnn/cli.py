@@ -637,10 +637,11 @@ def cmd_compress(args: argparse.Namespace) -> int:
     src, dst = args.paths[-2:]
     res = compress_file(model, src, dst, CoderSettings(streams=args.streams, threads=args.threads, adapt=adapt),
                         fresh=fresh, progress=not args.quiet, overwrite=args.overwrite)
+    stored = (f"; {res.stored} of {res.blocks} blocks stored as they are (the model would have made them larger)"
+              if res.stored else "")
     print(f"{src}: {res.length:,} -> {res.compressed:,} bytes ({res.bits_per_byte:.4f} bits/byte; the model's "
           f"cross-entropy {res.model_bits / max(res.length, 1):.4f}), {res.streams} streams, {res.kb_per_s:.1f} KB/s"
-          + (f"; {res.stored} of {res.blocks} blocks stored as they are (the model would have made them larger)"
-             if res.stored else ""))
+          + stored)
     return 0
 
 

@@ -240,8 +240,10 @@ class _Stepper:
         logits = out.logits[0].float()
         p = torch.softmax(logits, dim=-1).numpy()
         if not np.isfinite(p).all():
-            cause = (f" (the model diverged under --adapt, {self.learner.steps} step(s) in: try a smaller --adapt-lr)"
-                     if self.learner is not None else "")
+            cause = ""
+            if self.learner is not None:
+                cause = (f" (the model diverged under --adapt, {self.learner.steps} step(s) in: try a smaller "
+                         "--adapt-lr)")
             raise SharnnError(f"the model's predictions became NaN or infinite after {self.steps:,} bytes per "
                               f"stream{cause}; nothing was written")
         self.steps += 1
@@ -619,9 +621,9 @@ def decompress_file(src: str | os.PathLike, dst: str | os.PathLike, model: SHARN
 
 
 def _not_the_original(src: Path, h: dict[str, Any], why: str) -> str:
-    return (f"decoding {src} did not give back the original ({why}): this machine computes the model differently "
-            f"from the one that compressed it ({h.get('cpu')}, torch {h['machine'].get('torch')}), or the file was "
-            "altered; nothing was written")
+    return (f"decoding {src} did not give back the original ({why}): this machine computes the model "
+            f"differently from the one that compressed it ({h.get('cpu')}, torch {h['machine'].get('torch')}), or "
+            "the file was altered; nothing was written")
 
 
 def _decoding(src: Path, h: dict[str, Any], call: Callable[..., Any], *args: Any) -> Any:
@@ -631,7 +633,8 @@ def _decoding(src: Path, h: dict[str, Any], call: Callable[..., Any], *args: Any
     try:
         return call(*args)
     except Exception as e:  # noqa: BLE001 - any failure of the library's decoder means the same thing here
-        raise SharnnError(_not_the_original(src, h, f"the range code does not decode: {type(e).__name__}")) from None
+        why = f"the range code does not decode: {type(e).__name__}"
+        raise SharnnError(_not_the_original(src, h, why)) from None
 
 
 def _read_block(f: BinaryIO, end: int, src: Path, stored_bytes: int | None) -> tuple[np.ndarray, bytes | None]:

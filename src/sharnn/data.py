@@ -83,7 +83,8 @@ def split_identity(ids: np.ndarray) -> dict[str, Any]:
     return {"tokens": len(ids), "dtype": flat.dtype.name, "sha256": h.hexdigest()}
 
 
-def data_warning(recorded: dict[str, Any] | None, corpus: Corpus, splits: Iterable[str], checkpoint: str) -> str | None:
+def data_warning(recorded: dict[str, Any] | None, corpus: Corpus, splits: Iterable[str],
+                 checkpoint: str) -> str | None:
     """One line saying which of `splits` differ from what `checkpoint` recorded of its training data, when
     `corpus` goes by the same name (the same --data: the python-stdlib of another Python, say, or an edited
     file); None when they match, when the names differ (other data, asked for) or when nothing was recorded
@@ -99,8 +100,9 @@ def data_warning(recorded: dict[str, Any] | None, corpus: Corpus, splits: Iterab
                            f"{then.get('tokens', 0):,}, {str(then.get('sha256'))[:12]})")
     if not changed:
         return None
-    return (f"the data {corpus.name} is not what {checkpoint} was trained with: {'; '.join(changed)}; its numbers "
-            "are not comparable with the run's (another Python version for python-stdlib, or changed files?)")
+    return (f"the data {corpus.name} is not what {checkpoint} was trained with: {'; '.join(changed)}; its "
+            "numbers are not comparable with the run's (another Python version for python-stdlib, or changed "
+            "files?)")
 
 
 def _same_source(a: str, b: str) -> bool:

@@ -69,7 +69,8 @@ def pieces_reproduce(model: SHARNN, segment: int, piece: int) -> bool:
     Always, except under the reference window for a segment longer than attn_span: its queries then see more
     than attn_span positions back, more than a carried memory holds (`SHARNN.segment_start`)."""
     attention = any(b.attn is not None for b in model.blocks)
-    return not (attention and model.cfg.attn_window == "reference" and piece < segment and segment > model.cfg.attn_span)
+    reference = attention and model.cfg.attn_window == "reference"
+    return not (reference and piece < segment and segment > model.cfg.attn_span)
 
 
 class DynamicEval:
@@ -200,10 +201,11 @@ def dynamic_evaluate(
     """
     bptt = bptt or cfg.bptt
     if not pieces_reproduce(model, bptt, cfg.bptt):
-        raise SharnnError(f"under the reference attention window a segment of --bptt {bptt} tokens lets a query see "
-                          f"more than attn_span {model.cfg.attn_span} positions, which pieces of --dynamic-bptt "
-                          f"{cfg.bptt} cannot reproduce: use --bptt {model.cfg.attn_span} or less, --dynamic-bptt "
-                          f"{bptt}, or --attn-window sliding")
+        span = model.cfg.attn_span
+        raise SharnnError(f"under the reference attention window a segment of --bptt {bptt} tokens lets a query "
+                          f"see more than attn_span {span} positions, which pieces of --dynamic-bptt {cfg.bptt} "
+                          f"cannot reproduce: use --bptt {span} or less, --dynamic-bptt {bptt}, or --attn-window "
+                          "sliding")
     with DynamicEval(model, cfg, rms) as dyn:
         return evaluate(model, ids, batch_size, bptt, device, progress=progress, what=f"{what}, dynamic",
                         adapt=dyn.learn, adapt_every=cfg.bptt)
@@ -285,8 +287,9 @@ def dynamic_score_stream(
     The document is cut into the segments `score_stream` cuts it into, each scored in pieces of `cfg.bptt` (see
     `dynamic_evaluate`): with lr 0 this is `score_stream`'s result under either attention window."""
     if not pieces_reproduce(model, SCORE_CHUNK, cfg.bptt):
-        raise SharnnError(f"under the reference attention window a document is read in segments of {SCORE_CHUNK} "
-                          f"tokens, and this model's attn_span is {model.cfg.attn_span}: pieces of --dynamic-bptt "
-                          f"{cfg.bptt} cannot reproduce them; use --dynamic-bptt {SCORE_CHUNK} or --attn-window sliding")
+        raise SharnnError(f"under the reference attention window a document is read in segments of "
+                          f"{SCORE_CHUNK} tokens, and this model's attn_span is {model.cfg.attn_span}: pieces of "
+                          f"--dynamic-bptt {cfg.bptt} cannot reproduce them; use --dynamic-bptt {SCORE_CHUNK} or "
+                          "--attn-window sliding")
     with DynamicEval(model, cfg, rms) as dyn:
         return score_stream(model, vocab, stream, context, per_token, adapt=dyn.learn, adapt_every=cfg.bptt)

@@ -64,9 +64,9 @@ def evaluate(
     `adapt` (dynamic evaluation, `sharnn.dynamic`): each segment is scored in pieces of `adapt_every` tokens (the
     whole segment when None), and after a piece has been scored `adapt` is given its loss again, computed with
     autograd from the same state, to learn from before the next piece is scored. The segments are the ones
-    static evaluation walks, and each piece sees what one pass over its segment would show it (`_score_and_learn`),
-    so with lr 0 the result is static evaluation's under either window: exactly when pieces are whole segments,
-    else up to float rounding.
+    static evaluation walks, and each piece sees what one pass over its segment would show it
+    (`_score_and_learn`), so with lr 0 the result is static evaluation's under either window: exactly when
+    pieces are whole segments, else up to float rounding.
     """
     was_training = model.training
     model.eval()

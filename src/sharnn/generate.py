@@ -1,8 +1,8 @@
 """Sampling text from a model.
 
 The prompt primes the RNN state and attention memory in batched passes (not token by token) of up to
-`PRIME_CHUNK` tokens each, state carried, so that memory stays bounded whatever the prompt's length; generation then
-feeds one token at a time and reuses the returned state, so the past is never recomputed. The token steps run
+`PRIME_CHUNK` tokens each, state carried, so that memory stays bounded whatever the prompt's length; generation
+then feeds one token at a time and reuses the returned state, so the past is never recomputed. The token steps run
 through a `TokenStep`: the state lives in preallocated buffers updated in place, with the attention memory a
 ring (`MemoryRing`) whose write position is a tensor, so every step is the same kernels on the same addresses.
 A token then costs the same whether the memory holds 10 rows or 5000, and on a GPU the step is captured once
@@ -164,9 +164,9 @@ def generate_ids(
 ) -> Iterator[tuple[int, State, Tensor]]:
     """Yield (token id, state after it, next-token logits) for `length` new tokens following `prompt`.
 
-    The prompt runs after `state`, in segments of `PRIME_CHUNK` tokens (`prime_prompt`). An empty prompt continues from `state` and `logits` (both
-    from an earlier call). temperature 0 means greedy decoding. A yielded state is the token step's buffers,
-    which the next step overwrites: use it before asking for the next token, or keep
+    The prompt runs after `state`, in segments of `PRIME_CHUNK` tokens (`prime_prompt`). An empty prompt continues
+    from `state` and `logits` (both from an earlier call). temperature 0 means greedy decoding. A yielded state
+    is the token step's buffers, which the next step overwrites: use it before asking for the next token, or keep
     `model.ordered_state(state)`, an independent copy. The `state` passed in is never written to.
     `graph`: replay the token step as a CUDA graph (default: on CUDA GPUs).
     """
@@ -231,7 +231,8 @@ def generate(
     if length == 0 and ids:  # nothing to sample: just the state after the prompt
         was_training = model.training
         with torch.no_grad():
-            end_state, end_logits = prime_prompt(model.eval(), ids, None if state is None else model.ordered_state(state))
+            start = None if state is None else model.ordered_state(state)  # never writes the caller's ring
+            end_state, end_logits = prime_prompt(model.eval(), ids, start)
         model.train(was_training)
         return Generation(b"", end_state, end_logits)
     out: list[int] = []

@@ -153,7 +153,7 @@ class Overparam(nn.Module):
 
 
 def reference_memory(memory: Tensor, span: int, T: int) -> Tensor:
-    """(m, B, E) -> its last min(m, span - T) rows: what the reference window keeps before a segment of T tokens."""
+    """(m, B, E) -> its last min(m, span - T) rows: what the reference window keeps before a T-token segment."""
     return memory[memory.shape[0] - min(memory.shape[0], max(span - T, 0)):]
 
 
@@ -619,7 +619,8 @@ class SHARNN(nn.Module):
         """
         if self.cfg.attn_window != "reference":
             return state
-        return tuple(s if s.memory is None else BlockState(s.rnn, reference_memory(s.memory, self.cfg.attn_span, T))
+        span = self.cfg.attn_span
+        return tuple(s if s.memory is None else BlockState(s.rnn, reference_memory(s.memory, span, T))
                      for s in state)
 
     def set_attn_window(self, window: str) -> None:

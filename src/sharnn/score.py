@@ -25,7 +25,6 @@ if TYPE_CHECKING:
     from .vocab import Vocab
 
 
-
 SCORE_CHUNK = 1024  # tokens per pass (the paper's bptt): memory stays bounded whatever the text's length
 
 
@@ -45,7 +44,8 @@ class Score(NamedTuple):
 
 
 def _logprobs(model: SHARNN, ids: Tensor, state: State | None, chunk: int,
-              adapt: Callable[[Tensor], None] | None = None, adapt_every: int | None = None) -> tuple[Tensor, State | None]:
+              adapt: Callable[[Tensor], None] | None = None,
+              adapt_every: int | None = None) -> tuple[Tensor, State | None]:
     """Run (T, B) ids in chunks of `chunk` steps; returns (T-1, B) log P(ids[t+1] | ids[..t]) and the state.
 
     `adapt` (dynamic evaluation): each chunk is scored in pieces of `adapt_every` steps (the whole chunk when
@@ -82,9 +82,9 @@ def _gather(logits: Tensor, y: Tensor) -> Tensor:
 
 
 def split_lines(data: bytes) -> list[bytes]:
-    """Line mode's lines: `data` cut at every \n, which ends its line (and is scored as its end, see `score_lines`).
-    Every other byte is the line's own, a \r before the \n included: the bytes are scored as they are given. A
-    last line without a \n is a line too."""
+    """Line mode's lines: `data` cut at every \n, which ends its line (and is scored as its end, see
+    `score_lines`). Every other byte is the line's own, a \r before the \n included: the bytes are scored as they
+    are given. A last line without a \n is a line too."""
     lines = data.split(b"\n")
     if lines[-1] == b"":
         lines.pop()
