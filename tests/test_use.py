@@ -5,7 +5,10 @@ from __future__ import annotations
 import io
 import json
 import math
+import os
 import pickle
+import subprocess
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -76,6 +79,55 @@ def test_generation_state_equals_one_pass(model: SHARNN) -> None:
     assert torch.allclose(out.logits[-1, 0], g.logits, atol=1e-5)
     assert torch.allclose(out.state[1].memory, g.state[1].memory, atol=1e-5)
     assert g.state[1].memory.shape[0] == 11  # bounded by the span (12) - 1, never the whole history
+
+
+@pytest.mark.parametrize("window", ["sliding", "reference"])
+def test_a_short_prompt_is_primed_in_one_pass(model: SHARNN, window: str) -> None:
+    # Up to PRIME_CHUNK tokens the prompt is one segment, as it always was: the sample is bit for bit the one that
+    # priming by hand in one pass gives, under both windows (the reference window's outputs depend on the cut).
+    model.set_attn_window(window)
+    prompt = bytes(range(32, 127)) * 10  # 950 tokens
+    with torch.no_grad():
+        out = model(torch.tensor(list(prompt)).unsqueeze(1))
+    by_hand = generate(model, b"", 40, seed=5, state=out.state, logits=out.logits[-1, 0])
+    assert generate(model, prompt, 40, seed=5).data == by_hand.data
+
+
+def test_a_long_prompt_is_primed_in_segments(model: SHARNN, monkeypatch) -> None:
+    prompt = bytes(range(256)) * 10  # 2560 tokens: segments of 1024, 1024 and 512
+    seen = []
+    forward = model.forward
+    monkeypatch.setattr(model, "forward", lambda x, *a, **k: seen.append(x.shape[0]) or forward(x, *a, **k))
+    g = generate(model, prompt, 3, seed=0)
+    assert seen[:3] == [1024, 1024, 512] and max(seen) == 1024
+    end = generate(model, prompt, 0)  # no sampling: the state and scores after the prompt, the same way
+    monkeypatch.undo()
+    with torch.no_grad():
+        whole = model(torch.tensor(list(prompt)).unsqueeze(1))  # one pass: the sliding window does not see the cut
+    torch.testing.assert_close(end.logits, whole.logits[-1, 0], atol=1e-5, rtol=1e-5)
+    assert len(g.data) == 3
+
+
+@pytest.mark.slow
+def test_priming_memory_does_not_grow_with_the_prompt(tmp_path: Path) -> None:
+    # Before priming in segments, a prompt of n bytes took memory ~ n^2 (a 8 KB prompt: ~320 MB more here, 40 KB
+    # with the tiny preset: 8 GB). Measured in a fresh process: its peak resident memory is the high-water mark.
+    script = tmp_path / "prime.py"
+    script.write_text(
+        "import resource, sys, torch\n"
+        "from sharnn.config import SHARNNConfig\nfrom sharnn.model import SHARNN\nfrom sharnn.generate import generate\n"
+        "torch.manual_seed(0)\n"
+        "m = SHARNN(SHARNNConfig(emsize=16, nhid=32, nlayers=2, attn_layers=(1,), attn_span=24)).eval()\n"
+        "generate(m, b'warm up', 2, seed=0)\n"
+        "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        "g = generate(m, bytes(range(256)) * int(sys.argv[1]), 5, seed=0)\n"
+        "print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024, len(g.data))\n")
+    for blocks in (32, 128):  # 8 KB, then 32 KB of prompt (which took ~5 GB before)
+        r = subprocess.run([sys.executable, str(script), str(blocks)], capture_output=True, text=True, check=False,
+                           env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert r.returncode == 0, r.stderr
+        mb, n = r.stdout.split()
+        assert float(mb) < 48 and n == "5", (blocks, mb)  # MB more than before the prompt
 
 
 def test_memory_ring_steps_equal_ordinary_steps(model: SHARNN) -> None:
@@ -228,6 +280,20 @@ def test_score_cli(ckpt: Path, tmp_path: Path, capsys) -> None:
     docs = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
     assert len(docs) == 2 and docs[0]["tokens"] == f.stat().st_size
     assert main(["score", str(ckpt), str(tmp_path / "missing.txt")]) == 2
+
+
+def test_score_lines_are_the_bytes_as_given(ckpt: Path, model: SHARNN, tmp_path: Path, capsys) -> None:
+    # A line ends at \n only: a \r before it (a CRLF file) is the line's own byte and is scored, as is a lone \r
+    # or a form feed inside a line. (bytes.splitlines() dropped the \r, scoring other bytes than the file holds.)
+    f = tmp_path / "crlf.txt"
+    f.write_bytes(b"first line\r\nsecond\rhalf\x0cthird\nlast, no newline")
+    assert main(["score", str(ckpt), str(f), "--json"]) == 0
+    rows = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    lines = [b"first line\r", b"second\rhalf\x0cthird", b"last, no newline"]
+    assert [r["text"] for r in rows] == [line.decode() for line in lines]
+    assert [r["tokens"] for r in rows] == [len(line) + 1 for line in lines]
+    for r, line in zip(rows, lines):
+        assert r["logprob"] == pytest.approx(by_hand(model, b"\n", line + b"\n"), abs=1e-4)
 
 
 # --- checkpoints -------------------------------------------------------------------------------------------------

@@ -1,7 +1,8 @@
 """Checkpoints: a folder that can be read back without running any code from it.
 
-    <ckpt>/config.json        format marker, SHARNNConfig, vocabulary, progress (epoch, step, best bpc), and the
+    <ckpt>/config.json        format marker, SHARNNConfig, vocabulary, progress (epoch, step, best bpc), the
                               size and SHA-256 of every other file (written last: truncation or corruption shows)
+                              and of each split of the training data ("data"; older checkpoints lack it)
            train_config.json  the resolved TrainConfig of the run that wrote it
            model.safetensors  weights (tensors only; tied weights stored once)
            train_state.pt     optimizer, RNG states, data position, carried RNN state and memory; written with
@@ -72,8 +73,12 @@ def save_checkpoint(
     progress: dict[str, Any] | None = None,
     train_state: dict[str, Any] | None = None,
     vocab: Vocab | None = None,
+    data: dict[str, Any] | None = None,
 ) -> Path:
     """Write a checkpoint folder atomically (build in `.NAME.tmp`, fsync, swap in by renames; see the top).
+
+    `data`: what identifies the training data (`Corpus.identity`: name, and each split's size and SHA-256), kept
+    in config.json so that evaluating or resuming on a same-named corpus with other contents is noticed.
 
     A failed write (disk full, permissions, ...) removes the temporary folder, leaves the previous checkpoint as
     it was and raises `SharnnError`.
@@ -95,7 +100,8 @@ def save_checkpoint(
                 f.flush()
                 os.fsync(f.fileno())
         meta = {"format": FORMAT, "version": VERSION, "model": _unwrap(model).cfg.to_dict(),
-                "vocab": (vocab or BYTES).to_dict(), "progress": progress or {}, "files": _manifest(tmp)}
+                "vocab": (vocab or BYTES).to_dict(), "progress": progress or {}, "files": _manifest(tmp),
+                **({"data": data} if data is not None else {})}
         _write_text(tmp / "config.json", json.dumps(meta, indent=2) + "\n")  # last: its presence means complete
         _fsync(tmp)
         _swap_in(tmp, path)

@@ -341,8 +341,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from .checkpoint import load_train_config, load_vocab, resolve_checkpoint
-    from .data import load_corpus
+    from .checkpoint import load_train_config, load_vocab, read_meta, resolve_checkpoint
+    from .data import data_warning, load_corpus
     from .dynamic import static_and_dynamic
     from .evaluate import evaluate
     from .runtime import resolve_device
@@ -360,6 +360,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     data = args.data or tcfg.data
     corpus = load_corpus(data, vocab=load_vocab(ckpt))
     split = "valid" if args.dynamic_search else args.split
+    if warning := data_warning(read_meta(ckpt).get("data"), corpus, [split], str(ckpt)):
+        print(f"sharnn: warning: {warning}", file=sys.stderr)
     default_bsz = tcfg.test_batch_size if split == "test" else (tcfg.eval_batch_size or tcfg.batch_size)
     bsz = args.batch_size or default_bsz
     bptt = args.bptt or tcfg.bptt
@@ -410,7 +412,7 @@ def _dynamic_search(model: Any, corpus: Any, bsz: int, bptt: int, cfg: Any, devi
 
     points = dynamic_search(model, corpus.valid, bsz, search_grid(cfg),
                             lambda b: gradient_stats(model, corpus.train, bsz, b, cfg.stats_tokens, device, True),
-                            device, progress=not as_json, report=show)
+                            device, progress=not as_json, report=show, bptt=bptt)
     best = points[0].cfg
     if as_json:
         print(_json({"split": "valid", "static_bpc": static.bpc, "batch_size": bsz, "bptt": bptt,
@@ -473,7 +475,7 @@ def _read_bytes(path: str, limit: int = -1) -> bytes:
 
 def cmd_score(args: argparse.Namespace) -> int:
     from .runtime import resolve_device
-    from .score import score_lines, score_stream
+    from .score import score_lines, score_stream, split_lines
 
     _require_at_least(args, 1, "batch_size")
     if args.dynamic and not args.document:
@@ -524,7 +526,7 @@ def cmd_score(args: argparse.Namespace) -> int:
             report(name, score)
         else:
             data = sys.stdin.buffer.read() if name == "-" else _read_bytes(name)
-            lines = data.splitlines()
+            lines = split_lines(data)
             if not lines:
                 raise SharnnError(f"{'stdin' if name == '-' else name} has no lines to score")
             scores = score_lines(model, model.vocab, lines, context, eos=not args.no_eos,
@@ -681,8 +683,11 @@ def cmd_compress(args: argparse.Namespace) -> int:
         model, fresh = load_model(args.paths[0], "cpu"), None
     res = compress_file(model, src, dst, CoderSettings(streams=args.streams, threads=args.threads, adapt=adapt),
                         fresh=fresh, progress=not args.quiet, overwrite=args.overwrite)
+    stored = (f"; {res.stored} of {res.blocks} blocks stored as they are (the model would have made them larger)"
+              if res.stored else "")
     print(f"{src}: {res.length:,} -> {res.compressed:,} bytes ({res.bits_per_byte:.4f} bits/byte; the model's "
-          f"cross-entropy {res.model_bits / max(res.length, 1):.4f}), {res.streams} streams, {res.kb_per_s:.1f} KB/s")
+          f"cross-entropy {res.model_bits / max(res.length, 1):.4f}), {res.streams} streams, {res.kb_per_s:.1f} KB/s"
+          + stored)
     return 0
 
 

@@ -25,16 +25,18 @@ import urllib.error
 import urllib.request
 import zipfile
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
 from .errors import SharnnError, require_writable_folder
-from .vocab import BYTES, Vocab
+from .vocab import BYTES, Vocab, text_lines
 
 ENWIK8_URL = "http://mattmahoney.net/dc/enwik8.zip"
 ENWIK8_BYTES = 100_000_000  # the first 10^8 bytes of the English Wikipedia dump of 2006-03-03
@@ -63,6 +65,56 @@ class Corpus:
         if name not in SPLIT_NAMES:
             raise SharnnError(f"unknown split {name!r}; choose train, valid or test")
         return getattr(self, name)
+
+    @cached_property
+    def identity(self) -> dict[str, Any]:
+        """What a run records of its data (config.json "data"): the corpus name and each split's `split_identity`.
+        Computed once (a cached_property writes the instance __dict__, which a frozen dataclass allows)."""
+        return {"name": self.name, "splits": {name: split_identity(self.split(name)) for name in SPLIT_NAMES}}
+
+
+def split_identity(ids: np.ndarray) -> dict[str, Any]:
+    """A split's token count, id type and the SHA-256 of its ids' bytes (for a byte corpus, the SHA-256 of the
+    bytes themselves, as `sha256sum` gives it for a split file). Hashed where the array lies, 16 MB at a time: a
+    memory-mapped split is read from disk once, never copied into memory."""
+    flat = np.ascontiguousarray(ids, dtype=ids.dtype.newbyteorder("<"))  # no copy for a little-endian split
+    view = memoryview(flat).cast("B")
+    h = hashlib.sha256()
+    for i in range(0, len(view), 1 << 24):
+        h.update(view[i : i + (1 << 24)])
+    return {"tokens": len(ids), "dtype": flat.dtype.name, "sha256": h.hexdigest()}
+
+
+def data_warning(recorded: dict[str, Any] | None, corpus: Corpus, splits: Iterable[str],
+                 checkpoint: str) -> str | None:
+    """One line saying which of `splits` differ from what `checkpoint` recorded of its training data, when
+    `corpus` goes by the same name (the same --data: the python-stdlib of another Python, say, or an edited
+    file); None when they match, when the names differ (other data, asked for) or when nothing was recorded
+    (checkpoints written before data identities were)."""
+    if not isinstance(recorded, dict) or not _same_source(str(recorded.get("name")), corpus.name):
+        return None
+    saved = recorded.get("splits") or {}
+    changed = []
+    for name in splits:
+        then, now = saved.get(name), split_identity(corpus.split(name))
+        if isinstance(then, dict) and then.get("sha256") != now["sha256"]:
+            changed.append(f"{name} {now['tokens']:,} tokens, SHA-256 {now['sha256'][:12]} (then "
+                           f"{then.get('tokens', 0):,}, {str(then.get('sha256'))[:12]})")
+    if not changed:
+        return None
+    return (f"the data {corpus.name} is not what {checkpoint} was trained with: {'; '.join(changed)}; its "
+            "numbers are not comparable with the run's (another Python version for python-stdlib, or changed "
+            "files?)")
+
+
+def _same_source(a: str, b: str) -> bool:
+    """The same corpus name: the same spec, or two paths to the same file or folder."""
+    if a == b:
+        return True
+    try:
+        return STDLIB_CORPUS not in (a, b) and Path(a).resolve() == Path(b).resolve()
+    except OSError:
+        return False
 
 
 # --- loading ------------------------------------------------------------------------------------------------
@@ -114,7 +166,7 @@ def _load_word_corpus(folder: Path, level: str, vocab: Vocab | None) -> Corpus:
     texts = {}
     for name, p in files.items():
         try:
-            texts[name] = p.read_text(encoding="utf-8").splitlines()  # type: ignore[union-attr]
+            texts[name] = text_lines(p.read_text(encoding="utf-8"))  # type: ignore[union-attr]
         except UnicodeDecodeError as e:
             raise SharnnError(f"{p} is not UTF-8 text ({e.reason} at byte {e.start}); word corpora must be "
                               "UTF-8 (a byte-level model, --tokens bytes, reads any bytes)") from None

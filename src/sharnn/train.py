@@ -54,7 +54,7 @@ from .checkpoint import (
     step_name,
 )
 from .config import SHARNNConfig, TrainConfig, auto_cutoffs
-from .data import Corpus, Streams, load_corpus, train_segments
+from .data import SPLIT_NAMES, Corpus, Streams, data_warning, load_corpus, train_segments
 from .distributed import Dist, PeerFailed, init_from_env, release_frames
 from .errors import SharnnError
 from .evaluate import LN2, EvalResult, autocast, evaluate
@@ -167,6 +167,11 @@ def _run(model_cfg: SHARNNConfig, cfg: TrainConfig, quiet: bool, ckpt: Path | No
         model, saved, resumed = _resume_model(ckpt, model_cfg, corpus, cfg, ranks, device, log)
     else:
         model, saved = _new_model(model_cfg, corpus, device, log), None
+    if ranks.is_main:  # the data's identity, hashed once now (rank 0 saves it with every checkpoint)
+        recorded = read_meta(ckpt).get("data") if ckpt is not None else None
+        if warning := data_warning(recorded, corpus, SPLIT_NAMES, str(ckpt)):
+            log.line(f"warning: {warning}")
+            log.record("warning", message=warning)
     model.keep_fp32(cfg.fp32_part_set)
     if device.type == "cuda":
         set_tf32(cfg.tf32)
@@ -192,6 +197,7 @@ def _run(model_cfg: SHARNNConfig, cfg: TrainConfig, quiet: bool, ckpt: Path | No
                  f"{ranks.world * cfg.batch_size} streams ({'nccl' if device.type == 'cuda' else 'gloo'})")
     log.record("start", params=n_params, model=model.cfg.to_dict(), train=cfg.to_dict(), device=str(device),
                world=ranks.world, global_batch=ranks.world * cfg.batch_size,
+               data=corpus.identity if ranks.is_main else None,
                **({"resumed": resumed} if resumed is not None else {}))
     if ranks.is_main and (need := checkpoint_bytes_needed(n_params, cfg)) > (free := shutil.disk_usage(run_dir).free):
         log.line(f"warning: {run_dir} has {free / 1e9:.2f} GB free, but this run's checkpoints may need about "
@@ -329,13 +335,15 @@ def _optimizer_and_rng(model: SHARNN, cfg: TrainConfig,
 
 def _final_measurement(result: TrainResult, model: SHARNN, corpus: Corpus, cfg: TrainConfig, device: torch.device,
                        log: RunLog, quiet: bool) -> TrainResult:
-    """Valid and test bpc of the best checkpoint, as the paper reports them, and the sample text."""
+    """Valid and test bpc of the best checkpoint, as the paper reports them, and the sample text.
+
+    Measured in float32 whatever --precision trained in, as every validation is: `sharnn eval` (float32)
+    reproduces these numbers."""
     best_dir = result.run_dir / "best"
     final_model = load_model(best_dir, device) if (best_dir / "config.json").is_file() else model
-    final_model.keep_fp32(cfg.fp32_part_set)
     valid = evaluate(final_model, _eval_ids(corpus.valid, cfg), cfg.eval_batch_size or cfg.batch_size, cfg.bptt,
-                     device, cfg.precision, progress=not quiet, what="valid")
-    test = evaluate(final_model, _eval_ids(corpus.test, cfg), cfg.test_batch_size, cfg.bptt, device, cfg.precision,
+                     device, progress=not quiet, what="valid")
+    test = evaluate(final_model, _eval_ids(corpus.test, cfg), cfg.test_batch_size, cfg.bptt, device,
                     progress=not quiet, what="test")
     log.record("final", valid_bpc=valid.bpc, test_bpc=test.bpc, valid_loss=valid.loss, test_loss=test.loss)
     text = b""
@@ -734,7 +742,9 @@ class _Loop:
         # After the switch to averaged SGD, the averaged weights are the model: evaluate and keep those.
         with averaged_weights(self.model.parameters(), self.optimizer):
             if self.ranks.is_main:  # rank 0 evaluates; the others take its number (they must agree on "best")
-                res = evaluate(self.model, ids, cfg.eval_batch_size or cfg.batch_size, cfg.bptt, self.device, cfg.precision,
+                # In float32 whatever --precision trains in: the number that picks best/ is the one `sharnn eval`
+                # gives, not one blurred by bf16/fp16 rounding.
+                res = evaluate(self.model, ids, cfg.eval_batch_size or cfg.batch_size, cfg.bptt, self.device,
                                progress=not self.log.quiet, what="valid")
             loss = self.ranks.from_main(res.loss if self.ranks.is_main else 0.0, self.device)
             if not self.ranks.is_main:
@@ -801,7 +811,8 @@ class _Loop:
             "grads": grads,  # inside an --accumulate step (micro > 0): the gradients gathered so far
             "scaler": self.scaler.state_dict(),  # {} unless fp16
         }
-        save_checkpoint(self.run_dir / name, self.model, self.cfg, progress, train_state, vocab=self.corpus.vocab)
+        save_checkpoint(self.run_dir / name, self.model, self.cfg, progress, train_state, vocab=self.corpus.vocab,
+                        data=self.corpus.identity)
         if name != "best":
             self.last_save_time = time.perf_counter()
             self.log.record("save", name=name, epoch=self.ts.epoch, step=self.ts.step, position=self.ts.position)
