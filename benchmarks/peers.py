@@ -40,8 +40,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 ROOT = Path(__file__).resolve().parent.parent
 LN2 = math.log(2)
@@ -165,7 +165,7 @@ def run_sharnn(preset: str, data: str, seconds: float, threads: int, extra: list
         save = Path(tmp) / "run"
         cmd = [sys.executable, "-m", "sharnn.cli", "train", "--preset", preset, "--data", data, "--max-time",
                str(seconds), "--threads", str(threads), "--save", str(save), "--sample", "0", "--quiet", *extra]
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=os.environ | {"PYTHONPATH": str(ROOT / "src")})
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=False, env=os.environ | {"PYTHONPATH": str(ROOT / "src")})
         if proc.returncode:
             raise SystemExit(f"sharnn failed ({' '.join(cmd)}):\n{proc.stderr[-3000:]}")
         events = [json.loads(line) for line in (save / "log.jsonl").read_text().splitlines()]
@@ -248,7 +248,7 @@ def main() -> None:
         key, value = kv.split("=", 1)
         recipe[key] = type(GPT_RECIPE[key])(float(value)) if key in GPT_RECIPE else value
     torch.set_num_threads(args.threads)
-    rows, results = [], []
+    results = []
     for corpus in args.corpora:
         spec = corpus_path(corpus)
         train, valid = load_splits(spec)
