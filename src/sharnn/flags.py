@@ -11,7 +11,15 @@ import argparse
 from dataclasses import fields
 from typing import Any
 
-from .config import DECAYS, OPTIMIZERS, SHARNNConfig, TrainConfig, load_config_file, load_preset, split_settings
+from .config import (
+    DECAYS,
+    OPTIMIZERS,
+    SHARNNConfig,
+    TrainConfig,
+    load_config_file,
+    load_preset,
+    split_settings,
+)
 from .errors import SharnnError
 
 

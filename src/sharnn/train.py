@@ -60,8 +60,15 @@ from .errors import SharnnError
 from .evaluate import LN2, EvalResult, autocast, evaluate
 from .generate import generate
 from .model import SHARNN, SHARNNOutput, State, count_parameters, detach_state
-from .optim import (averaged_weights, budget_horizon, build_asgd, build_optimizer, lr_at, set_lr,
-                    should_switch_to_asgd)
+from .optim import (
+    averaged_weights,
+    budget_horizon,
+    build_asgd,
+    build_optimizer,
+    lr_at,
+    set_lr,
+    should_switch_to_asgd,
+)
 from .outputs import same_file
 from .progress import RunLog, TrainProgress
 from .runtime import resolve_device, seed_everything, set_tf32
