@@ -204,8 +204,9 @@ def attend_fused(q: Tensor, k: Tensor, v: Tensor, visible: Tensor | None, dropou
     return F.scaled_dot_product_attention(*heads, attn_mask=visible, dropout_p=dropout_p).squeeze(1).transpose(0, 1)
 
 
-def fused_attention_wins(device: torch.device, T: int) -> bool:
-    """Whether SDPA beats two plain matmuls here; measured, not assumed (benchmarks/attention.py).
+def fused_attention_wins(device: torch.device, T: int, K: int, dtype: torch.dtype) -> bool:
+    """Whether SDPA beats two plain matmuls for T queries over K keys computed in `dtype`; measured, not assumed
+    (benchmarks/attention.py).
 
     CUDA (H200, bf16, batch 16, 1024 queries, E 1024, ~6000 keys): plain 5.5 ms forward + backward against
     SDPA's 27 ms (its memory-efficient kernel, the only one that takes a 1024-wide head, is slow in backward),
@@ -213,8 +214,19 @@ def fused_attention_wins(device: torch.device, T: int) -> bool:
     queries, E 256, ~5000 keys): SDPA's flash kernel never forms the T x K weights, 221 ms against 703 without
     gradients and 1.57 s against 1.78 s with them; a single query is two mat-vecs either way, and plain is as
     fast in fp32 (2.3 ms) and ~4x faster for bf16 weights on CPUs with native bf16 (benchmarks/README.md).
+    In bf16 on a CPU with AVX-512 BF16, forward + backward, batch 16: plain wins while the T x K weights are
+    small (128 x 383 keys, E 232: 13.4 against 20.6 ms; 128 x 1152, E 256: 63 against 74 ms), SDPA once they
+    are large (256 x 2304: 264 against 229 ms; 256 x 5256: 890 against 688 ms).
     """
-    return device.type == "cpu" and T > 1
+    if device.type != "cpu" or T == 1:
+        return False
+    return dtype != torch.bfloat16 or T * K > 2**18
+
+
+def matmul_dtype(x: Tensor) -> torch.dtype:
+    """The dtype a matrix product of x computes in: autocast's where it is on for x's device, else x's own."""
+    device = x.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
 
 
 class Attention(nn.Module):
@@ -279,7 +291,7 @@ class Attention(nn.Module):
         if visible is None:
             visible = visible_keys(T, K, mem_len, self.span, self.window, h.device)
         fused = self.kernel == "fused" or (
-            self.kernel == "auto" and fused_attention_wins(h.device, T))
+            self.kernel == "auto" and fused_attention_wins(h.device, T, K, matmul_dtype(q)))
         if fused:
             mix = attend_fused(q, k, v, visible, self.dropout_p if self.training else 0.0)
         else:
