@@ -430,8 +430,8 @@ def create_app(model: SHARNN, card: ModelCard, limits: Limits | None = None, eng
             raise Refused(422, "texts: give at least one text")
         if len(texts) > limits.max_texts:
             raise Refused(422, f"texts: {len(texts)}, over the limit of {limits.max_texts}")
-        if body.top_k > limits.max_top_k:
-            raise Refused(422, f"top_k: {body.top_k}, over the limit of {limits.max_top_k}")
+        if body.top_k > min(limits.max_top_k, vocab.size):
+            raise Refused(422, f"top_k: {body.top_k}, over the limit of {min(limits.max_top_k, vocab.size)}")
         raw = [_utf8(t, f"texts[{i}]" if body.texts is not None else "text") + (b"\n" if body.eos else b"")
                for i, t in enumerate(texts)]
         if sum(map(len, raw)) > limits.max_text:
