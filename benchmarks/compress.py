@@ -3,11 +3,10 @@
     sharnn train --preset tiny --max-time 600 --save runs/tiny10        # a model of Python source, 10 minutes
     python benchmarks/compress.py --checkpoint runs/tiny10 > benchmarks/compress.md
 
-Held-out texts (`--files`, default both): `after`, the first 200,000 bytes of the standard library's sources
-that come after the 4 MB `python-stdlib` corpus in its own order, codec tables (`encodings/`) left out: ordinary
-Python modules that training never saw; and `test`, the corpus's test split (200,000 bytes, which on Python 3.11
-are codec tables from `encodings/`: lines that differ in a few characters, which LZ77 coders like xz handle
-best). Any other name is read as a file. Rows:
+Held-out texts (`--files`, default both): `after`, the first 200,000 bytes of the standard-library modules that no
+split of the `python-stdlib` corpus reads (`sharnn.data.python_stdlib_unused`, in the corpus's own file order):
+ordinary Python modules that training never saw; and `test`, the corpus's test split (200,000 bytes of modules drawn
+across the library, also never trained on). Any other name is read as a file. Rows:
 
     gzip -9, bzip2 -9, xz -9, zstd -19, zpaq -m5   the usual tools (a tool that is not installed is said so)
     sharnn, conditional       the checkpoint as trained: `sharnn compress CKPT IN OUT`
@@ -41,7 +40,7 @@ from sharnn.compress import (
     decompress_file,
     fresh_model,
 )
-from sharnn.data import STDLIB_CORPUS_BYTES, load_corpus, python_stdlib_files
+from sharnn.data import load_corpus, python_stdlib_unused
 
 TOOLS = [  # name, compress command, decompress command, output suffix
     ("gzip -9", ["gzip", "-9", "-k", "-f"], ["gzip", "-d", "-k", "-f"], ".gz"),
@@ -62,14 +61,12 @@ def cpu_name() -> str:
 
 
 def heldout_python(limit: int = 200_000) -> bytes:
-    """Standard-library sources after the python-stdlib corpus (same order), codec tables left out."""
-    seen, out = 0, bytearray()
-    for p in python_stdlib_files():
-        if seen >= STDLIB_CORPUS_BYTES and "encodings" not in p.parts:
-            out += p.read_bytes()
-            if len(out) >= limit:
-                break
-        seen += p.stat().st_size
+    """Standard-library sources that no split of the python-stdlib corpus reads (in the corpus's file order)."""
+    out = bytearray()
+    for p in python_stdlib_unused():
+        out += p.read_bytes()
+        if len(out) >= limit:
+            break
     return bytes(out[:limit])
 
 

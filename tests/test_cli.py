@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from sharnn.cli import build_parser, main
 from sharnn.flags import resolve_train_settings
@@ -259,3 +260,80 @@ def test_list_and_optional_flags() -> None:
     assert model.attn_layers == (0, 2) and model.tied is False
     assert train.when == (3, 5) and train.max_time is None and train.max_steps == 9
     assert train.device == "cuda"
+
+
+# --- resume: the run's own settings, the flags typed on top --------------------------------------------------
+
+RUN_A = ["--emsize", "16", "--nhid", "32", "--nlayers", "2", "--attn-layers", "1", "--attn-span", "24",
+         "--seed", "7", "--bptt", "16", "--batch_size", "2", "--lr", "0.01", "--warmup", "2", "--epochs", "5",
+         "--max-eval-bytes", "200"]
+
+
+def log_events(run: Path, event: str) -> list[dict]:
+    return [e for e in map(json.loads, (run / "log.jsonl").read_text().splitlines()) if e["event"] == event]
+
+
+def test_resume_continues_the_run_it_names(tmp_path: Path, text_file: Path, monkeypatch, capsys) -> None:
+    # The reproduction: a resume without the run's flags trained with every default (seed 1111, bptt
+    # 1024, batch 16, ...) into runs/sharnn. It must take the run's settings, the typed flags on top.
+    from safetensors.torch import load_file
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", "--data", "text.txt", *RUN_A, "--max-steps", "3", "--save", "runs/A", "--quiet"]) == 0
+    assert main(["train", "--data", "text.txt", *RUN_A, "--max-steps", "6", "--save", "runs/B", "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["train", "--resume", "runs/A/last", "--max-steps", "6", "--data", "text.txt"]) == 0
+    err = capsys.readouterr().err
+    saved = json.loads(Path("runs/A/last/train_config.json").read_text())
+    assert {k: saved[k] for k in ("seed", "bptt", "batch_size", "lr", "warmup", "epochs", "save", "max_steps")} == {
+        "seed": 7, "bptt": 16, "batch_size": 2, "lr": 0.01, "warmup": 2, "epochs": 5, "save": "runs/A",
+        "max_steps": 6}
+    assert not Path("runs/sharnn").exists()
+    printed = json.loads(next(x for x in err.splitlines() if x.startswith("settings: "))[len("settings: "):])
+    assert printed["model"]["emsize"] == 16 and printed["train"]["bptt"] == 16  # the model's real settings
+    said = [x for x in err.splitlines() if x.startswith("resuming from")]
+    assert said == ["resuming from runs/A/last at epoch 1, step 3; changed: max_steps 3 -> 6"]
+    assert "global batch changed" not in err
+    assert log_events(Path("runs/A"), "start")[-1]["resumed"]["changed"] == {"max_steps": [3, 6]}
+    # 3 steps, then 3 more resumed: the weights of 6 straight, so every setting and random stream carried on.
+    a, b = load_file("runs/A/last/model.safetensors"), load_file("runs/B/last/model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert main(["train", "--resume", "runs/A/last", "--quiet"]) == 2  # the run's own --max-steps 6 is spent
+    assert_one_error_line(capsys.readouterr().err, "at step 6, so --max-steps 6 leaves nothing", "larger --max-steps")
+
+    # Without --data (the run's corpus), with a config file layered over the run and a new seed said out loud.
+    Path("lr.toml").write_text("lr = 0.004\n")
+    assert main(["train", "--resume", "runs/A", "--config", "lr.toml", "--seed", "125", "--max-steps", "8"]) == 0
+    err = capsys.readouterr().err
+    said = [x for x in err.splitlines() if x.startswith("resuming from")]
+    assert said == [("resuming from runs/A/last at epoch 1, step 6; changed: lr 0.01 -> 0.004, seed 7 -> 125 "
+                    "(fresh random streams: the saved ones are not used), max_steps 6 -> 8")]
+    saved = json.loads(Path("runs/A/last/train_config.json").read_text())
+    assert (saved["lr"], saved["seed"], saved["bptt"], saved["max_steps"]) == (0.004, 125, 16, 8)
+    assert log_events(Path("runs/A"), "start")[-1]["resumed"]["changed"] == {
+        "lr": [0.01, 0.004], "seed": [7, 125], "max_steps": [6, 8]}
+    assert not Path("runs/sharnn").exists()
+
+    # A checkpoint outside any run folder has no folder to go back to: --save says where.
+    import shutil
+
+    shutil.copytree("runs/A/last", "loose")
+    assert main(["train", "--resume", "loose", "--max-steps", "9", "--quiet"]) == 2
+    assert_one_error_line(capsys.readouterr().err, "not inside a run folder", "pass --save")
+    assert main(["train", "--resume", "loose", "--max-steps", "9", "--quiet", "--save", "runs/C"]) == 0
+    assert json.loads(Path("runs/C/last/config.json").read_text())["progress"]["step"] == 9
+
+
+def test_resume_past_the_last_epoch_says_how_to_go_on(tmp_path: Path, capsys) -> None:
+    short = tmp_path / "short.txt"
+    short.write_bytes(SENTENCES[0] * 40)  # 1,800 bytes: one epoch is about 50 steps of 2 x 16 bytes
+    run = tmp_path / "run"
+    flags = tiny_flags(tmp_path)
+    del flags[flags.index("--max-steps") : flags.index("--max-steps") + 2]  # no budget: the epoch ends it
+    assert main(["train", "--data", str(short), *flags, "--epochs", "1", "--max-eval-bytes", "200"]) == 0
+    steps = json.loads((run / "last" / "config.json").read_text())["progress"]["step"]
+    assert main(["train", "--resume", str(run), "--quiet", "--max-steps", str(steps + 1)]) == 2
+    assert_one_error_line(capsys.readouterr().err, "has finished epoch 1, so --epochs 1 leaves nothing to train",
+                          "pass a larger --epochs")
+    assert main(["train", "--resume", str(run), "--quiet", "--epochs", "2", "--max-steps", str(steps + 2)]) == 0
+    assert json.loads((run / "last" / "config.json").read_text())["progress"]["step"] == steps + 2

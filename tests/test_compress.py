@@ -143,6 +143,82 @@ def test_adapt_learns_while_coding(trained: SHARNN, model: SHARNN, tmp_path: Pat
     assert kept.compressed > 0
 
 
+def overhead(path: Path, blocks: int) -> int:
+    """What a file adds to its content when every block is stored: magic, version, header, trailer, 4 per block."""
+    return read_header(path).body_start + 32 + 4 * blocks
+
+
+@pytest.mark.parametrize("kind", ["random", "one repeated byte"])
+def test_inputs_the_model_does_not_know_never_grow(trained: SHARNN, tmp_path: Path, kind: str) -> None:
+    # Random bytes, and a byte the model has never seen repeated, cost it more than 8 bits a byte: those blocks are
+    # stored as they are (the decoder still runs the model over them), so the file grows by a few bytes per block.
+    rng = np.random.default_rng(0)
+    data = rng.integers(0, 256, 3000, dtype=np.uint8).tobytes() if kind == "random" else b"\x07" * 3000
+    res = roundtrip(trained, data, tmp_path, streams=4, block_steps=200)  # 4 streams of 750: 4 blocks
+    assert res.model_bits > 8 * len(data)  # the model alone would have made it larger
+    assert res.blocks == 4 and res.stored == 4
+    assert res.compressed == len(data) + overhead(tmp_path / "in.shz", res.blocks)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("adapt", [None, DynamicConfig(lr=1e-3, decay=0.001, bptt=8)], ids=["plain", "adapt"])
+def test_stored_and_coded_blocks_mix(trained: SHARNN, tmp_path: Path, adapt: DynamicConfig | None) -> None:
+    # Text the model knows, then random bytes, then text again: coded, stored, coded. With --adapt the decoder
+    # learns from the stored bytes exactly as the encoder did, or the blocks after them would not decode.
+    rng = np.random.default_rng(1)
+    data = TEXT[:600] + rng.integers(0, 256, 600, dtype=np.uint8).tobytes() + TEXT[600:1200]
+    res = roundtrip(trained, data, tmp_path, streams=1, block_steps=150, adapt=adapt)
+    assert res.blocks == 12 and 4 <= res.stored <= 5  # the random part, and perhaps a block that straddles it
+    body = res.compressed - overhead(tmp_path / "in.shz", res.blocks)  # stored bytes and range code
+    assert body < 600 + 0.5 * 1200  # the text's blocks are coded, at well under 4 bits a byte
+
+
+def test_a_diverging_model_stops_in_one_line_and_writes_nothing(model: SHARNN, tmp_path: Path, capsys) -> None:
+    # Steps of 1e10 overflow the weights: NaN predictions, which the range coder cannot code.
+    (tmp_path / "in").write_bytes(TEXT[:3000])
+    with pytest.raises(SharnnError, match="NaN or infinite .* smaller --adapt-lr"):
+        compress_file(model, tmp_path / "in", tmp_path / "out", CoderSettings(
+            streams=8, adapt=DynamicConfig(lr=1e10, decay=0.0, bptt=8)))
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))
+    ckpt = str(save_checkpoint(tmp_path / "ckpt", model))
+    assert main(["compress", ckpt, str(tmp_path / "in"), str(tmp_path / "out"), "--quiet", "--adapt",
+                 "--adapt-lr", "1e10"]) == 2
+    err = capsys.readouterr().err
+    assert "NaN or infinite" in err and "Traceback" not in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))
+    with pytest.raises(SharnnError, match="not finite"):
+        quantise(np.full((1, 256), np.nan, dtype=np.float32))
+
+
+def test_a_probability_of_zero_still_codes_and_costs_finite_bits(trained: SHARNN, tmp_path: Path) -> None:
+    # A byte the model rules out entirely (float32 probability exactly 0) is still coded, at a finite cost.
+    with torch.no_grad():
+        trained.decoder.bias[ord("x")] -= 1000.0
+    try:
+        data = TEXT[:500] + b"xxx" + TEXT[:500]
+        with torch.no_grad():
+            p = torch.softmax(trained(torch.tensor([[ord("a")]])).logits[0, 0], -1)
+        assert p[ord("x")] == 0.0
+        res = roundtrip(trained, data, tmp_path, streams=2)
+        assert math.isfinite(res.model_bits) and res.model_bits > 3 * 1000 / math.log(2)
+    finally:
+        with torch.no_grad():
+            trained.decoder.bias[ord("x")] += 1000.0
+
+
+def test_format_version_1_files_still_decode(trained: SHARNN, tmp_path: Path) -> None:
+    # Version 1 is version 2 without stored blocks: such a file, marked version 1, decodes as before.
+    (tmp_path / "in").write_bytes(TEXT[:2000])
+    res = compress_file(trained, tmp_path / "in", tmp_path / "z", CoderSettings(streams=4))
+    assert res.stored == 0
+    raw = bytearray((tmp_path / "z").read_bytes()[:-32])
+    raw[8:10] = struct.pack("<H", 1)
+    (tmp_path / "z").write_bytes(bytes(raw) + hashlib.sha256(raw).digest())
+    assert read_header(tmp_path / "z").version == 1
+    decompress_file(tmp_path / "z", tmp_path / "back", trained)
+    assert (tmp_path / "back").read_bytes() == TEXT[:2000]
+
+
 def test_quantise_is_exact_and_keeps_every_byte() -> None:
     p = torch.softmax(torch.randn(5, 256) * 8, -1).numpy()
     q = quantise(p)
@@ -197,9 +273,9 @@ def test_damaged_or_foreign_files_are_refused(packed: Path, model: SHARNN, tmp_p
     elif damage == "magic":
         raw[0] = ord("x")
     else:
-        raw[8:10] = struct.pack("<H", 2)
+        raw[8:10] = struct.pack("<H", 3)
     packed.write_bytes(bytes(raw))
-    message = {"flip": "damaged", "truncate": "damaged", "magic": "not a file made by", "version": "version 2"}
+    message = {"flip": "damaged", "truncate": "damaged", "magic": "not a file made by", "version": "version 3"}
     with pytest.raises(SharnnError, match=message[damage]):
         decompress_file(packed, tmp_path / "out", model)
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))
@@ -218,17 +294,40 @@ def test_another_machine_is_refused_unless_asked(packed: Path, model: SHARNN, tm
     assert main(argv + ["--ignore-machine", "--overwrite"]) == 0
 
 
-def test_a_wrong_decode_is_never_written(packed: Path, model: SHARNN, tmp_path: Path, monkeypatch) -> None:
-    # A decoder whose arithmetic differs from the encoder's (another machine, say) decodes garbage: the checksum of
-    # the original catches it and no output appears.
+def test_a_wrong_decode_is_never_written(trained: SHARNN, tmp_path: Path, monkeypatch) -> None:
+    # A decoder whose arithmetic differs from the encoder's (another machine, say) decodes garbage, or constriction's
+    # decoder fails on the code (an AssertionError on an AVX-512 machine): either way one clear line, no output.
+    (tmp_path / "in").write_bytes(TEXT[:3000])
+    res = compress_file(trained, tmp_path / "in", tmp_path / "in.shz", CoderSettings(streams=8, block_steps=100))
+    assert res.stored == 0  # range-coded blocks: the model predicts this text
     real = compress.quantise
+    for shift in (1, 128):
+        monkeypatch.setattr(compress, "quantise", lambda p, k=shift: real(np.roll(p, k, axis=1)))
+        with pytest.raises(SharnnError, match="did not give back the original"):
+            decompress_file(tmp_path / "in.shz", tmp_path / "out", trained)
+        assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))
 
-    def off_by_a_little(p: np.ndarray) -> np.ndarray:
-        return real(np.roll(p, 1, axis=1))
 
-    monkeypatch.setattr(compress, "quantise", off_by_a_little)
-    with pytest.raises(SharnnError, match="did not give back the original"):
-        decompress_file(packed, tmp_path / "out", model)
+@pytest.mark.parametrize("where", ["decode", "construct"])
+def test_decoder_failures_become_one_line(trained: SHARNN, tmp_path: Path, monkeypatch, capsys, where: str) -> None:
+    # Whatever constriction raises on a code it cannot decode (which depends on the machine), the user gets one line.
+    class Broken:
+        def __init__(self, words: np.ndarray):
+            if where == "construct":
+                raise ValueError("not a valid compressed word sequence")
+
+        def decode(self, family: object, probs: np.ndarray) -> np.ndarray:
+            raise AssertionError("Tried to decode from compressed data that is invalid for the employed entropy model.")
+
+    ckpt = str(save_checkpoint(tmp_path / "ckpt", trained))
+    (tmp_path / "in").write_bytes(TEXT[:2000])
+    assert main(["compress", ckpt, str(tmp_path / "in"), str(tmp_path / "z"), "--quiet", "--streams", "4"]) == 0
+    assert read_header(tmp_path / "z").header["streams"] == 4
+    monkeypatch.setattr(compress._constriction().stream.queue, "RangeDecoder", Broken)
+    capsys.readouterr()
+    assert main(["decompress", ckpt, str(tmp_path / "z"), str(tmp_path / "out"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "did not give back the original" in err and "Traceback" not in err and len(err.splitlines()) == 1, err
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))
 
 
@@ -333,3 +432,13 @@ def test_a_crafted_fresh_header_is_refused_before_building(tmp_path: Path, capsy
     err = capsys.readouterr().err
     assert "Traceback" not in err and "the fresh model its header describes needs" in err, err
     assert not (tmp_path / "back").exists()
+
+
+def test_cli_says_when_blocks_are_stored(model: SHARNN, tmp_path: Path, capsys) -> None:
+    ckpt = save_checkpoint(tmp_path / "ckpt", model)
+    (tmp_path / "in").write_bytes(np.random.default_rng(3).integers(0, 256, 500, dtype=np.uint8).tobytes())
+    assert main(["compress", str(ckpt), str(tmp_path / "in"), str(tmp_path / "z"), "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "1 of 1 blocks stored as they are" in out
+    header = read_header(tmp_path / "z").body_start + 32
+    assert (tmp_path / "z").stat().st_size == 500 + header + 4 and header < 800

@@ -15,6 +15,7 @@ from sharnn.data import (
     eval_segments,
     load_corpus,
     prepare_enwik8,
+    python_stdlib_unused,
     segment_length,
     split_bytes,
     train_segments,
@@ -242,8 +243,21 @@ def test_python_stdlib_corpus_is_deterministic() -> None:
     for name in ("train", "valid", "test"):
         assert len(a.split(name)) > 0
         assert a.split(name).tobytes() == b.split(name).tobytes(), name
-    assert len(a.train) > 10 * len(a.valid)
+    assert (len(a.train), len(a.valid), len(a.test)) == (3_600_000, 200_000, 200_000)
     assert b"def " in a.train.tobytes()
+
+
+def test_python_stdlib_splits_are_ordinary_modules_from_across_the_library() -> None:
+    c = load_corpus("python-stdlib")
+    train, held = c.train.tobytes(), {"valid": c.valid.tobytes(), "test": c.test.tobytes()}
+    for name, text in held.items():
+        # not codec tables (the old test split) nor the documentation dump: Python code like the rest
+        assert b"decoding_table" not in text and b"topics = {" not in text, name
+        assert text.count(b"def ") > 200, name
+        # whole modules that training never reads: a stretch from the middle of each is absent from train
+        for start in range(10_000, 190_000, 45_000):
+            assert text[start : start + 300] not in train, (name, start)
+    assert len(python_stdlib_unused()) > 100  # modules left for held-out checks (benchmarks/compress.py)
 
 
 # --- streams and segments -----------------------------------------------------------------------------------

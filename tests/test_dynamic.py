@@ -57,6 +57,64 @@ def test_lr_zero_is_static_evaluation_exactly(model: SHARNN, rms: list[torch.Ten
     assert dyn.predictions == static.predictions
 
 
+def sharpen_attention(model: SHARNN) -> SHARNN:
+    """Larger attention weights, so that what a query sees (the window) shows in the loss."""
+    with torch.no_grad():
+        attn = model.blocks[1].attn
+        attn.vs.normal_()
+        attn.qs.normal_()
+        for p in attn.parameters():
+            p.mul_(3)
+    return model
+
+
+@pytest.mark.parametrize("window", ["sliding", "reference"])
+def test_lr_zero_is_static_evaluation_under_both_windows(model: SHARNN, window: str) -> None:
+    # Static evaluation walks segments of 16; dynamic evaluation takes a step every 4 tokens. It walks the same
+    # segments, in pieces, each seeing what one pass over its segment shows it: under the reference window (whose
+    # outputs depend on the cut) too, so lr 0 gives the static number up to float rounding.
+    sharpen_attention(model).set_attn_window(window)
+    rms = gradient_stats(model, TEXT, 3, 4, 2000)
+    static = evaluate(model, TEXT, 3, 16)
+    dyn = dynamic_evaluate(model, TEXT, 3, DynamicConfig(lr=0.0, decay=0.5, bptt=4), rms, bptt=16)
+    assert dyn.predictions == static.predictions and len(dyn.segment_losses) == len(static.segment_losses)
+    assert dyn.loss == pytest.approx(static.loss, rel=1e-6, abs=0)
+    assert dyn.segment_losses == pytest.approx(static.segment_losses, rel=1e-5, abs=0)
+    cut = evaluate(model, TEXT, 3, 4).loss - static.loss  # what walking in segments of 4 would have measured
+    if window == "reference":
+        assert abs(cut) > 50 * abs(dyn.loss - static.loss) and abs(cut) > 1e-5
+    else:
+        assert abs(cut) < 1e-6
+    learn = dynamic_evaluate(model, TEXT, 3, DynamicConfig(lr=3e-4, decay=0.0, bptt=4), rms, bptt=16)
+    assert learn.segment_losses[0] != pytest.approx(static.segment_losses[0], rel=1e-6)  # steps inside a segment
+
+
+def test_a_segment_longer_than_the_span_under_the_reference_window_is_refused(model: SHARNN) -> None:
+    model.set_attn_window("reference")  # span 24: a query of a 32-token segment sees up to 55 positions
+    rms = gradient_stats(model, TEXT, 3, 8, 500)
+    with pytest.raises(SharnnError, match="--bptt 24 or less, --dynamic-bptt 32, or --attn-window sliding"):
+        dynamic_evaluate(model, TEXT, 3, DynamicConfig(lr=0.0, bptt=8), rms, bptt=32)
+    assert dynamic_evaluate(model, TEXT, 3, DynamicConfig(lr=0.0, bptt=32), rms, bptt=32).loss == \
+        evaluate(model, TEXT, 3, 32).loss  # whole segments: exactly
+    with pytest.raises(SharnnError, match="--attn-window sliding"):
+        dynamic_score_stream(model, BYTES, io.BytesIO(TEXT[:100].tobytes()), DynamicConfig(bptt=8), rms)
+
+
+@pytest.mark.parametrize("window", ["sliding", "reference"])
+def test_document_lr_zero_is_the_static_score_under_both_windows(tiny_config: SHARNNConfig, window: str) -> None:
+    # `score --document` reads segments of 1024 tokens; `--dynamic` steps every 32 inside them, from the memory one
+    # pass would see (a span of 1100 > 1024: the reference window's segments can be reproduced).
+    torch.manual_seed(1)
+    m = sharpen_attention(SHARNN(replace(tiny_config, attn_span=1100, attn_window=window)).eval())
+    doc = TEXT.tobytes()[:2500]
+    rms = gradient_stats(m, TEXT, 1, 32, 200)
+    static = score_stream(m, BYTES, io.BytesIO(doc))
+    zero = dynamic_score_stream(m, BYTES, io.BytesIO(doc), DynamicConfig(lr=0.0, bptt=32), rms)
+    assert zero.tokens == static.tokens and abs(zero.logprob - static.logprob) < 1e-4  # nats, over 2,500 bytes
+    cut = score_stream(m, BYTES, io.BytesIO(doc), chunk=32).logprob - static.logprob
+    assert (abs(cut) > 1e-3) == (window == "reference")  # the cut matters to the reference window only
+
+
 def test_learning_helps_on_repetitive_text_and_weights_come_back(model: SHARNN, rms: list[torch.Tensor]) -> None:
     before = weights(model)
     static = evaluate(model, TEXT, 3, 16)
@@ -185,6 +243,17 @@ def ckpt(model: SHARNN, tmp_path: Path) -> Path:
 def run_json(capsys: pytest.CaptureFixture[str], *argv: str) -> dict:
     assert main(list(argv)) == 0
     return json.loads(capsys.readouterr().out)
+
+
+@pytest.mark.parametrize("window", ["sliding", "reference"])
+def test_eval_dynamic_prints_the_static_number_eval_gives(ckpt: Path, window: str, capsys) -> None:
+    # The checkpoint's bptt is 16; --dynamic-bptt 4 steps inside those segments. The static number printed beside
+    # the dynamic one is plain `sharnn eval`'s, and lr 0 reproduces it, under either window.
+    plain = run_json(capsys, "eval", str(ckpt), "--json", "--attn-window", window)
+    zero = run_json(capsys, "eval", str(ckpt), "--dynamic", "--dynamic-lr", "0", "--dynamic-bptt", "4",
+                    "--dynamic-stats-tokens", "64", "--json", "--attn-window", window)
+    assert zero["bpc"] == plain["bpc"] and zero["bptt"] == 16
+    assert zero["dynamic"]["bpc"] == pytest.approx(plain["bpc"], rel=1e-6, abs=0)
 
 
 def test_eval_dynamic_cli(ckpt: Path, capsys: pytest.CaptureFixture[str]) -> None:

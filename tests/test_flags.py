@@ -44,6 +44,8 @@ def baseline(corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str
     ["--dropout", "0.5"], ["--dropouth", "0.5"], ["--dropouti", "0.5"], ["--dropoute", "0.5"],
     ["--alpha", "2"], ["--beta", "1"], ["--attn-span", "3"], ["--optimizer", "adam"], ["--optimizer", "adamw"],
     ["--optimizer", "sgd", "--nonmono", "0"], ["--attn-layers", "0"], ["--nlayers", "3"], ["--precision", "bf16"],
+    ["--decay", "linear"], ["--decay", "cosine"], ["--decay", "linear", "--decay-to", "0.9"],
+    ["--decay", "linear", "--decay-fraction", "0.9"],
 ])
 def test_flag_changes_training(corpus: Path, tmp_path: Path, baseline: dict[str, torch.Tensor], flags: list[str]) -> None:
     _, weights = run(corpus, tmp_path / "run", *flags)
@@ -64,7 +66,8 @@ def test_flag_changes_training(corpus: Path, tmp_path: Path, baseline: dict[str,
            if e["event"] == "train"]
     assert len(lrs) == 3 * cfg.accumulate  # a log line per segment (--log-interval 1)
     if cfg.accumulate == 1:
-        assert [lr for _, lr in lrs] == pytest.approx([lr_at(step, 1, cfg) for step, _ in lrs])
+        # --max-steps 3 is the budget that ends first: --decay runs to it
+        assert [lr for _, lr in lrs] == pytest.approx([lr_at(step, 1, cfg, cfg.max_steps) for step, _ in lrs])
 
 
 def test_seed_repeats(corpus: Path, tmp_path: Path, baseline: dict[str, torch.Tensor]) -> None:
@@ -130,3 +133,26 @@ def test_checkpoint_activations_trains_the_same_weights(corpus: Path, tmp_path: 
     _, weights = run(corpus, tmp_path / "ckpt", "--checkpoint-activations")
     assert calls
     assert all(torch.allclose(weights[k], baseline[k], atol=1e-6) for k in baseline)
+
+
+@pytest.mark.parametrize("flag,value", [("--lr", "nan"), ("--clip", "inf"), ("--wdecay", "nan"), ("--alpha", "inf"),
+                                        ("--max-time", "inf"), ("--save-every-minutes", "nan"),
+                                        ("--dropout", "nan"), ("--lr", "-inf")])
+def test_non_finite_numbers_are_refused(corpus: Path, tmp_path: Path, flag: str, value: str, capsys) -> None:
+    # NaN passes every range check (nan <= 0 is False): --lr nan used to train, turning every weight to NaN.
+    assert main(["train", "--data", str(corpus), "--save", str(tmp_path / "run"), *TINY, f"{flag}={value}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"sharnn: error: {flag} must be a finite number, got {float(value)}"]
+    assert not (tmp_path / "run").exists()
+    toml = tmp_path / "bad.toml"
+    toml.write_text(f"{flag.lstrip('-').replace('-', '_')} = {value}\n")  # TOML spells nan and inf too
+    assert main(["train", "--data", str(corpus), "--save", str(tmp_path / "run"), *TINY, "--config", str(toml)]) == 2
+    assert "must be a finite number" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("when", ["0", "-2"])
+def test_when_counts_epochs_from_one(when: str) -> None:
+    # The original divides after `epoch in args.when` for epoch in 1..epochs: 0 never matched there, nor here.
+    with pytest.raises(SharnnError, match=f"--when {when}: epochs count from 1"):
+        TrainConfig(when=(2, int(when)))
+    assert TrainConfig(when=(-1,)).when == (-1,) and lr_at(1, 2, TrainConfig(when=(1,), warmup=0)) == pytest.approx(2e-4)

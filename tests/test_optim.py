@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from sharnn.config import TrainConfig
-from sharnn.optim import Lamb, lr_at
+from sharnn.optim import Lamb, budget_horizon, decay_factor, lr_at
 
 
 def lamb_by_hand(p: torch.Tensor, grads: list[torch.Tensor], lr: float, wd: float, eps: float = 1e-6,
@@ -100,3 +100,40 @@ def test_lamb_multi_tensor_update_equals_the_loop() -> None:
         assert torch.allclose(a, b, atol=1e-6, rtol=1e-5)
     assert not torch.equal(runs[True][0], torch.randn(3, 4, generator=torch.Generator().manual_seed(0)))
     assert torch.equal(runs[True][-1], torch.randn(6, generator=torch.Generator().manual_seed(4)))  # no grad: kept
+
+
+def test_decay_runs_to_the_end_of_the_budget() -> None:
+    # warm-up to step 10, then down to --decay-to at one step past the horizon (step 110): the last step learns
+    lin = TrainConfig(lr=1.0, warmup=10, decay="linear", decay_to=0.1)
+    assert lr_at(10, 1, lin, horizon=109) == 1.0
+    assert lr_at(60, 1, lin, horizon=109) == pytest.approx(0.1 + 0.9 * 0.5)
+    assert lr_at(109, 1, lin, horizon=109) == pytest.approx(0.1 + 0.9 * 0.01)
+    assert lr_at(500, 1, lin, horizon=109) == pytest.approx(0.1)
+    assert lr_at(5, 1, lin, horizon=109) == pytest.approx(0.5)  # the warm-up is as before
+    cos = TrainConfig(lr=2.0, warmup=0, decay="cosine")
+    assert [lr_at(s, 1, cos, horizon=99) for s in (0, 25, 50, 75, 100)] == pytest.approx([2.0, 1 + 2**-0.5, 1.0,
+                                                                                          1 - 2**-0.5, 0.0])
+    assert lr_at(50, 3, TrainConfig(lr=1.0, warmup=0, decay="linear", when=(1,)), horizon=99) == pytest.approx(0.05)
+    # --decay-fraction 0.25: flat at --lr for the first 75% of the steps after the warm-up, then the line
+    wsd = TrainConfig(lr=1.0, warmup=10, decay="linear", decay_fraction=0.25)
+    assert lr_at(84, 1, wsd, horizon=409) == lr_at(310, 1, wsd, horizon=409) == 1.0
+    assert lr_at(360, 1, wsd, horizon=409) == pytest.approx(0.5)
+    assert lr_at(409, 1, wsd, horizon=409) == pytest.approx(0.01)
+    # no decay: the original's flat rate whatever the horizon; an unknown horizon (no step timed yet) keeps it too
+    assert lr_at(60, 1, TrainConfig(lr=1.0, warmup=10), horizon=100) == 1.0
+    assert decay_factor(60, None, lin) == 1.0
+
+
+def test_the_horizon_is_the_earliest_budget_and_follows_the_pace() -> None:
+    cfg = TrainConfig(max_steps=1000, max_time=100.0)
+    # 50 steps in 10 s: 90 s left at 5 steps/s -> 450 more; the epochs end later, --max-steps later still
+    assert budget_horizon(50, cfg, seconds=10, timed_steps=50, steps_to_last_epoch_end=5000) == pytest.approx(500)
+    # the pace halves: the estimate follows it
+    assert budget_horizon(100, cfg, seconds=40, timed_steps=50, steps_to_last_epoch_end=5000) == pytest.approx(175)
+    # a resumed run, 200 steps taken before: --max-time is this process's, paced by its own 20 steps in 4 s
+    assert budget_horizon(220, cfg, seconds=4, timed_steps=20, steps_to_last_epoch_end=5000) == pytest.approx(700)
+    assert budget_horizon(50, cfg, seconds=10, timed_steps=50, steps_to_last_epoch_end=30) == 80  # epochs first
+    no_time = TrainConfig(max_steps=300)
+    assert budget_horizon(0, no_time, seconds=0, timed_steps=0, steps_to_last_epoch_end=1e9) == 300
+    assert budget_horizon(0, TrainConfig(max_time=60.0), seconds=0, timed_steps=0,
+                          steps_to_last_epoch_end=777) == 777  # nothing timed yet: the epochs' end for now

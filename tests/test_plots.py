@@ -111,6 +111,10 @@ def test_plot_command_writes_the_image_asked_for(runs: dict[str, Path], tmp_path
     data = out.read_bytes()
     assert len(data) > 1000 and magic in data[:400]
     assert "3 process(es)" in capsys.readouterr().out
+    assert main(["plot", str(runs["straight"]), "-o", str(out)]) == 2  # replaced only when asked
+    assert f"{out} exists; pass --overwrite" in capsys.readouterr().err and out.read_bytes() == data
+    assert main(["plot", str(runs["straight"]), "-o", str(out), "--overwrite"]) == 0
+    assert out.read_bytes() != data
 
 
 def test_plot_errors_are_one_line(runs: dict[str, Path], tmp_path: Path, capsys, monkeypatch) -> None:
@@ -182,8 +186,13 @@ def test_attention_command_writes_the_image_asked_for(tmp_path: Path, suffix: st
     data = out.read_bytes()
     assert len(data) > 1000 and magic in data[:400]
     assert "400 tokens, heat-map of positions 100-111" in capsys.readouterr().out
-    assert main([*args[:-8], "--max-bytes", "400", "--at", "395"]) == 2  # no room for the window
+    assert main([*args[:-8], "--max-bytes", "400", "--at", "395", "--overwrite"]) == 2  # no room for the window
     assert "--at 395 leaves no room" in capsys.readouterr().err
+    before = out.read_bytes()
+    assert main([*args[:-8], "--max-bytes", "400", "--at", "0"]) == 2  # an image there is replaced only when asked
+    assert f"{out} exists; pass --overwrite" in capsys.readouterr().err and out.read_bytes() == before
+    assert main([*args[:-8], "--max-bytes", "400", "--at", "0", "--overwrite"]) == 0
+    assert out.read_bytes() != before and [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
 
 def test_tick_labels_show_bytes() -> None:

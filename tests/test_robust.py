@@ -9,6 +9,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -32,6 +33,7 @@ from sharnn.checkpoint import (
     resolve_checkpoint,
     save_checkpoint,
     step_checkpoints,
+    step_name,
 )
 from sharnn.cli import main
 from sharnn.config import SHARNNConfig, TrainConfig
@@ -39,6 +41,7 @@ from sharnn.errors import SharnnError
 from sharnn.evaluate import evaluate
 from sharnn.generate import generate_ids
 from sharnn.model import SHARNN
+from sharnn.optim import lr_at
 from sharnn.score import score_stream
 from sharnn.train import TrainingInterrupted, train
 from sharnn.vocab import BYTES
@@ -269,6 +272,62 @@ def test_resume_at_an_epoch_boundary(text_file: Path, tmp_path: Path, accumulate
     assert_same_run(straight, split)
 
 
+def test_resume_inside_an_accumulation_step_takes_the_new_lr(text_file: Path, tmp_path: Path, monkeypatch) -> None:
+    # Stopped inside step 3 of 3 segments each, resumed with half the --lr: the rest of step 3 runs at the new
+    # rate (it used to finish at the old one, the optimizer's saved rate).
+    kw = {"accumulate": 3, "log_interval": 1}
+    calls = []
+    real = train_mod.ar_tar
+
+    def ar_tar_then_signal(out, cfg):
+        calls.append(1)
+        if len(calls) == 8:  # the second segment of step 3
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(out, cfg)
+
+    monkeypatch.setattr(train_mod, "ar_tar", ar_tar_then_signal)
+    run = tmp_path / "run"
+    with pytest.raises(TrainingInterrupted):
+        train(MODEL, cfg_for(text_file, run, max_steps=4, **kw), quiet=True)
+    monkeypatch.setattr(train_mod, "ar_tar", real)
+    new = cfg_for(text_file, run, max_steps=4, lr=1e-2, resume=str(run), **kw)
+    train(MODEL, new, quiet=True)
+    after = train_records(run)[8]  # the first segment after the resume completes step 3
+    assert after["step"] == 3 and after["lr"] == pytest.approx(lr_at(3, 1, new)) != pytest.approx(lr_at(3, 1, replace(new, lr=2e-2)))
+
+
+def test_the_first_log_line_after_a_resume_times_this_process_only(text_file: Path, tmp_path: Path,
+                                                                    monkeypatch) -> None:
+    run = tmp_path / "run"
+    train(MODEL, cfg_for(text_file, run, max_steps=9), quiet=True)  # --log-interval 5: the window holds 4 batches
+    assert load_train_state(run / "last")["window"]["batches"] == 4
+    real = train_mod.ar_tar
+    monkeypatch.setattr(train_mod, "ar_tar", lambda out, cfg: (time.sleep(0.1), real(out, cfg))[1])
+    train(MODEL, cfg_for(text_file, run, max_steps=10, resume=str(run)), quiet=True)
+    line = [r for r in map(json.loads, (run / "log.jsonl").read_text().splitlines()) if r["event"] == "train"][-1]
+    assert line["step"] == 10  # one batch of this process closed the window: at least 0.1 s for it alone
+    assert line["ms_per_batch"] >= 100 and line["chars_per_s"] <= 4 * 64 / 0.1, line
+
+
+def test_a_lower_log_interval_on_resume_still_logs(text_file: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    train(MODEL, cfg_for(text_file, run, max_steps=9), quiet=True)  # the saved window holds 4 batches
+    train(MODEL, cfg_for(text_file, run, max_steps=11, log_interval=2, resume=str(run)), quiet=True)
+    assert [r["step"] for r in train_records(run)] == [5, 10]  # 4 + 1 batches: past 2, so a line at once
+
+
+def test_the_epoch_end_partial_step_is_a_step_like_any_other(text_file: Path, tmp_path: Path) -> None:
+    # --accumulate 4 over an epoch whose segments are not a multiple of 4: the last step is partial, and its
+    # periodic save (--save-every 1 --keep) happens like every other step's.
+    run = tmp_path / "run"
+    train(MODEL, cfg_for(text_file, run, epochs=1, accumulate=4, log_interval=1, save_every=1, keep=100),
+          quiet=True)
+    segments = len(train_records(run))
+    steps = -(-segments // 4)
+    assert segments % 4 and load_train_state(run / "last")["step"] == steps
+    assert [p.name for p in step_checkpoints(run)] == [step_name(s) for s in range(1, steps + 1)]
+
+
 # --- SIGINT / SIGTERM in a real process ------------------------------------------------------------------------
 
 
@@ -307,6 +366,41 @@ def test_signals_stop_cleanly_and_resume(text_file: Path, tmp_path: Path) -> Non
                                                           bptt=16, batch_size=2, max_steps=step + 2,
                                                           max_eval_bytes=200), quiet=True)
         assert res.steps == step + 2
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(sys.platform == "win32", reason="the run-folder lock uses fcntl")
+def test_a_run_folder_is_locked_while_a_trainer_holds_it(text_file: Path, tmp_path: Path, capsys) -> None:
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "sharnn.cli", "train", "--data", str(text_file), "--save", str(run), *TINY_FLAGS,
+           "--log-interval", "1", "--max-eval-bytes", "200"]  # no budget: it trains until it is killed
+    holder = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 60
+        log = run / "log.jsonl"
+        while not (log.is_file() and '"event": "train"' in log.read_text()):
+            assert holder.poll() is None and time.time() < deadline, holder.communicate()
+            time.sleep(0.05)
+        for extra in ([], ["--overwrite"], ["--resume", str(tmp_path / "elsewhere")]):
+            t0 = time.perf_counter()
+            if extra[:1] == ["--resume"]:
+                save_checkpoint(tmp_path / "elsewhere" / "last", SHARNN(MODEL), TrainConfig(), {"step": 0},
+                                {"epoch": 1, "step": 0})
+            assert main(["train", "--data", str(text_file), "--save", str(run), *TINY_FLAGS, "--max-steps", "1",
+                         "--max-eval-bytes", "200", *extra]) == 2
+            one_error_line(capsys, f"{run} is in use by another training",
+                           f"pid {holder.pid} on host {socket.gethostname()}")
+            assert time.perf_counter() - t0 < 5  # at once, not after loading anything
+        holder.kill()  # SIGKILL: no handler runs, the lock file stays behind, unlocked
+        holder.communicate(timeout=60)
+    finally:
+        if holder.poll() is None:
+            holder.kill()
+            holder.wait()
+    assert (run / ".lock").is_file()
+    assert main(["train", "--data", str(text_file), "--save", str(run), *TINY_FLAGS, "--max-steps", "1",
+                 "--max-eval-bytes", "200"]) == 0
+    assert not (run / ".lock").exists()  # a trainer that ends lets go and tidies up
 
 
 def test_a_second_signal_stops_at_once(text_file: Path, tmp_path: Path, monkeypatch) -> None:
@@ -368,6 +462,39 @@ def test_too_many_nonfinite_steps_stop_with_the_weights_from_before(text_file: P
     assert all(torch.equal(good[k], saved[k]) for k in good)
     state = load_train_state(run / "last")
     assert state["step"] == 4 and state["nonfinite_run"] == 3 and state["carried"] is None
+
+
+def test_weights_that_turn_non_finite_are_never_saved(text_file: Path, tmp_path: Path, monkeypatch) -> None:
+    # An update with a finite gradient (here: forced) makes the weights NaN after step 5; the losses then are
+    # NaN and those steps are skipped until the limit. last/ must not take the NaN weights, and the message
+    # must not call them the weights "before the trouble".
+    real = train_mod.build_optimizer
+
+    def poisoning(params, cfg):
+        opt = real(params, cfg)
+        step, calls = opt.step, []
+
+        def poisoned_step(*a, **kw):
+            out = step(*a, **kw)
+            calls.append(1)
+            if len(calls) == 5:
+                with torch.no_grad():
+                    opt.param_groups[0]["params"][0].fill_(float("nan"))
+            return out
+
+        opt.step = poisoned_step
+        return opt
+
+    monkeypatch.setattr(train_mod, "build_optimizer", poisoning)
+    run = tmp_path / "run"
+    with pytest.raises(SharnnError, match="weights themselves are not finite.*not overwritten: it holds the "
+                                          "weights from step 4") as e:
+        train(MODEL, cfg_for(text_file, run, max_steps=50, nonfinite_limit=3, save_every=2), quiet=True)
+    assert "before the trouble" not in str(e.value)
+    assert all(torch.isfinite(w).all() for w in load_file(str(run / "last" / "model.safetensors")).values())
+    assert load_train_state(run / "last")["step"] == 4
+    events = [json.loads(x) for x in (run / "log.jsonl").read_text().splitlines()]
+    assert [e["name"] for e in events if e["event"] == "unsaved"] == ["last"]
 
 
 # --- periodic checkpoints ----------------------------------------------------------------------------------------

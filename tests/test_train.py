@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from dataclasses import replace
@@ -12,6 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from sharnn.checkpoint import load_model, load_train_state
+from sharnn.cli import main
 from sharnn.config import SHARNNConfig, TrainConfig
 from sharnn.data import load_corpus
 from sharnn.errors import SharnnError
@@ -210,6 +212,72 @@ def test_bf16_learns_like_fp32(text_file: Path, tmp_path: Path) -> None:
     fp32 = train(model_cfg, cfg_for(text_file, tmp_path / "a", max_steps=100), quiet=True)
     bf16 = train(model_cfg, cfg_for(text_file, tmp_path / "b", max_steps=100, precision="bf16"), quiet=True)
     assert bf16.valid.bpc < 1.0 and fp32.valid.bpc < 1.0  # both from ~8 bits; bf16 trains as well
+
+
+def test_a_bf16_runs_numbers_are_float32_and_eval_reproduces_them(text_file: Path, tmp_path: Path, capsys) -> None:
+    # Training in bf16 autocast; validation (which picks best/) and the final valid/test numbers in float32, so
+    # `sharnn eval` (float32) gives exactly what the run printed, and best/ was chosen on that number too.
+    run = tmp_path / "run"
+    res = train(MODEL, cfg_for(text_file, run, max_steps=12, precision="bf16", eval_interval=4), quiet=True)
+    got = {}
+    for split in ("valid", "test"):
+        assert main(["eval", str(run), "--split", split, "--json", "--device", "cpu"]) == 0
+        got[split] = json.loads(capsys.readouterr().out)["bpc"]
+    assert got == {"valid": res.valid.bpc, "test": res.test.bpc}
+    assert res.best_valid_bpc == res.valid.bpc  # the validation that chose best/ measured what eval measures
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # (and bf16 would have given another number)
+        blurred = evaluate(load_model(run / "best"), load_corpus(str(text_file)).valid, 4, 32)
+    assert blurred.bpc != res.valid.bpc
+
+
+def test_the_run_records_its_data_and_notices_when_it_changes(text_file: Path, tmp_path: Path, capsys) -> None:
+    run = tmp_path / "run"
+    train(MODEL, cfg_for(text_file, run, max_steps=2, max_eval_bytes=200), quiet=True)
+    raw = text_file.read_bytes()
+    n = len(raw) - 2 * (len(raw) // 20)  # the split rule: the last 10% halved into valid and test
+    parts = {"train": raw[:n], "valid": raw[n : n + len(raw) // 20], "test": raw[n + len(raw) // 20 :]}
+    for ckpt in ("best", "last"):
+        data = json.loads((run / ckpt / "config.json").read_text())["data"]
+        assert data["name"] == str(text_file)
+        assert data["splits"] == {k: {"tokens": len(v), "dtype": "uint8", "sha256": hashlib.sha256(v).hexdigest()}
+                                  for k, v in parts.items()}
+    start = json.loads((run / "log.jsonl").read_text().splitlines()[0])
+    assert start["event"] == "start" and start["data"] == data
+
+    def evaluate_cli(*extra: str) -> str:
+        assert main(["eval", str(run), "--split", "test", "--json", "--device", "cpu", *extra]) == 0
+        out, err = capsys.readouterr()
+        assert json.loads(out)["bpc"] > 0
+        return err
+
+    assert evaluate_cli() == ""  # the same data: nothing to say
+    text_file.write_bytes(raw[:-5] + b"CHANGED"[:5])  # the same name, another test split (as python-stdlib would be
+    err = evaluate_cli()  # on another Python version)
+    assert err.count("\n") == 1 and err.startswith("sharnn: warning: the data") and "test 900 tokens" in err, err
+    assert "valid" not in err.split(":", 2)[2]  # only the split evaluated is checked
+    other = tmp_path / "other.txt"
+    other.write_bytes(raw[:-5] + b"CHANGED"[:5])
+    assert evaluate_cli("--data", str(other)) == ""  # other data, asked for: no warning
+    assert evaluate_cli("--data", str(tmp_path / "." / text_file.name)) != ""  # the same file by another path
+
+    train(MODEL, cfg_for(text_file, run, max_steps=3, max_eval_bytes=200, resume=str(run)), quiet=True)
+    events = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    warnings = [e["message"] for e in events if e["event"] == "warning"]
+    assert len(warnings) == 1 and "test 900 tokens" in warnings[0]
+    assert json.loads((run / "last" / "config.json").read_text())["data"]["splits"]["test"]["sha256"] != \
+        data["splits"]["test"]["sha256"]  # the resumed run records the data it trains with now
+
+
+def test_checkpoints_without_a_data_record_still_evaluate(text_file: Path, tmp_path: Path, capsys) -> None:
+    run = tmp_path / "run"
+    train(MODEL, cfg_for(text_file, run, max_steps=1, max_eval_bytes=200), quiet=True)
+    meta = json.loads((run / "best" / "config.json").read_text())
+    del meta["data"]  # as written before data identities were recorded
+    (run / "best" / "config.json").write_text(json.dumps(meta))
+    text_file.write_bytes(text_file.read_bytes()[::-1])
+    assert main(["eval", str(run), "--split", "valid", "--json", "--device", "cpu"]) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out)["split"] == "valid" and err == ""
 
 
 def test_resume_refuses_another_optimizer_and_takes_new_weight_decay(text_file: Path, tmp_path: Path) -> None:

@@ -5,7 +5,10 @@ from __future__ import annotations
 import io
 import json
 import math
+import os
 import pickle
+import subprocess
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -76,6 +79,55 @@ def test_generation_state_equals_one_pass(model: SHARNN) -> None:
     assert torch.allclose(out.logits[-1, 0], g.logits, atol=1e-5)
     assert torch.allclose(out.state[1].memory, g.state[1].memory, atol=1e-5)
     assert g.state[1].memory.shape[0] == 11  # bounded by the span (12) - 1, never the whole history
+
+
+@pytest.mark.parametrize("window", ["sliding", "reference"])
+def test_a_short_prompt_is_primed_in_one_pass(model: SHARNN, window: str) -> None:
+    # Up to PRIME_CHUNK tokens the prompt is one segment, as it always was: the sample is bit for bit the one that
+    # priming by hand in one pass gives, under both windows (the reference window's outputs depend on the cut).
+    model.set_attn_window(window)
+    prompt = bytes(range(32, 127)) * 10  # 950 tokens
+    with torch.no_grad():
+        out = model(torch.tensor(list(prompt)).unsqueeze(1))
+    by_hand = generate(model, b"", 40, seed=5, state=out.state, logits=out.logits[-1, 0])
+    assert generate(model, prompt, 40, seed=5).data == by_hand.data
+
+
+def test_a_long_prompt_is_primed_in_segments(model: SHARNN, monkeypatch) -> None:
+    prompt = bytes(range(256)) * 10  # 2560 tokens: segments of 1024, 1024 and 512
+    seen = []
+    forward = model.forward
+    monkeypatch.setattr(model, "forward", lambda x, *a, **k: seen.append(x.shape[0]) or forward(x, *a, **k))
+    g = generate(model, prompt, 3, seed=0)
+    assert seen[:3] == [1024, 1024, 512] and max(seen) == 1024
+    end = generate(model, prompt, 0)  # no sampling: the state and scores after the prompt, the same way
+    monkeypatch.undo()
+    with torch.no_grad():
+        whole = model(torch.tensor(list(prompt)).unsqueeze(1))  # one pass: the sliding window does not see the cut
+    torch.testing.assert_close(end.logits, whole.logits[-1, 0], atol=1e-5, rtol=1e-5)
+    assert len(g.data) == 3
+
+
+@pytest.mark.slow
+def test_priming_memory_does_not_grow_with_the_prompt(tmp_path: Path) -> None:
+    # Before priming in segments, a prompt of n bytes took memory ~ n^2 (a 8 KB prompt: ~320 MB more here, 40 KB
+    # with the tiny preset: 8 GB). Measured in a fresh process: its peak resident memory is the high-water mark.
+    script = tmp_path / "prime.py"
+    script.write_text(
+        "import resource, sys, torch\n"
+        "from sharnn.config import SHARNNConfig\nfrom sharnn.model import SHARNN\nfrom sharnn.generate import generate\n"
+        "torch.manual_seed(0)\n"
+        "m = SHARNN(SHARNNConfig(emsize=16, nhid=32, nlayers=2, attn_layers=(1,), attn_span=24)).eval()\n"
+        "generate(m, b'warm up', 2, seed=0)\n"
+        "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        "g = generate(m, bytes(range(256)) * int(sys.argv[1]), 5, seed=0)\n"
+        "print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024, len(g.data))\n")
+    for blocks in (32, 128):  # 8 KB, then 32 KB of prompt (which took ~5 GB before)
+        r = subprocess.run([sys.executable, str(script), str(blocks)], capture_output=True, text=True, check=False,
+                           env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert r.returncode == 0, r.stderr
+        mb, n = r.stdout.split()
+        assert float(mb) < 48 and n == "5", (blocks, mb)  # MB more than before the prompt
 
 
 def test_memory_ring_steps_equal_ordinary_steps(model: SHARNN) -> None:
@@ -230,6 +282,20 @@ def test_score_cli(ckpt: Path, tmp_path: Path, capsys) -> None:
     assert main(["score", str(ckpt), str(tmp_path / "missing.txt")]) == 2
 
 
+def test_score_lines_are_the_bytes_as_given(ckpt: Path, model: SHARNN, tmp_path: Path, capsys) -> None:
+    # A line ends at \n only: a \r before it (a CRLF file) is the line's own byte and is scored, as is a lone \r
+    # or a form feed inside a line. (bytes.splitlines() dropped the \r, scoring other bytes than the file holds.)
+    f = tmp_path / "crlf.txt"
+    f.write_bytes(b"first line\r\nsecond\rhalf\x0cthird\nlast, no newline")
+    assert main(["score", str(ckpt), str(f), "--json"]) == 0
+    rows = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    lines = [b"first line\r", b"second\rhalf\x0cthird", b"last, no newline"]
+    assert [r["text"] for r in rows] == [line.decode() for line in lines]
+    assert [r["tokens"] for r in rows] == [len(line) + 1 for line in lines]
+    for r, line in zip(rows, lines):
+        assert r["logprob"] == pytest.approx(by_hand(model, b"\n", line + b"\n"), abs=1e-4)
+
+
 # --- checkpoints -------------------------------------------------------------------------------------------------
 
 
@@ -265,6 +331,7 @@ def test_crafted_pickles_never_run(ckpt: Path, tmp_path: Path, capsys) -> None:
 
 @pytest.mark.parametrize("edit,fragment", [
     ({"emsize": 10**9, "nhid": 10**9}, "impossibly large model (emsize 1000000000"),
+    ({"emsize": 10**9, "nhid": 10**9}, "unlike its weights (decoder.weight [256, 16])"),  # tied: stored once as that
     ({"emsize": 10**6, "nhid": 10**6}, "decoder.weight is [256, 16] in model.safetensors but [256, 1000000]"),
     ({"nhid": 64}, "blocks.0.ff.linear1.weight is [32, 16] in model.safetensors but [64, 16]"),
     ({"nlayers": 3, "attn_layers": [1]}, "model.safetensors lacks blocks.2."),
@@ -495,3 +562,103 @@ def test_a_lines_score_does_not_depend_on_its_batch(model: SHARNN, window: str) 
     alone = next(iter(score_lines(model, BYTES, [short], context=context))).logprob
     beside = next(iter(score_lines(model, BYTES, [short, long], context=context))).logprob
     assert beside == pytest.approx(alone, abs=1e-5)
+
+
+# --- one line for each mistake, nothing printed before it, no invalid JSON ----------------------------------------
+
+
+def only_error_line(capsys, *fragments: str) -> str:
+    out, err = capsys.readouterr()
+    lines = err.strip("\n").split("\n")
+    assert out == "" and len(lines) == 1 and lines[0].startswith("sharnn: error: "), (out, err)
+    for f in fragments:
+        assert f in lines[0], (f, lines[0])
+    return lines[0]
+
+
+@pytest.mark.parametrize("flags,fragment", [
+    (["--top-k", "0"], "--top-k must be at least 1"),
+    (["--top-p", "2"], "--top-p must be in (0, 1]"),
+    (["--length", "-1"], "--length must not be negative"),
+    (["--temperature", "-1"], "--temperature must be a number, not negative"),
+    (["--temperature", "nan"], "--temperature must be a finite number"),
+    (["--temperature", "inf"], "--temperature must be a finite number"),
+    (["--top-p", "nan"], "--top-p must be a finite number"),
+])
+def test_generate_refuses_bad_flags_before_printing_anything(ckpt: Path, flags: list[str], fragment: str,
+                                                             capsys) -> None:
+    assert main(["generate", str(ckpt), "--prompt", "hello", "--device", "cpu", *flags]) == 2
+    only_error_line(capsys, fragment)
+
+
+@pytest.mark.parametrize("argv", [["eval", "{ckpt}", "--dynamic", "--dynamic-lr", "nan"],
+                                  ["score", "{ckpt}", "--document", "--dynamic", "--dynamic-decay", "inf"],
+                                  ["compress", "{ckpt}", "a", "b", "--adapt", "--adapt-lr=-inf"]])
+def test_every_float_flag_must_be_finite(ckpt: Path, argv: list[str], capsys) -> None:
+    assert main([a.format(ckpt=ckpt) for a in argv]) == 2
+    only_error_line(capsys, "must be a finite number")
+
+
+def test_eval_json_never_prints_nan(ckpt: Path, tmp_path: Path, capsys) -> None:
+    # A diverged model's loss is NaN, which JSON cannot hold: the line must still parse as strict JSON.
+    model = load_model(ckpt)
+    with torch.no_grad():
+        model.encoder.weight.fill_(float("nan"))
+    bad = save_checkpoint(tmp_path / "bad", model, TrainConfig(bptt=16, batch_size=2))
+    text = tmp_path / "t.txt"
+    text.write_bytes(b"some text to evaluate on, long enough for a few segments of sixteen bytes. " * 20)
+    assert main(["eval", str(bad), "--data", str(text), "--split", "valid", "--json", "--device", "cpu"]) == 0
+    line = capsys.readouterr().out.strip()
+
+    def no_constants(name: str) -> None:
+        pytest.fail(f"eval --json printed {name}, which is not JSON: {line}")
+
+    result = json.loads(line, parse_constant=no_constants)
+    assert result["loss"] is None and result["bpc"] is None and result["ppl"] is None
+
+
+def test_a_refused_pickle_is_one_line(ckpt: Path, tmp_path: Path) -> None:
+    # In a real process: torch's advice (several lines, suggesting weights_only=False) must not reach the user,
+    # nor any warning after sharnn's line.
+    import subprocess
+    import sys
+
+    evil = tmp_path / "evil.pt"
+    torch.save({"x": _Evil(tmp_path / "PWNED")}, evil)
+    (ckpt / "train_state.pt").write_bytes(evil.read_bytes())
+    text = tmp_path / "t.txt"
+    text.write_bytes(b"text " * 400)
+    for argv in (["import-reference", str(evil), str(tmp_path / "out")],
+                 ["train", "--resume", str(ckpt), "--data", str(text), "--save", str(tmp_path / "run"), "--quiet"]):
+        proc = subprocess.run([sys.executable, "-m", "sharnn.cli", *argv], capture_output=True, text=True,
+                              timeout=120, check=False)
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+        assert "holds pickled Python objects (" in lines[0] and "refusing to load it" in lines[0], lines[0]
+        assert "weights_only" not in lines[0] and "trusted" not in lines[0]
+    assert not (tmp_path / "PWNED").exists()
+
+
+@pytest.mark.parametrize("content,fragment", [
+    (b"hello\n", "is not a PyTorch file (neither torch.save's zip archive nor a pickle)"),
+    (b"a,b,c\n1,2,3\n", "is not a PyTorch file"),
+    (b"\x80\x02garbage", "is not a readable PyTorch file ("),
+])
+def test_import_reference_does_not_call_any_file_a_pickle(tmp_path: Path, content: bytes, fragment: str,
+                                                          capsys) -> None:
+    p = tmp_path / "file.pt"
+    p.write_bytes(content)
+    assert main(["import-reference", str(p), str(tmp_path / "out")]) == 2
+    assert "pickled" not in only_error_line(capsys, fragment) and not (tmp_path / "out").exists()
+
+
+def test_a_symlink_loop_is_reported_as_such(tmp_path: Path, capsys) -> None:
+    (tmp_path / "a").symlink_to(tmp_path / "b")
+    (tmp_path / "b").symlink_to(tmp_path / "a")
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
+    assert main(["eval", str(tmp_path / "a"), "--device", "cpu"]) == 2
+    only_error_line(capsys, "is a loop of symbolic links")
+    assert main(["eval", str(tmp_path / "dangling"), "--device", "cpu"]) == 2
+    only_error_line(capsys, f"is a symbolic link to {tmp_path / 'nowhere'}, which does not exist")
+    assert main(["eval", str(tmp_path / "absent"), "--device", "cpu"]) == 2
+    only_error_line(capsys, "does not exist")

@@ -43,6 +43,31 @@ def test_word_corpus_from_train_vocabulary(tmp_path: Path) -> None:
     assert c.train.dtype == np.int32
 
 
+def awd_tokens(path: Path) -> list[str]:
+    """awd-lstm's data.py, Corpus.tokenize: `for line in open(path, 'r', encoding='utf-8')`, then
+    `line.split() + ['<eos>']` (a text file iterates over lines with Python's universal newlines)."""
+    with open(path, encoding="utf-8") as f:
+        return [w for line in f for w in line.split() + ["<eos>"]]
+
+
+def test_lines_break_where_the_original_breaks_them(tmp_path: Path) -> None:
+    # str.splitlines() also breaks at \v \f \x1c \x1d \x1e \x85 \u2028 \u2029: awd-lstm's reading does not (there
+    # they separate words, as whitespace does). \r\n and a lone \r do end a line there, as \n does.
+    odd = "a\vb\fc\x1cd\x1de\x1ef\x85g\u2028h\u2029i"
+    train = f"one {odd} two\nthree\r\nfour\rfive\n\nsix"
+    d = tmp_path / "w"
+    d.mkdir()
+    for name, text in (("train", train), ("valid", f"two {odd}\r\n"), ("test", "six\x85one\n")):
+        (d / f"{name}.txt").write_bytes(text.encode())
+    c = load_corpus(d, tokens="words")
+    for name in ("train", "valid", "test"):
+        assert [c.vocab.symbols[i] for i in c.split(name)] == awd_tokens(d / f"{name}.txt")
+    assert [c.vocab.symbols[i] for i in c.train].count("<eos>") == 6
+    # A prompt or a scored line is cut the same way (and a text that stops mid-line has no <eos> at its end).
+    ids = c.vocab.encode(f"one {odd}\r\ntwo".encode())
+    assert [c.vocab.symbols[i] for i in ids] == ["one", *"abcdefghi", "<eos>", "two"]
+
+
 def test_unknown_words_are_named_or_mapped_to_unk(tmp_path: Path) -> None:
     d = write_layout(tmp_path / "w", "a b c\n", "a zebra\n", "quokka b\n")
     with pytest.raises(SharnnError, match=r"valid split .* 1 words .*\['zebra'\]"):

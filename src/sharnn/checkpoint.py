@@ -1,14 +1,17 @@
 """Checkpoints: a folder that can be read back without running any code from it.
 
-    <ckpt>/config.json        format marker, SHARNNConfig, vocabulary, progress (epoch, step, best bpc), and the
+    <ckpt>/config.json        format marker, SHARNNConfig, vocabulary, progress (epoch, step, best bpc), the
                               size and SHA-256 of every other file (written last: truncation or corruption shows)
+                              and of each split of the training data ("data"; older checkpoints lack it)
            train_config.json  the resolved TrainConfig of the run that wrote it
            model.safetensors  weights (tensors only; tied weights stored once)
            train_state.pt     optimizer, RNG states, data position, carried RNN state and memory; written with
                               torch.save but only ever read with weights_only=True (no arbitrary unpickling)
 
 A run folder (`--save`) holds `best/` (best validation bpc, the paper's rule), `last/` (latest, for resume) and,
-with `--keep K`, the newest K periodic checkpoints `step-NNNNNN/` (`last/` is then hard links to the newest).
+with `--keep K`, the newest K periodic checkpoints `step-NNNNNN/` (`last/` is then hard links to the newest);
+`epoch-NNN/` with `--when`; `log.jsonl`; and `.lock`, which a trainer holds while it writes the folder
+(`RunLock`). Training writes and deletes only those names, and only what sharnn wrote under them.
 
 Crash safety. A checkpoint is built in `.NAME.tmp` (every file and the folder fsynced), then swapped in with two
 renames: NAME -> `.NAME.old`, `.NAME.tmp` -> NAME, and only then is `.NAME.old` deleted. Killed at any moment,
@@ -19,6 +22,7 @@ the folder therefore holds a complete NAME or, between the two renames, a comple
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
@@ -27,6 +31,9 @@ import pickle
 import random
 import re
 import shutil
+import socket
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -37,13 +44,21 @@ from safetensors.torch import load_model as st_load_model
 from safetensors.torch import save_file as st_save_file
 
 from .config import SHARNNConfig, TrainConfig
-from .errors import SharnnError
+from .errors import SharnnError, require_writable_folder
 from .model import SHARNN, BlockState, State
+from .outputs import refuse_input_as_output
 from .vocab import BYTES, Vocab
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - Windows: no run-folder lock (see RunLock)
+    fcntl = None  # type: ignore[assignment]
 
 FORMAT = "sharnn-checkpoint"
 VERSION = 1
 STEP_DIR = re.compile(r"step-(\d+)")
+RUN_CHECKPOINT = re.compile(r"best|last|step-\d+|epoch-\d+")  # the checkpoint folders training writes in a run
+LOCK_FILE = ".lock"
 
 
 def step_name(step: int) -> str:
@@ -58,8 +73,12 @@ def save_checkpoint(
     progress: dict[str, Any] | None = None,
     train_state: dict[str, Any] | None = None,
     vocab: Vocab | None = None,
+    data: dict[str, Any] | None = None,
 ) -> Path:
     """Write a checkpoint folder atomically (build in `.NAME.tmp`, fsync, swap in by renames; see the top).
+
+    `data`: what identifies the training data (`Corpus.identity`: name, and each split's size and SHA-256), kept
+    in config.json so that evaluating or resuming on a same-named corpus with other contents is noticed.
 
     A failed write (disk full, permissions, ...) removes the temporary folder, leaves the previous checkpoint as
     it was and raises `SharnnError`.
@@ -81,7 +100,8 @@ def save_checkpoint(
                 f.flush()
                 os.fsync(f.fileno())
         meta = {"format": FORMAT, "version": VERSION, "model": _unwrap(model).cfg.to_dict(),
-                "vocab": (vocab or BYTES).to_dict(), "progress": progress or {}, "files": _manifest(tmp)}
+                "vocab": (vocab or BYTES).to_dict(), "progress": progress or {}, "files": _manifest(tmp),
+                **({"data": data} if data is not None else {})}
         _write_text(tmp / "config.json", json.dumps(meta, indent=2) + "\n")  # last: its presence means complete
         _fsync(tmp)
         _swap_in(tmp, path)
@@ -180,13 +200,14 @@ def prune_checkpoints(run_dir: str | os.PathLike, keep: int) -> None:
 
 
 def clean_run_folder(run_dir: str | os.PathLike) -> None:
-    """Tidy what a killed save left in a run folder: drop `.X.tmp`/`.X.del`, put a lone `.X.old` back as X."""
+    """Tidy what a killed save left in a run folder: drop `.X.tmp`/`.X.del`, put a lone `.X.old` back as X
+    (X one of the checkpoint names training writes: nothing else in the folder is touched)."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         return
     for p in sorted(run_dir.iterdir()):
         m = re.fullmatch(r"\.(.+)\.(tmp|old|del)", p.name)
-        if not m or not p.is_dir():
+        if not m or not p.is_dir() or p.is_symlink() or not RUN_CHECKPOINT.fullmatch(m.group(1)):
             continue
         name, kind = m.groups()
         if kind == "old" and not (run_dir / name).exists():
@@ -200,6 +221,11 @@ def clean_run_folder(run_dir: str | os.PathLike) -> None:
 
 def _remove(p: Path) -> None:
     shutil.rmtree(p, ignore_errors=True)
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0][:200] if text else type(e).__name__
 
 
 def _reason(e: BaseException) -> str:
@@ -268,7 +294,7 @@ def resolve_checkpoint(path: str | os.PathLike, prefer: str = "best") -> Path:
         old = p.with_name(f".{p.name}.old")  # a crash between the two renames of a save leaves this
         if (old / "config.json").is_file():
             return old
-        raise SharnnError(f"checkpoint {p} does not exist")
+        raise SharnnError(f"checkpoint {p} {missing_reason(p)}")
     if p.is_dir() and (p / "config.json").is_file():
         return p
     if p.is_dir():
@@ -284,6 +310,40 @@ def resolve_checkpoint(path: str | os.PathLike, prefer: str = "best") -> Path:
         f"{p} is not a sharnn checkpoint (no config.json + model.safetensors); "
         "pass a folder written by `sharnn train --save`"
     )
+
+
+def missing_reason(p: Path) -> str:
+    """Why a path that `exists()` calls missing cannot be opened: a link loop, a broken link, or nothing there."""
+    try:
+        os.stat(p)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            return "is a loop of symbolic links (each points on to the next and none reaches a folder)"
+        if p.is_symlink():
+            return f"is a symbolic link to {os.readlink(p)}, which does not exist"
+        if e.errno not in (errno.ENOENT, errno.ENOTDIR):
+            return f"cannot be opened: {e.strerror}"
+    return "does not exist"
+
+
+def is_checkpoint(p: str | os.PathLike) -> bool:
+    """A folder sharnn wrote as a checkpoint: its config.json carries the format marker."""
+    try:
+        meta = json.loads((Path(p) / "config.json").read_text())
+    except (OSError, ValueError, UnicodeDecodeError):
+        return False
+    return isinstance(meta, dict) and meta.get("format") == FORMAT
+
+
+def refused_pickle(path: str | os.PathLike, e: Exception) -> tuple[str, bool]:
+    """One line for a file torch.load(weights_only=True) refused, without torch's advice (several lines, which
+    suggest loading it unsafely); and True when it holds Python objects (a GLOBAL) rather than a damaged pickle."""
+    text = str(e)
+    if m := re.search(r"GLOBAL (\S+)", text):
+        return (f"{path} holds pickled Python objects ({m.group(1)}), not only tensors; refusing to load it, as "
+                "loading could run code"), True
+    m = re.search(r"WeightsUnpickler error:\s*([^\n]+)", text)
+    return f"{path} is not a readable PyTorch file ({m.group(1).strip() if m else 'a damaged pickle'})", False
 
 
 def read_meta(ckpt: Path) -> dict[str, Any]:
@@ -343,11 +403,14 @@ def check_weight_shapes(cfg: SHARNNConfig, weights: Path) -> None:
         with torch.device("meta"):
             expected = SHARNN(cfg).state_dict(keep_vars=True)
     except (RuntimeError, ValueError, OverflowError, MemoryError):  # sizes past what PyTorch can address
-        have = stored.get("encoder.weight")
+        # The embedding, stored as encoder.weight, or as decoder.weight when the two are tied (the first
+        # name in sorted order is the one kept, see weights_for_saving).
+        name = next((n for n in ("encoder.weight", "decoder.weight") if n in stored), None)
+        have = f"{name} {list(stored[name])}" if name else "no encoder.weight or decoder.weight"
         raise SharnnError(
             f"{weights.parent}/config.json describes an impossibly large model (emsize {cfg.emsize}, nhid "
-            f"{cfg.nhid}, nlayers {cfg.nlayers}, vocab_size {cfg.vocab_size}), unlike its weights (encoder.weight "
-            f"{list(have) if have else 'missing'}); the checkpoint is damaged"
+            f"{cfg.nhid}, nlayers {cfg.nlayers}, vocab_size {cfg.vocab_size}), unlike its weights ({have}); "
+            "the checkpoint is damaged"
         ) from None
     names_of: dict[int, list[str]] = {}  # tied weights: one tensor under two names, stored once
     for name, t in expected.items():
@@ -394,9 +457,9 @@ def load_train_state(ckpt: Path, device: torch.device | str = "cpu") -> dict[str
     try:
         state = torch.load(p, map_location=device, weights_only=True)
     except pickle.UnpicklingError as e:
-        raise SharnnError(f"{p} holds objects other than tensors and plain values; refusing to load it ({e})") from None
-    except (RuntimeError, EOFError, OSError, ValueError) as e:
-        raise SharnnError(f"{p} is truncated or corrupt ({e})") from None
+        raise SharnnError(refused_pickle(p, e)[0]) from None
+    except (RuntimeError, EOFError, OSError, ValueError, KeyError, IndexError, TypeError) as e:
+        raise SharnnError(f"{p} is truncated or corrupt ({_first_line(e)})") from None
     _verify(ckpt, p.name, read_meta(ckpt))  # after loading: a crafted pickle is reported as such
     return state
 
@@ -428,12 +491,44 @@ def load_pretrained(name_or_path: str | os.PathLike, device: torch.device | str 
 # --- the run folder -------------------------------------------------------------------------------------------
 
 
-def claim_run_folder(run_dir: Path, cfg: TrainConfig) -> None:
-    """A new run never silently replaces the checkpoints of an earlier one in its --save folder."""
-    if cfg.resume:
-        return
-    old = sorted(p.name for p in run_dir.iterdir() if (p / "config.json").is_file())
-    if not old:
+def run_checkpoints(run_dir: Path) -> list[str]:
+    """The names of the checkpoints training wrote in `run_dir` (best, last, step-*, epoch-*)."""
+    if not run_dir.is_dir():
+        return []
+    return sorted(p.name for p in run_dir.iterdir() if RUN_CHECKPOINT.fullmatch(p.name) and is_checkpoint(p))
+
+
+def run_folder_of(ckpt: Path) -> Path | None:
+    """The run folder a checkpoint sits in (`runs/A` for `runs/A/last`), or None for a checkpoint on its own."""
+    name = re.fullmatch(r"\.(.+)\.old", ckpt.name)
+    return ckpt.parent if RUN_CHECKPOINT.fullmatch(name.group(1) if name else ckpt.name) else None
+
+
+def _is_run_log(p: Path) -> bool:
+    """A log.jsonl that training wrote: empty, or its first line a JSON object with an "event"."""
+    try:
+        with open(p, "rb") as f:
+            first = f.readline()
+        return not first or "event" in json.loads(first)
+    except (OSError, ValueError, TypeError):
+        return False
+
+
+def claim_run_folder(run_dir: Path, cfg: TrainConfig, resuming_here: bool = False) -> None:
+    """Make sure training writes only what it may in its --save folder.
+
+    An entry under a name training writes (best/, last/, step-*/, epoch-*/, log.jsonl) that sharnn did not write
+    is refused, even with --overwrite. A new run (or a resume into another run's folder) never silently replaces
+    the checkpoints of an earlier one: with --overwrite it deletes those checkpoints and the log, nothing else.
+    `resuming_here`: the run continues from a checkpoint of this folder.
+    """
+    for p in sorted(run_dir.iterdir()):
+        ours = is_checkpoint(p) if RUN_CHECKPOINT.fullmatch(p.name) else _is_run_log(p) if p.name == "log.jsonl" else True
+        if not ours:
+            raise SharnnError(f"{p} is in the way: training writes there, but sharnn did not write it; move it "
+                              "away or pass another --save (--overwrite replaces only what sharnn wrote)")
+    old = run_checkpoints(run_dir)
+    if resuming_here or not old:
         return
     if not cfg.overwrite:
         raise SharnnError(
@@ -441,8 +536,110 @@ def claim_run_folder(run_dir: Path, cfg: TrainConfig) -> None:
             "with --overwrite, or pass another --save"
         )
     for name in old:
-        shutil.rmtree(run_dir / name)
+        trash = run_dir / f".{name}.del"  # out of sight first: a half-deleted checkpoint is never seen as one
+        _remove(trash)
+        os.replace(run_dir / name, trash)
+        _remove(trash)
     (run_dir / "log.jsonl").unlink(missing_ok=True)
+
+
+def check_checkpoint_output(out: str | os.PathLike, overwrite: bool, *inputs: str | os.PathLike) -> None:
+    """A command that writes the checkpoint folder `out` (collapse, import-reference) may create it, fill an
+    empty folder, or with --overwrite replace a checkpoint sharnn wrote; never an input, a run folder or a
+    folder of anything else."""
+    out = Path(out)
+    refuse_input_as_output(out, *inputs)
+    if not (out.exists() or out.is_symlink()) or (out.is_dir() and not out.is_symlink() and not any(out.iterdir())):
+        return
+    if run_checkpoints(out):
+        raise SharnnError(f"{out} is a run folder ({', '.join(run_checkpoints(out))}), which a checkpoint never "
+                          "replaces; give a new folder name")
+    if not is_checkpoint(out) or out.is_symlink():
+        raise SharnnError(f"{out} exists and is not a sharnn checkpoint, so it is never replaced (not even with "
+                          "--overwrite); give a new folder name")
+    if not overwrite:
+        raise SharnnError(f"{out} already holds a checkpoint; pass --overwrite to replace it, or give another name")
+
+
+class RunLock:
+    """While a trainer writes a run folder it holds an exclusive lock on `<run>/.lock` (fcntl.flock), so a second
+    trainer of the same folder is refused at once; the file names the holder (pid, host, start time). The
+    operating system releases the lock when the process ends, however it ends (SIGKILL too), so a killed run
+    never leaves the folder locked (only the file, which the next trainer takes over). On systems without
+    fcntl (Windows) no lock is taken (`held` stays False)."""
+
+    def __init__(self, run_dir: Path):
+        self.path = run_dir / LOCK_FILE
+        self.fd: int | None = None
+
+    @property
+    def held(self) -> bool:
+        return self.fd is not None
+
+    def acquire(self) -> None:
+        if fcntl is None:  # pragma: no cover - Windows
+            return
+        while True:
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError as e:
+                raise SharnnError(f"cannot create {self.path}: {e.strerror}; pass a writable --save") from None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as e:
+                os.close(fd)
+                if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                    raise SharnnError(f"cannot lock {self.path}: {e.strerror}") from None
+                raise SharnnError(f"{self.path.parent} is in use by another training ({self._holder()}); wait "
+                                  "for it to end, stop it, or pass another --save") from None
+            # The holder deletes the file as it lets go: a lock on a file that is no longer (or no longer this)
+            # .lock locks nothing, so take the new one.
+            try:
+                if os.path.samestat(os.fstat(fd), os.stat(self.path)):
+                    break
+            except FileNotFoundError:
+                pass
+            os.close(fd)
+        holder = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%d %H:%M:%S")}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, (json.dumps(holder) + "\n").encode(), 0)
+        self.fd = fd
+
+    def _holder(self) -> str:
+        try:
+            h = json.loads(self.path.read_text())
+            return f"pid {h['pid']} on host {h['host']}, since {h['since']}"
+        except (OSError, ValueError, KeyError, TypeError):
+            return "a process that has not yet said which"
+
+    def release(self) -> None:
+        """Delete the file, then let go of the lock (closing the only descriptor releases it)."""
+        if self.fd is not None:
+            with contextlib.suppress(OSError):
+                self.path.unlink()
+            os.close(self.fd)
+            self.fd = None
+
+
+@contextlib.contextmanager
+def hold_run_folder(run_dir: Path) -> Iterator[RunLock]:
+    """Create the run folder if needed (proving it writable) and hold its lock for the block.
+
+    A folder this call created is removed again if the block leaves it empty (a run that failed before writing
+    anything), its new parent folders too."""
+    first_new = next((p for p in reversed([run_dir, *run_dir.parents]) if not p.exists()), None)
+    require_writable_folder(run_dir, "pass a writable --save")  # now, not after hours of training
+    lock = RunLock(run_dir)
+    lock.acquire()
+    try:
+        yield lock
+    finally:
+        lock.release()
+        with contextlib.suppress(OSError):  # rmdir fails on a folder that is not empty
+            for p in (run_dir, *run_dir.parents) if first_new is not None else ():
+                p.rmdir()
+                if p == first_new:
+                    break
 
 
 def checkpoint_bytes_needed(n_params: int, cfg: TrainConfig) -> int:

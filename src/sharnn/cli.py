@@ -128,10 +128,14 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--attn-window", "--attn_window", choices=list(ATTN_WINDOWS), default="reference",
                    help="attention window rule stored with the model (default: reference, the rule the original "
                         "code trained and evaluated it with; eval/score/generate --attn-window override it)")
+    r.add_argument("--overwrite", action="store_true",
+                   help="replace OUT if it holds a sharnn checkpoint (any other folder is never replaced)")
 
     c = sub.add_parser("collapse", help="store the attention value gates as constants (same outputs)")
     c.add_argument("checkpoint", help="checkpoint folder, or a run folder (its best/ is used)")
     c.add_argument("out", help="checkpoint folder to write")
+    c.add_argument("--overwrite", action="store_true",
+                   help="replace OUT if it holds a sharnn checkpoint (any other folder is never replaced)")
 
     x = sub.add_parser("export", help="write the model as ONNX, its state as explicit input and output",
                        description="Export to ONNX: a one-token step (and with --segment an N-token model) whose "
@@ -144,6 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--check-bytes", type=int, default=300, metavar="N",
                    help="compare onnxruntime's log-probabilities with PyTorch's over N tokens (default: 300; 0: no "
                         "check)")
+    x.add_argument("--overwrite", action="store_true", help="replace OUT (and OUT.segmentN.onnx) if they exist")
 
     pl = sub.add_parser("plot", help="draw learning curves of runs (PNG or SVG)",
                         description="Training and validation bpc against optimizer steps and against training time, "
@@ -152,6 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
                                     "pip install 'sharnn[plot]'.")
     pl.add_argument("runs", nargs="+", metavar="RUN", help="run folders (their --save), or log.jsonl files")
     pl.add_argument("-o", "--output", required=True, metavar="FILE", help="image to write: .png or .svg")
+    pl.add_argument("--overwrite", action="store_true", help="replace FILE if it exists")
 
     at = sub.add_parser("attention", help="draw where the attention looks over a text (PNG or SVG)",
                         description="For each attention block: a heat-map of a short window's queries against the "
@@ -161,6 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
     at.add_argument("checkpoint", help="checkpoint folder, or a run folder (its best/ is used)")
     at.add_argument("--text", required=True, metavar="FILE", help="the text to read (as bytes)")
     at.add_argument("-o", "--output", required=True, metavar="FILE", help="image to write: .png or .svg")
+    at.add_argument("--overwrite", action="store_true", help="replace FILE if it exists")
     at.add_argument("--window", type=int, default=48, metavar="N",
                     help="queries in the heat-map; it shows as many keys before them (default: 48)")
     at.add_argument("--at", type=int, default=None, metavar="POS",
@@ -279,6 +286,28 @@ def _add_precision_flag(parser: argparse.ArgumentParser) -> None:
                              "for a model from import-reference) (default: the checkpoint's)")
 
 
+def _json(obj: Any, **kw: Any) -> str:
+    """One JSON line. JSON has no NaN or infinity (a diverged model's loss): those numbers are written as null."""
+    def clean(v: Any) -> Any:
+        if isinstance(v, float) and not math.isfinite(v):
+            return None
+        if isinstance(v, dict):
+            return {k: clean(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [clean(x) for x in v]
+        return v
+
+    return json.dumps(clean(obj), allow_nan=False, **kw)
+
+
+def _refuse_non_finite(args: argparse.Namespace) -> None:
+    """Every number flag (--lr, --temperature, --top-p, --dynamic-lr, ...) must be finite: NaN and infinity pass
+    range checks unnoticed, then poison the computation."""
+    for name, value in vars(args).items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise SharnnError(f"--{name.replace('_', '-')} must be a finite number, got {value}")
+
+
 def _require_at_least(args: argparse.Namespace, minimum: int, *names: str) -> None:
     """Refuse, in one line, a numeric flag below `minimum` (flags left unset, None, pass)."""
     for name in names:
@@ -324,7 +353,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     metric = load_vocab(result.run_dir).metric  # bpc, or perplexity for word-level corpora
     if args.json:
-        print(json.dumps({
+        print(_json({
             "run_dir": str(result.run_dir), "steps": result.steps, "seconds": round(result.seconds, 2),
             "train_chars_per_s": round(result.train_chars_per_s, 1), "best_valid_bpc": result.best_valid_bpc,
             "metric": metric,
@@ -349,8 +378,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from .checkpoint import load_train_config, load_vocab, resolve_checkpoint
-    from .data import load_corpus
+    from .checkpoint import load_train_config, load_vocab, read_meta, resolve_checkpoint
+    from .data import data_warning, load_corpus
     from .dynamic import static_and_dynamic
     from .evaluate import evaluate
     from .runtime import resolve_device
@@ -368,6 +397,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     data = args.data or tcfg.data
     corpus = load_corpus(data, vocab=load_vocab(ckpt))
     split = "valid" if args.dynamic_search else args.split
+    if warning := data_warning(read_meta(ckpt).get("data"), corpus, [split], str(ckpt)):
+        print(f"sharnn: warning: {warning}", file=sys.stderr)
     default_bsz = tcfg.test_batch_size if split == "test" else (tcfg.eval_batch_size or tcfg.batch_size)
     bsz = args.batch_size or default_bsz
     bptt = args.bptt or tcfg.bptt
@@ -387,7 +418,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         if dyn is not None:
             obj["dynamic"] = {"loss": dyn.loss, "bpc": dyn.bpc, "ppl": dyn.ppl, "seconds": round(dyn.seconds, 3),
                               **cfg.__dict__}
-        print(json.dumps(obj))
+        print(_json(obj))
     elif dyn is not None:
         print(f"{split}: static bpc {res.bpc:.4f} | dynamic bpc {dyn.bpc:.4f} ({100 * (dyn.bpc / res.bpc - 1):+.2f}%) | "
               f"static ppl {res.ppl:.4f} | dynamic ppl {dyn.ppl:.4f} | {res.predictions:,} predictions in {bsz} "
@@ -418,10 +449,10 @@ def _dynamic_search(model: Any, corpus: Any, bsz: int, bptt: int, cfg: Any, devi
 
     points = dynamic_search(model, corpus.valid, bsz, search_grid(cfg),
                             lambda b: gradient_stats(model, corpus.train, bsz, b, cfg.stats_tokens, device, True),
-                            device, progress=not as_json, report=show)
+                            device, progress=not as_json, report=show, bptt=bptt)
     best = points[0].cfg
     if as_json:
-        print(json.dumps({"split": "valid", "static_bpc": static.bpc, "batch_size": bsz, "bptt": bptt,
+        print(_json({"split": "valid", "static_bpc": static.bpc, "batch_size": bsz, "bptt": bptt,
                           "settings": [{"lr": p.cfg.lr, "decay": p.cfg.decay, "bptt": p.cfg.bptt, "bpc": p.result.bpc}
                                        for p in points],
                           "best": {"lr": best.lr, "decay": best.decay, "bptt": best.bptt, "bpc": points[0].result.bpc}}))
@@ -434,9 +465,10 @@ def _dynamic_search(model: Any, corpus: Any, bsz: int, bptt: int, cfg: Any, devi
 def cmd_generate(args: argparse.Namespace) -> int:
     import codecs
 
-    from .generate import generate_ids
+    from .generate import check_sampling, generate_ids
     from .runtime import resolve_device
 
+    check_sampling(args.length, args.temperature, args.top_k, args.top_p)  # before anything is printed
     model = _load_for_inference(args.checkpoint, resolve_device(args.device), args)
     if args.prompt_file:
         prompt = _read_bytes(args.prompt_file)
@@ -482,7 +514,7 @@ def _read_bytes(path: str, limit: int = -1) -> bytes:
 
 def cmd_score(args: argparse.Namespace) -> int:
     from .runtime import resolve_device
-    from .score import score_lines, score_stream
+    from .score import score_lines, score_stream, split_lines
 
     _require_at_least(args, 1, "batch_size")
     if args.dynamic and not args.document:
@@ -512,7 +544,7 @@ def cmd_score(args: argparse.Namespace) -> int:
             if score.token_logprobs is not None:
                 obj["per_token"] = [{"token": model.vocab.decode([t]).decode("utf-8", errors="replace"),
                                      "id": t, "logprob": lp} for t, lp in score.token_logprobs]
-            print(json.dumps(obj, ensure_ascii=False))
+            print(_json(obj, ensure_ascii=False))
         else:
             shown = "\t" + (name if text is None else text.decode("utf-8", errors="replace"))
             print(f"{score.logprob:.4f}\t{score.bits:.4f}\t{score.bpc:.4f}\t{score.tokens}{shown}")
@@ -533,7 +565,7 @@ def cmd_score(args: argparse.Namespace) -> int:
             report(name, score)
         else:
             data = sys.stdin.buffer.read() if name == "-" else _read_bytes(name)
-            lines = data.splitlines()
+            lines = split_lines(data)
             if not lines:
                 raise SharnnError(f"{'stdin' if name == '-' else name} has no lines to score")
             scores = score_lines(model, model.vocab, lines, context, eos=not args.no_eos,
@@ -561,18 +593,25 @@ def cmd_import_reference(args: argparse.Namespace) -> int:
     from .model import count_parameters
 
     model = import_reference(args.state_dict, args.out, vocab_from=args.vocab_from, attn_span=args.attn_span,
-                             attn_window=args.attn_window)
+                             attn_window=args.attn_window, overwrite=args.overwrite)
     print(f"imported {count_parameters(model):,} parameters ({model.cfg.vocab_size} symbols) into {args.out}")
     return 0
 
 
 def cmd_collapse(args: argparse.Namespace) -> int:
-    from .checkpoint import load_model, load_train_config, resolve_checkpoint, save_checkpoint
+    from .checkpoint import (
+        check_checkpoint_output,
+        load_model,
+        load_train_config,
+        resolve_checkpoint,
+        save_checkpoint,
+    )
     from .model import count_parameters
 
-    model = load_model(args.checkpoint)
-    small = model.collapse()
     ckpt = resolve_checkpoint(args.checkpoint)
+    check_checkpoint_output(args.out, args.overwrite, ckpt)
+    model = load_model(ckpt)
+    small = model.collapse()
     save_checkpoint(args.out, small, load_train_config(ckpt), vocab=model.vocab,  # eval defaults stay the run's
                     progress={"collapsed_from": str(args.checkpoint)})
     print(f"collapsed {count_parameters(model):,} -> {count_parameters(small):,} parameters into {args.out}")
@@ -580,14 +619,17 @@ def cmd_collapse(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from .checkpoint import load_model
+    from .checkpoint import load_model, resolve_checkpoint
     from .export import check_onnx, export_onnx, require
+    from .outputs import refuse_input_as_output
 
     _require_at_least(args, 0, "check_bytes")
     if args.check_bytes:
         require("onnxruntime", unless="--check-bytes 0")  # before the export, not after it
-    model = load_model(args.checkpoint)
-    paths = export_onnx(model, args.out, args.segment)
+    ckpt = resolve_checkpoint(args.checkpoint)
+    refuse_input_as_output(args.out, ckpt)
+    model = load_model(ckpt)
+    paths = export_onnx(model, args.out, args.segment, overwrite=args.overwrite)
     print(f"wrote {' and '.join(map(str, paths))}")
     if args.check_bytes:
         diff = check_onnx(model, paths, args.check_bytes)
@@ -598,9 +640,11 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_plot(args: argparse.Namespace) -> int:
     from .curves import read_curves
+    from .outputs import check_new_file
     from .plots import curves_figure, image_format, save
 
     image_format(args.output)  # before reading anything
+    check_new_file(args.output, args.overwrite)
     runs = [read_curves(r) for r in args.runs]
     for run in runs:
         if not run.train and not run.valid:
@@ -631,10 +675,12 @@ def cmd_attention(args: argparse.Namespace) -> int:
 
     from .attention_map import attention_blocks, attention_over_text
     from .checkpoint import load_model
+    from .outputs import check_new_file
     from .plots import attention_figure, image_format, save
     from .runtime import resolve_device
 
     image_format(args.output)
+    check_new_file(args.output, args.overwrite)
     _require_at_least(args, 1, "window", "max_bytes")
     device = resolve_device(args.device)
     model = load_model(args.checkpoint, device)
@@ -656,8 +702,9 @@ def cmd_attention(args: argparse.Namespace) -> int:
 
 
 def cmd_compress(args: argparse.Namespace) -> int:
-    from .checkpoint import load_model
+    from .checkpoint import load_model, resolve_checkpoint
     from .compress import CoderSettings, adapt_config, compress_file, fresh_model
+    from .outputs import refuse_input_as_output
 
     if len(args.paths) != (2 if args.fresh else 3):
         raise SharnnError("usage: sharnn compress CKPT IN OUT, or sharnn compress --fresh PRESET --adapt IN OUT")
@@ -667,26 +714,34 @@ def cmd_compress(args: argparse.Namespace) -> int:
     if not args.adapt and any(v is not None for v in given):
         raise SharnnError("--adapt-lr, --adapt-decay and --adapt-bptt set up --adapt: add --adapt")
     adapt = adapt_config(bool(args.fresh), *given) if args.adapt else None
+    src, dst = args.paths[-2:]
     if args.fresh:
         model, fresh = fresh_model(args.fresh, args.seed)
     else:
+        refuse_input_as_output(dst, resolve_checkpoint(args.paths[0]))
         model, fresh = load_model(args.paths[0], "cpu"), None
-    src, dst = args.paths[-2:]
     res = compress_file(model, src, dst, CoderSettings(streams=args.streams, threads=args.threads, adapt=adapt),
                         fresh=fresh, progress=not args.quiet, overwrite=args.overwrite)
+    stored = (f"; {res.stored} of {res.blocks} blocks stored as they are (the model would have made them larger)"
+              if res.stored else "")
     print(f"{src}: {res.length:,} -> {res.compressed:,} bytes ({res.bits_per_byte:.4f} bits/byte; the model's "
-          f"cross-entropy {res.model_bits / max(res.length, 1):.4f}), {res.streams} streams, {res.kb_per_s:.1f} KB/s")
+          f"cross-entropy {res.model_bits / max(res.length, 1):.4f}), {res.streams} streams, {res.kb_per_s:.1f} KB/s"
+          + stored)
     return 0
 
 
 def cmd_decompress(args: argparse.Namespace) -> int:
-    from .checkpoint import load_model
+    from .checkpoint import load_model, resolve_checkpoint
     from .compress import decompress_file
+    from .outputs import refuse_input_as_output
 
     if len(args.paths) not in (2, 3):
         raise SharnnError("usage: sharnn decompress CKPT IN OUT (or IN OUT for a file compressed with --fresh)")
-    model = load_model(args.paths[0], "cpu") if len(args.paths) == 3 else None
     src, dst = args.paths[-2:]
+    model = None
+    if len(args.paths) == 3:
+        refuse_input_as_output(dst, resolve_checkpoint(args.paths[0]))  # decompress_file checks IN itself
+        model = load_model(args.paths[0], "cpu")
     res = decompress_file(src, dst, model, ignore_machine=args.ignore_machine, progress=not args.quiet,
                           overwrite=args.overwrite, checkpoint_name=args.paths[0])
     print(f"{dst}: {res.length:,} bytes from {res.compressed:,}, checksum verified, {res.kb_per_s:.1f} KB/s")
@@ -745,6 +800,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "export": cmd_export, "plot": cmd_plot, "attention": cmd_attention,
                 "compress": cmd_compress, "decompress": cmd_decompress, "serve": cmd_serve}
     try:
+        _refuse_non_finite(args)
         return commands[args.command](args)
     except SharnnError as e:
         # train.TrainingInterrupted (SIGINT/SIGTERM, checkpoint saved) is no error: 128 + the signal's number.

@@ -11,6 +11,11 @@ S costs little more than one stream, so throughput grows with S; each stream sta
 also capped at one per 4 KiB of input. Every `block_steps` steps the code is sealed and written out: memory
 stays bounded whatever the file's size.
 
+Stored blocks. Where the model predicts a block worse than storing it would (random bytes, or text unlike anything
+it knows), the block is written raw instead of its range code, as xz and zstd do: no input grows by more than the
+header, the trailer and 4 bytes per block. The model still reads every byte of a stored block, on both sides, so
+its state (and with `--adapt` its learning) stays the same in the encoder and the decoder.
+
 `--adapt`: after every `bptt` steps the model takes a dynamic-evaluation step (`sharnn.dynamic`, with running
 gradient statistics) on the S x bptt bytes just coded. The decoder has the same bytes at the same moment and
 takes the same step, so the two stay in lockstep; from a fresh (untrained) model this is learning from nothing.
@@ -25,12 +30,14 @@ wrote it. Those are in the header and checked; `--ignore-machine` tries anyway. 
 bytes are checked against the original's SHA-256 before the output file appears: a mismatch is an error, never
 a wrong file.
 
-File layout (format version 1; integers little-endian):
+File layout (format version 2; integers little-endian):
     8 bytes   MAGIC
     u16       format version
     u32       header length H, then H bytes of JSON (see `_header`)
-    blocks    ceil(n / block_steps) of them: u32 word count W, then W u32 words of range code
+    blocks    ceil(n / block_steps) of them: u32 word count W, then W u32 words of range code; or u32 STORED,
+              then the block's bytes as they are, stream after stream (the decoder knows how many)
     32 bytes  SHA-256 of everything before it (a damaged file is refused before any decoding)
+Version 1 is the same without stored blocks; it still decodes.
 """
 
 from __future__ import annotations
@@ -38,11 +45,12 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import os
 import platform
 import struct
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, replace
 from importlib import metadata
 from pathlib import Path
@@ -56,11 +64,14 @@ from .config import SHARNNConfig, load_config_file, load_preset, preset_names, s
 from .dynamic import DynamicConfig, DynamicEval
 from .errors import SharnnError
 from .model import SHARNN, State, parameter_count
+from .outputs import refuse_input_as_output
 from .runtime import attention_bytes, require_memory
 from .vocab import BYTES
 
 MAGIC = b"\x93SHARNNZ"  # a non-ASCII first byte, as PNG's: a file mangled as text shows at once
-VERSION = 1
+VERSION = 2
+READS = (1, 2)  # the format versions this sharnn decodes (1: no stored blocks)
+STORED = 0xFFFF_FFFF  # in place of a block's word count: the block's bytes follow raw (no real count comes near)
 PRECISION = 24  # probabilities are integers out of 2^24, constriction's default precision for its range coder
 START = 10  # the byte fed before each stream's first: a newline, "the start of a line" (as `sharnn score`)
 MIN_STREAM_BYTES = 4096  # a stream starts without context: fewer, longer streams for small files
@@ -97,6 +108,8 @@ class CodingResult(NamedTuple):
     model_bits: float  # the model's cross-entropy on the original, in bits: what ideal coding would cost
     streams: int
     seconds: float  # coding time (model loading not included)
+    blocks: int = 0
+    stored: int = 0  # blocks written raw: the model would have made them larger
 
     @property
     def bits_per_byte(self) -> float:
@@ -181,9 +194,13 @@ def quantise(probs: np.ndarray) -> np.ndarray:
     """(S, V) float probabilities -> (S, V) integers >= 1 summing to exactly 2^PRECISION, as float64.
 
     Integer arithmetic after one float multiply, so the encoder and decoder agree whenever the model's floats do;
-    every byte keeps a nonzero share (a byte the model rules out still costs at most PRECISION bits). constriction
-    takes the counts as floats (exactly representable) and rescales them, the same way on both sides.
+    every byte keeps a nonzero share (a byte the model rules out, even with a float probability of exactly 0,
+    still costs at most PRECISION bits). constriction takes the counts as floats (exactly representable) and
+    rescales them, the same way on both sides. Non-finite probabilities are refused (`_Stepper.predict` stops
+    before they get here).
     """
+    if not np.isfinite(probs).all():
+        raise SharnnError("the model's probabilities are not finite (NaN or infinite); they cannot be coded")
     S, V = probs.shape
     total = 1 << PRECISION
     q = np.floor(probs.astype(np.float64) * (total - V)).astype(np.int64) + 1
@@ -207,15 +224,31 @@ class _Stepper:
         self.inputs: list[np.ndarray] = []
         self.targets: list[np.ndarray] = []
         self.segment_state: State | None = None
+        self.steps = 0
 
     @torch.no_grad()
-    def probs(self) -> np.ndarray:
-        """(S, V) float32 probabilities of every stream's next byte."""
+    def predict(self) -> tuple[np.ndarray, np.ndarray]:
+        """(S, V) float32 probabilities of every stream's next byte, which are coded, and (S, V) float64
+        log2-probabilities, which measure the model's cross-entropy (finite where a probability underflows to 0).
+
+        Stops with a SharnnError when the model's outputs are not finite: a model that diverged, under --adapt
+        usually; its probabilities would be garbage to the coder.
+        """
         if self.learner is not None and not self.inputs:
             self.segment_state = self.model.ordered_state(self.state)  # where the segment's learning starts
         out = self.model(torch.from_numpy(self.prev).view(1, self.S), self.state)
         self.state = out.state
-        return torch.softmax(out.logits[0].float(), dim=-1).numpy()
+        logits = out.logits[0].float()
+        p = torch.softmax(logits, dim=-1).numpy()
+        if not np.isfinite(p).all():
+            cause = ""
+            if self.learner is not None:
+                cause = (f" (the model diverged under --adapt, {self.learner.steps} step(s) in: try a smaller "
+                         "--adapt-lr)")
+            raise SharnnError(f"the model's predictions became NaN or infinite after {self.steps:,} bytes per "
+                              f"stream{cause}; nothing was written")
+        self.steps += 1
+        return p, (torch.log_softmax(logits.double(), dim=-1) / math.log(2)).numpy()
 
     def advance(self, symbols: np.ndarray, active: np.ndarray) -> None:
         """Every stream's coded byte of this step (S,), with `active` (S,) False where a stream has ended."""
@@ -232,6 +265,16 @@ class _Stepper:
                 with torch.enable_grad():
                     loss = self.model(x, self.segment_state, targets=y).loss
                 self.learner.learn(loss)
+
+
+def _block_bytes(block: np.ndarray, lengths: np.ndarray, t0: int, t1: int) -> bytes:
+    """A block's bytes as a stored block holds them: each stream's part of steps t0..t1, stream after stream.
+
+    Args:
+        block: (S, t1 - t0) the block's bytes, zero past a stream's end; lengths: (S,) bytes in each stream.
+    """
+    ends = np.clip(lengths - t0, 0, t1 - t0)
+    return b"".join(block[s, : ends[s]].astype(np.uint8).tobytes() for s in range(len(lengths)))
 
 
 def _stream_lengths(length: int, streams: int, n: int) -> np.ndarray:
@@ -350,8 +393,7 @@ def compress_file(model: SHARNN, src: str | os.PathLike, dst: str | os.PathLike,
     """
     src, dst = Path(src), Path(dst)
     _check_model(model)
-    if dst.exists() and src.exists() and dst.resolve() == src.resolve():
-        raise SharnnError(f"the output {dst} is the input; give another file name")
+    refuse_input_as_output(dst, src)  # the same file by any name: a link, a hard link, `..`
     data, length = _open_input(src)
     cs = _constriction()
     streams, n = _stream_layout(length, settings.streams)
@@ -367,7 +409,7 @@ def compress_file(model: SHARNN, src: str | os.PathLike, dst: str | os.PathLike,
             lengths = _stream_lengths(length, streams, n)
             encoder = cs.stream.queue.RangeEncoder()
             family = cs.stream.model.Categorical(perfect=False)
-            bits = 0.0
+            bits, blocks, stored = 0.0, 0, 0
             bar = _bar(length, "compress", progress)
             for t0 in range(0, n, settings.block_steps):
                 t1 = min(n, t0 + settings.block_steps)
@@ -378,14 +420,20 @@ def compress_file(model: SHARNN, src: str | os.PathLike, dst: str | os.PathLike,
                         block[s, : b - a] = data[a:b]
                 for t in range(t0, t1):
                     active = lengths > t
-                    p = stepper.probs()[active]  # type: ignore[union-attr]
+                    p, lp = stepper.predict()  # type: ignore[union-attr]
                     symbols = block[active, t - t0]
-                    encoder.encode(symbols.astype(np.int32), family, quantise(p))
-                    bits -= float(np.log2(p[np.arange(len(symbols)), symbols].astype(np.float64)).sum())
+                    encoder.encode(symbols.astype(np.int32), family, quantise(p[active]))
+                    bits -= float(lp[active][np.arange(len(symbols)), symbols].sum())
                     stepper.advance(block[:, t - t0], active)  # type: ignore[union-attr]
                     bar.update(len(symbols))
                 words = encoder.get_compressed().astype("<u4")
-                w.write(struct.pack("<I", len(words)) + words.tobytes())
+                raw = _block_bytes(block, lengths, t0, t1)
+                blocks += 1
+                if 4 * len(words) < len(raw):
+                    w.write(struct.pack("<I", len(words)) + words.tobytes())
+                else:  # the model does worse than storing: the bytes as they are (the model has read them all)
+                    w.write(struct.pack("<I", STORED) + raw)
+                    stored += 1
                 encoder = cs.stream.queue.RangeEncoder()  # a new one: clear() after sealing leaves state behind
             bar.close()
             out.file.write(w.h.digest())
@@ -397,7 +445,7 @@ def compress_file(model: SHARNN, src: str | os.PathLike, dst: str | os.PathLike,
         if isinstance(e, OSError):
             raise SharnnError(f"cannot write {dst}: {e.strerror or e}") from None
         raise
-    return CodingResult(length, size, bits, streams, seconds)
+    return CodingResult(length, size, bits, streams, seconds, blocks, stored)
 
 
 def _check_model(model: SHARNN) -> None:
@@ -448,6 +496,7 @@ class Compressed(NamedTuple):
     header: dict[str, Any]
     body_start: int  # offset of the first block
     body_end: int  # offset of the trailer
+    version: int = VERSION  # the file's format version (one of READS)
 
 
 def read_header(path: str | os.PathLike) -> Compressed:
@@ -463,9 +512,9 @@ def read_header(path: str | os.PathLike) -> Compressed:
         if len(head) < 14 or head[:8] != MAGIC:
             raise SharnnError(f"{path} is not a file made by `sharnn compress`")
         version, hlen = struct.unpack("<HI", head[8:14])
-        if version != VERSION:
-            raise SharnnError(f"{path} is in compressed-file format version {version}; this sharnn reads version "
-                              f"{VERSION} only: decompress it with the sharnn that wrote it")
+        if version not in READS:
+            raise SharnnError(f"{path} is in compressed-file format version {version}; this sharnn reads versions "
+                              f"{', '.join(map(str, READS))} only: decompress it with the sharnn that wrote it")
         if size < 14 + hlen + 32 or _sha256_file(f, size - 32) != f.read(32).hex():
             raise SharnnError(f"{path} is damaged: its checksum does not match its contents")
         f.seek(14)
@@ -473,7 +522,7 @@ def read_header(path: str | os.PathLike) -> Compressed:
             header = json.loads(f.read(hlen).decode())
         except (ValueError, UnicodeDecodeError):
             raise SharnnError(f"{path} is damaged: its header is not readable") from None
-    return Compressed(header, 14 + hlen, size - 32)
+    return Compressed(header, 14 + hlen, size - 32, version)
 
 
 def decompress_file(src: str | os.PathLike, dst: str | os.PathLike, model: SHARNN | None,
@@ -482,6 +531,7 @@ def decompress_file(src: str | os.PathLike, dst: str | os.PathLike, model: SHARN
     """Decompress `src` into `dst`. `model`: the checkpoint's model, or None for a file whose header says it was
     made from a fresh model. `dst` appears only once the decoded bytes match the original's SHA-256."""
     src, dst = Path(src), Path(dst)
+    refuse_input_as_output(dst, src)  # --overwrite replaces OUT, never the compressed file being read
     info = read_header(src)
     h = info.header
     try:
@@ -529,19 +579,27 @@ def decompress_file(src: str | os.PathLike, dst: str | os.PathLike, model: SHARN
             stepper = _Stepper(model, streams, settings.adapt) if streams else None
             lengths = _stream_lengths(length, streams, n)
             family = cs.stream.model.Categorical(perfect=False)
-            bits = 0.0
+            bits, blocks, stored = 0.0, 0, 0
             bar = _bar(length, "decompress", progress)
             for t0 in range(0, n, settings.block_steps):
                 t1 = min(n, t0 + settings.block_steps)
-                words = _read_block(f, info.body_end, src)
-                decoder = cs.stream.queue.RangeDecoder(words)
                 block = np.zeros((streams, t1 - t0), dtype=np.int64)
+                ends = np.clip(lengths - t0, 0, t1 - t0)
+                words, raw = _read_block(f, info.body_end, src, int(ends.sum()) if info.version >= 2 else None)
+                blocks += 1
+                if raw is not None:  # a stored block: its bytes as they are; the model still reads them all
+                    stored += 1
+                    for s, part in enumerate(np.split(np.frombuffer(raw, dtype=np.uint8), np.cumsum(ends)[:-1])):
+                        block[s, : len(part)] = part
+                else:
+                    decoder = _decoding(src, h, cs.stream.queue.RangeDecoder, words)
                 for t in range(t0, t1):
                     active = lengths > t
-                    p = stepper.probs()[active]  # type: ignore[union-attr]
-                    symbols = decoder.decode(family, quantise(p)).astype(np.int64)
-                    bits -= float(np.log2(p[np.arange(len(symbols)), symbols].astype(np.float64)).sum())
-                    block[active, t - t0] = symbols
+                    p, lp = stepper.predict()  # type: ignore[union-attr]
+                    if raw is None:
+                        block[active, t - t0] = _decoding(src, h, decoder.decode, family, quantise(p[active]))
+                    symbols = block[active, t - t0]
+                    bits -= float(lp[active][np.arange(len(symbols)), symbols].sum())
                     stepper.advance(block[:, t - t0], active)  # type: ignore[union-attr]
                     bar.update(len(symbols))
                 for s in range(streams):
@@ -553,24 +611,46 @@ def decompress_file(src: str | os.PathLike, dst: str | os.PathLike, model: SHARN
             seconds = time.perf_counter() - start
         out.file.flush()
         if out.file.seek(0, os.SEEK_END) != length or _sha256_file(out.file) != h["sha256"]:
-            raise SharnnError(f"decoding {src} did not give back the original (its SHA-256 differs): this machine "
-                              f"computes the model differently from the one that compressed it ({h.get('cpu')}, "
-                              f"torch {h['machine'].get('torch')}), or the file was altered; nothing was written")
+            raise SharnnError(_not_the_original(src, h, "its SHA-256 differs"))
         out.commit()
     except BaseException as e:
         out.discard()
         if isinstance(e, OSError):
             raise SharnnError(f"cannot write {dst}: {e.strerror or e}") from None
         raise
-    return CodingResult(length, info.body_end + 32, bits, streams, seconds)
+    return CodingResult(length, info.body_end + 32, bits, streams, seconds, blocks, stored)
 
 
-def _read_block(f: BinaryIO, end: int, src: Path) -> np.ndarray:
+def _not_the_original(src: Path, h: dict[str, Any], why: str) -> str:
+    return (f"decoding {src} did not give back the original ({why}): this machine computes the model "
+            f"differently from the one that compressed it ({h.get('cpu')}, torch {h['machine'].get('torch')}), or "
+            "the file was altered; nothing was written")
+
+
+def _decoding(src: Path, h: dict[str, Any], call: Callable[..., Any], *args: Any) -> Any:
+    """`call(*args)`, a call into constriction's decoder. On data it cannot decode under the probabilities given
+    (another machine's arithmetic, a crafted file) it raises whatever it raises (an AssertionError, on some
+    machines): that becomes one clear line."""
+    try:
+        return call(*args)
+    except Exception as e:  # noqa: BLE001 - any failure of the library's decoder means the same thing here
+        why = f"the range code does not decode: {type(e).__name__}"
+        raise SharnnError(_not_the_original(src, h, why)) from None
+
+
+def _read_block(f: BinaryIO, end: int, src: Path, stored_bytes: int | None) -> tuple[np.ndarray, bytes | None]:
+    """The next block: (range-code words, None), or for a stored block (empty words, its `stored_bytes` bytes).
+    `stored_bytes` None: the file's format has no stored blocks (version 1)."""
     raw = f.read(4)
     if len(raw) < 4 or f.tell() > end:
         raise SharnnError(f"{src} is damaged: it ends before its last block")
     (count,) = struct.unpack("<I", raw)
+    if count == STORED and stored_bytes is not None:
+        data = f.read(stored_bytes)
+        if len(data) < stored_bytes or f.tell() > end:
+            raise SharnnError(f"{src} is damaged: it ends before its last block")
+        return np.zeros(0, dtype=np.uint32), data
     data = f.read(4 * count)
     if len(data) < 4 * count or f.tell() > end:
         raise SharnnError(f"{src} is damaged: it ends before its last block")
-    return np.frombuffer(data, dtype="<u4").astype(np.uint32)
+    return np.frombuffer(data, dtype="<u4").astype(np.uint32), None

@@ -8,6 +8,7 @@ dataclass defaults < `--preset NAME` < `--config FILE.toml` < explicit flags.
 from __future__ import annotations
 
 import json
+import math
 import sys
 from dataclasses import asdict, dataclass, field, fields, replace
 from importlib import resources
@@ -35,6 +36,7 @@ def auto_cutoffs(vocab_size: int) -> tuple[int, ...]:
 # Recurrent cores the table lists (`--model`); model.py's `Block` builds the one named.
 RNN_CORES = ("LSTM", "GRU", "QRNN")
 OPTIMIZERS = ("lamb", "adam", "adamw", "sgd")
+DECAYS = ("none", "linear", "cosine")  # --decay: the learning rate after the warm-up
 ATTN_WINDOWS = ("sliding", "reference")
 # The parts of the network mixed-precision training may keep in float32 (--fp32-parts; SHARNN.keep_fp32).
 FP32_PARTS = ("core", "attention", "boom", "decoder")
@@ -109,6 +111,7 @@ class SHARNNConfig:
     )
 
     def __post_init__(self) -> None:
+        _refuse_non_finite(self)
         if self.vocab_size < 2:
             raise SharnnError(f"vocab_size={self.vocab_size} must be at least 2")
         if self.emsize < 1 or self.nhid < 1 or self.nlayers < 1:
@@ -182,6 +185,12 @@ class TrainConfig:
     epochs: int = _doc("epoch limit", default=8000)
     warmup: int = _doc("linear warm-up, in optimizer steps (0 = off)", default=800)
     cooldown: int | None = _doc("linear cool-down length in optimizer steps (none = off)", default=None)
+    decay: str = _doc("after the warm-up, lower the learning rate to the end of the budget (the earliest of "
+                      "--max-steps, --max-time, --epochs; a time budget's steps estimated from the pace so far): "
+                      "none (the original's flat rate), linear or cosine", default="none")
+    decay_to: float = _doc("with --decay: the fraction of --lr reached at the end of the budget", default=0.0)
+    decay_fraction: float = _doc("with --decay: the share of the steps after the warm-up that the decay takes, at "
+                                 "the end (1: all of them; 0.2: the rate stays at --lr for the first 80%)", default=1.0)
     accumulate: int = _doc("segments averaged per optimizer step", default=1)
     wdecay: float = _doc("weight decay", default=1.2e-6)
     # A plain run behaves like the original, whose loop never added either penalty; the flags turn them on.
@@ -197,9 +206,10 @@ class TrainConfig:
     when: tuple[int, ...] = _doc("epochs after which the learning rate is divided by 10", default=(-1,))
     log_interval: int = _doc("batches between log lines", default=10)
     save: str = _doc("run folder: best/ and last/ checkpoints and the logs", default="runs/sharnn")
-    resume: str | None = _doc("checkpoint (or run folder) to resume from", default=None)
-    overwrite: bool = _doc("start over in a --save folder that already holds a run (its checkpoints are deleted)",
-                           default=False)
+    resume: str | None = _doc("checkpoint (or run folder) to continue: its saved settings are the base, the "
+                              "flags given override them, --save defaults to its run folder", default=None)
+    overwrite: bool = _doc("start over in a --save folder that already holds a run (its checkpoints and log are "
+                           "deleted, nothing else)", default=False)
     save_every: int | None = _doc("also save a resumable checkpoint (last/) every N optimizer steps", default=None)
     save_every_minutes: float | None = _doc(
         "also save a resumable checkpoint (last/) every N minutes of training (none = off)", default=30.0
@@ -232,6 +242,7 @@ class TrainConfig:
         "for long segments, for one more forward pass per step", default=False)
 
     def __post_init__(self) -> None:
+        _refuse_non_finite(self)
         positive = ("batch_size", "bptt", "epochs", "accumulate", "log_interval", "test_batch_size")
         for name in positive:
             if getattr(self, name) < 1:
@@ -261,6 +272,13 @@ class TrainConfig:
             raise SharnnError(f"unknown --fp32-parts {', '.join(unknown)}; choose from {', '.join(FP32_PARTS)}")
         if self.tokens not in ("auto", "bytes", "words", "chars"):
             raise SharnnError(f"unknown --tokens {self.tokens!r}; use auto, bytes, words or chars")
+        if self.decay not in DECAYS:
+            raise SharnnError(f"unknown --decay {self.decay!r}; use none, linear or cosine")
+        if not 0.0 <= self.decay_to <= 1.0:
+            raise SharnnError(f"--decay-to is a fraction of --lr between 0 and 1, got {self.decay_to}")
+        if not 0.0 < self.decay_fraction <= 1.0:
+            raise SharnnError(f"--decay-fraction is a share of the steps, above 0 and at most 1, got "
+                              f"{self.decay_fraction}")
         if self.optimizer not in OPTIMIZERS:
             raise SharnnError(f"unknown --optimizer {self.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
         if self.nonmono < 0:
@@ -273,6 +291,11 @@ class TrainConfig:
             raise SharnnError("--alpha and --beta must not be negative")
         if self.sample < 0:
             raise SharnnError("--sample must not be negative")
+        if bad := [w for w in self.when if w < 1 and w != -1]:
+            # The original's loop counts epochs from 1 (`for epoch in range(1, args.epochs + 1)`), as we do: an
+            # epoch 0 or below never ends, so --when would never act on it.
+            raise SharnnError(f"--when {bad[0]}: epochs count from 1, so it would never act; give the epochs after "
+                              "which to divide the learning rate by 10 (1 or more), or -1 for never")
 
     @property
     def fp32_part_set(self) -> frozenset[str]:
@@ -284,6 +307,15 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
         return cls(**_checked_kwargs(cls, d))
+
+
+def _refuse_non_finite(cfg: Any) -> None:
+    """NaN or an infinity in any number setting (a flag, a TOML `nan`/`inf`) is refused: it would pass every
+    range check and turn the weights to NaN at the first step."""
+    for f in fields(cfg):
+        v = getattr(cfg, f.name)
+        if isinstance(v, float) and not math.isfinite(v):
+            raise SharnnError(f"--{f.name.replace('_', '-')} must be a finite number, got {v}")
 
 
 def _checked_kwargs(cls: type, d: dict[str, Any]) -> dict[str, Any]:

@@ -15,12 +15,13 @@ from __future__ import annotations
 import os
 import pickle
 import re
+import zipfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .checkpoint import save_checkpoint
+from .checkpoint import check_checkpoint_output, refused_pickle, save_checkpoint
 from .config import SHARNNConfig
 from .data import load_corpus
 from .errors import SharnnError
@@ -50,6 +51,30 @@ def reference_vocab(train_ids: np.ndarray) -> Vocab:
     return Vocab("table", tuple("<eos>" if b == 10 else str(int(b)) for b in order))
 
 
+def _load_state_dict(path: Path) -> object:
+    """torch.load with weights_only, after checking that the file is one torch.save could have written: a zip
+    archive (torch >= 1.6) or a pickle (older torch). Anything else is not called a pickle."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except FileNotFoundError:
+        raise SharnnError(f"{path} not found") from None
+    except OSError as e:
+        raise SharnnError(f"cannot read {path}: {e.strerror}") from None
+    if not zipfile.is_zipfile(path) and not head.startswith(b"\x80"):  # a pickle's PROTO opcode (protocol >= 2)
+        raise SharnnError(f"{path} is not a PyTorch file (neither torch.save's zip archive nor a pickle); "
+                          "give the .pt file saved with torch.save(model.state_dict(), F)")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        message, objects = refused_pickle(path, e)
+        hint = ". Save model.state_dict() in the reference environment first (see `sharnn import-reference --help`)"
+        raise SharnnError(message + (hint if objects else "")) from None
+    except (RuntimeError, EOFError, OSError, ValueError, KeyError, IndexError, TypeError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise SharnnError(f"{path} is not a readable PyTorch file ({first})") from None
+
+
 def config_from_state_dict(sd: dict[str, torch.Tensor], attn_span: int, attn_window: str = "reference") -> SHARNNConfig:
     """Read the architecture off the tensors' names and shapes."""
     try:
@@ -72,19 +97,15 @@ def import_reference(
     vocab_from: str | os.PathLike | None = None,
     attn_span: int = 5000,
     attn_window: str = "reference",
+    overwrite: bool = False,
 ) -> SHARNN:
-    """Convert a reference state dict into a sharnn checkpoint folder; returns the loaded model."""
-    try:
-        sd = torch.load(state_dict_path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise SharnnError(f"{state_dict_path} not found") from None
-    except pickle.UnpicklingError as e:
-        raise SharnnError(
-            f"{state_dict_path} holds pickled objects, not just tensors; refusing to load it ({str(e)[:200]}). "
-            "Save model.state_dict() in the reference environment first (see `sharnn import-reference --help`)"
-        ) from None
-    except (RuntimeError, EOFError, OSError, ValueError) as e:
-        raise SharnnError(f"{state_dict_path} is not a readable PyTorch file ({str(e)[:200]})") from None
+    """Convert a reference state dict into a sharnn checkpoint folder; returns the loaded model.
+
+    `out_dir` may be new or an empty folder; a sharnn checkpoint there is replaced only with `overwrite`, and
+    nothing else is ever replaced (see `check_checkpoint_output`)."""
+    inputs = [state_dict_path] + ([vocab_from] if vocab_from is not None else [])
+    check_checkpoint_output(out_dir, overwrite, *inputs)
+    sd = _load_state_dict(Path(state_dict_path))
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise SharnnError(f"{state_dict_path} is not a state dict (a mapping of names to tensors)")
     sd = {k.removeprefix("module."): v for k, v in sd.items()}  # saved from a DataParallel wrapper

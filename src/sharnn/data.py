@@ -5,7 +5,8 @@ enwik9-sized corpus costs one byte of RAM per byte at most (and only for the pag
 converted to int64 one batch at a time.
 
 Where a corpus can come from (`load_corpus`):
-    'python-stdlib'               the Python standard library's own source, a text on every Python machine
+    'python-stdlib'               the Python standard library's own source, a text on every Python machine;
+                                  whole modules drawn across the library by a fixed rule (python_stdlib_splits)
     DIR with train/valid/test     explicit splits: train.bin, train.txt or train (same for valid, test)
     DIR (anything else)           every file under it, in sorted path order, concatenated, then split
     FILE                          split deterministically: last 10% -> valid (first half) and test (second half)
@@ -24,23 +25,26 @@ import urllib.error
 import urllib.request
 import zipfile
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
 from .errors import SharnnError, require_writable_folder
-from .vocab import BYTES, Vocab
+from .vocab import BYTES, Vocab, text_lines
 
 ENWIK8_URL = "http://mattmahoney.net/dc/enwik8.zip"
 ENWIK8_BYTES = 100_000_000  # the first 10^8 bytes of the English Wikipedia dump of 2006-03-03
 ENWIK8_HELDOUT = 5_000_000  # valid and test are 5M each, taken from the end
 SPLIT_NAMES = ("train", "valid", "test")
 STDLIB_CORPUS = "python-stdlib"
-STDLIB_CORPUS_BYTES = 4_000_000  # enough for a few CPU minutes; train 3.6M, valid 200K, test 200K
+# Bytes per split of the built-in corpus: enough for a few CPU minutes.
+STDLIB_SPLIT_BYTES = {"train": 3_600_000, "valid": 200_000, "test": 200_000}
 
 
 @dataclass(frozen=True)
@@ -61,6 +65,56 @@ class Corpus:
         if name not in SPLIT_NAMES:
             raise SharnnError(f"unknown split {name!r}; choose train, valid or test")
         return getattr(self, name)
+
+    @cached_property
+    def identity(self) -> dict[str, Any]:
+        """What a run records of its data (config.json "data"): the corpus name and each split's `split_identity`.
+        Computed once (a cached_property writes the instance __dict__, which a frozen dataclass allows)."""
+        return {"name": self.name, "splits": {name: split_identity(self.split(name)) for name in SPLIT_NAMES}}
+
+
+def split_identity(ids: np.ndarray) -> dict[str, Any]:
+    """A split's token count, id type and the SHA-256 of its ids' bytes (for a byte corpus, the SHA-256 of the
+    bytes themselves, as `sha256sum` gives it for a split file). Hashed where the array lies, 16 MB at a time: a
+    memory-mapped split is read from disk once, never copied into memory."""
+    flat = np.ascontiguousarray(ids, dtype=ids.dtype.newbyteorder("<"))  # no copy for a little-endian split
+    view = memoryview(flat).cast("B")
+    h = hashlib.sha256()
+    for i in range(0, len(view), 1 << 24):
+        h.update(view[i : i + (1 << 24)])
+    return {"tokens": len(ids), "dtype": flat.dtype.name, "sha256": h.hexdigest()}
+
+
+def data_warning(recorded: dict[str, Any] | None, corpus: Corpus, splits: Iterable[str],
+                 checkpoint: str) -> str | None:
+    """One line saying which of `splits` differ from what `checkpoint` recorded of its training data, when
+    `corpus` goes by the same name (the same --data: the python-stdlib of another Python, say, or an edited
+    file); None when they match, when the names differ (other data, asked for) or when nothing was recorded
+    (checkpoints written before data identities were)."""
+    if not isinstance(recorded, dict) or not _same_source(str(recorded.get("name")), corpus.name):
+        return None
+    saved = recorded.get("splits") or {}
+    changed = []
+    for name in splits:
+        then, now = saved.get(name), split_identity(corpus.split(name))
+        if isinstance(then, dict) and then.get("sha256") != now["sha256"]:
+            changed.append(f"{name} {now['tokens']:,} tokens, SHA-256 {now['sha256'][:12]} (then "
+                           f"{then.get('tokens', 0):,}, {str(then.get('sha256'))[:12]})")
+    if not changed:
+        return None
+    return (f"the data {corpus.name} is not what {checkpoint} was trained with: {'; '.join(changed)}; its "
+            "numbers are not comparable with the run's (another Python version for python-stdlib, or changed "
+            "files?)")
+
+
+def _same_source(a: str, b: str) -> bool:
+    """The same corpus name: the same spec, or two paths to the same file or folder."""
+    if a == b:
+        return True
+    try:
+        return STDLIB_CORPUS not in (a, b) and Path(a).resolve() == Path(b).resolve()
+    except OSError:
+        return False
 
 
 # --- loading ------------------------------------------------------------------------------------------------
@@ -112,7 +166,7 @@ def _load_word_corpus(folder: Path, level: str, vocab: Vocab | None) -> Corpus:
     texts = {}
     for name, p in files.items():
         try:
-            texts[name] = p.read_text(encoding="utf-8").splitlines()  # type: ignore[union-attr]
+            texts[name] = text_lines(p.read_text(encoding="utf-8"))  # type: ignore[union-attr]
         except UnicodeDecodeError as e:
             raise SharnnError(f"{p} is not UTF-8 text ({e.reason} at byte {e.start}); word corpora must be "
                               "UTF-8 (a byte-level model, --tokens bytes, reads any bytes)") from None
@@ -124,7 +178,8 @@ def _load_word_corpus(folder: Path, level: str, vocab: Vocab | None) -> Corpus:
 
 def _load_bytes_corpus(spec: str | os.PathLike) -> Corpus:
     if str(spec) == STDLIB_CORPUS:
-        return split_bytes(np.frombuffer(python_stdlib_bytes(), dtype=np.uint8), STDLIB_CORPUS)
+        splits = {n: np.frombuffer(b, dtype=np.uint8) for n, b in python_stdlib_splits().items()}
+        return Corpus(**splits, vocab=BYTES, name=STDLIB_CORPUS)
     path = Path(spec)
     if not path.exists():
         hint = " (fetch it with `sharnn data enwik8 DIR`)" if "enwik8" in str(spec) else ""
@@ -190,23 +245,56 @@ def python_stdlib_files() -> list[Path]:
     """The standard library's .py sources (tests and site-packages left out), in sorted path order."""
     root = Path(sysconfig.get_paths()["stdlib"])
     skip = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"}
-    return sorted(
-        (p for p in root.rglob("*.py") if not skip.intersection(p.relative_to(root).parts)),
-        key=lambda p: p.relative_to(root).as_posix(),
-    )
+    found = []
+    for folder, subfolders, names in os.walk(root):
+        subfolders[:] = [d for d in subfolders if d not in skip]  # never walk into installed packages
+        found += [Path(folder, n) for n in names if n.endswith(".py")]
+    return sorted(found, key=lambda p: p.relative_to(root).as_posix())
 
 
-def python_stdlib_bytes(limit: int = STDLIB_CORPUS_BYTES) -> bytes:
-    """The first `limit` bytes of `python_stdlib_files()`, concatenated."""
+def python_stdlib_order() -> list[Path]:
+    """The files the python-stdlib corpus draws from, in its fixed pseudo-random order.
+
+    Generated data is left out: `encodings/` (codec tables) and `pydoc_data/` (a dump of the documentation), which
+    are not representative Python. The order is by SHA-256 of each file's path relative to the library, so a
+    file's place does not depend on which other files this Python version has, and every split below is a sample
+    of whole modules from across the library (not one alphabetical stretch of it).
+    """
     root = Path(sysconfig.get_paths()["stdlib"])
-    out = bytearray()
-    for p in python_stdlib_files():
-        out += p.read_bytes()
-        if len(out) >= limit:
-            break
-    if len(out) < 10_000:
-        raise SharnnError(f"found too little Python source under {root} to use --data {STDLIB_CORPUS}")
-    return bytes(out[:limit])
+    generated = {"encodings", "pydoc_data"}
+    files = [p for p in python_stdlib_files() if p.relative_to(root).parts[0] not in generated]
+    return sorted(files, key=lambda p: hashlib.sha256(p.relative_to(root).as_posix().encode()).hexdigest())
+
+
+def python_stdlib_splits(sizes: dict[str, int] = STDLIB_SPLIT_BYTES) -> dict[str, bytes]:
+    """The python-stdlib corpus: whole files in `python_stdlib_order()`, filling valid, then test, then train.
+
+    Each split takes files until it holds its size in bytes (its last file cut there); the files after the
+    corpus (`python_stdlib_unused()`) are held out of all three.
+    """
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files = iter(python_stdlib_order())
+    splits: dict[str, bytes] = {}
+    for name in ("valid", "test", "train"):
+        out = bytearray()
+        for p in files:
+            out += p.read_bytes()
+            if len(out) >= sizes[name]:
+                break
+        if len(out) < sizes[name] // 2:
+            raise SharnnError(f"found too little Python source under {root} to use --data {STDLIB_CORPUS}")
+        splits[name] = bytes(out[: sizes[name]])
+    return splits
+
+
+def python_stdlib_unused(sizes: dict[str, int] = STDLIB_SPLIT_BYTES) -> list[Path]:
+    """The files of `python_stdlib_order()` that no split of the python-stdlib corpus reads: held-out text."""
+    seen, order = 0, python_stdlib_order()
+    for i, p in enumerate(order):
+        seen += len(p.read_bytes())
+        if seen >= sum(sizes.values()):
+            return order[i + 1 :]
+    return []
 
 
 # --- batching -----------------------------------------------------------------------------------------------

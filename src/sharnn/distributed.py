@@ -77,11 +77,15 @@ class Dist:
 
     def any(self, *flags: bool, device: torch.device) -> list[bool]:
         """Each flag OR-ed over all ranks (one all-reduce)."""
+        return [bool(v) for v in self.maximum(*map(float, flags), device=device)]
+
+    def maximum(self, *values: float, device: torch.device) -> list[float]:
+        """Each value's maximum over all ranks (one all-reduce); flags count as 0 and 1."""
         if not self.enabled:
-            return list(flags)
-        t = torch.tensor([float(f) for f in flags], device=device)
+            return [float(v) for v in values]
+        t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=device)
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return [bool(v) for v in t.tolist()]
+        return t.tolist()
 
     def from_main(self, value: float, device: torch.device) -> float:
         """Rank 0's `value` on every rank, after rank 0 computed it alone (a validation).

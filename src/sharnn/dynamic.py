@@ -34,7 +34,7 @@ from .data import Streams, eval_segments
 from .errors import SharnnError
 from .evaluate import EvalResult, evaluate
 from .model import SHARNN, detach_state
-from .score import Score, score_stream
+from .score import SCORE_CHUNK, Score, score_stream
 
 if TYPE_CHECKING:
     from .vocab import Vocab
@@ -61,6 +61,16 @@ class DynamicConfig:
             raise SharnnError(f"eps must be positive, got {self.eps}")
         if self.stats_tokens < 1:
             raise SharnnError(f"--dynamic-stats-tokens must be at least 1, got {self.stats_tokens}")
+
+
+def pieces_reproduce(model: SHARNN, segment: int, piece: int) -> bool:
+    """Whether pieces of `piece` tokens show every query what one pass over a `segment`-token segment shows it.
+
+    Always, except under the reference window for a segment longer than attn_span: its queries then see more
+    than attn_span positions back, more than a carried memory holds (`SHARNN.segment_start`)."""
+    attention = any(b.attn is not None for b in model.blocks)
+    reference = attention and model.cfg.attn_window == "reference"
+    return not (reference and piece < segment and segment > model.cfg.attn_span)
 
 
 class DynamicEval:
@@ -181,11 +191,24 @@ def dynamic_evaluate(
     device: torch.device | str = "cpu",
     progress: bool = False,
     what: str = "split",
+    bptt: int | None = None,
 ) -> EvalResult:
-    """`evaluate` with a gradient step after each `cfg.bptt` segment; the model's weights are the same after."""
+    """`evaluate` with a gradient step after every `cfg.bptt` tokens; the model's weights are the same after.
+
+    The text is walked in the segments static evaluation with `bptt` walks (default: `cfg.bptt`), each scored in
+    pieces of `cfg.bptt` tokens (a step also ends each segment), so lr 0 gives static evaluation's number under
+    either attention window: its segment cut is part of what the reference window computes.
+    """
+    bptt = bptt or cfg.bptt
+    if not pieces_reproduce(model, bptt, cfg.bptt):
+        span = model.cfg.attn_span
+        raise SharnnError(f"under the reference attention window a segment of --bptt {bptt} tokens lets a query "
+                          f"see more than attn_span {span} positions, which pieces of --dynamic-bptt {cfg.bptt} "
+                          f"cannot reproduce: use --bptt {span} or less, --dynamic-bptt {bptt}, or --attn-window "
+                          "sliding")
     with DynamicEval(model, cfg, rms) as dyn:
-        return evaluate(model, ids, batch_size, cfg.bptt, device, progress=progress, what=f"{what}, dynamic",
-                        adapt=dyn.learn)
+        return evaluate(model, ids, batch_size, bptt, device, progress=progress, what=f"{what}, dynamic",
+                        adapt=dyn.learn, adapt_every=cfg.bptt)
 
 
 def static_and_dynamic(
@@ -199,11 +222,11 @@ def static_and_dynamic(
     progress: bool = False,
     what: str = "split",
 ) -> tuple[EvalResult, EvalResult]:
-    """Static evaluation of `ids` (segments of `bptt`), then dynamic evaluation of the same streams with
-    statistics from `train_ids`: `sharnn eval --dynamic`."""
+    """Static evaluation of `ids` (segments of `bptt`), then dynamic evaluation of the same streams and segments
+    with statistics from `train_ids`: `sharnn eval --dynamic`."""
     static = evaluate(model, ids, batch_size, bptt, device, progress=progress, what=what)
     rms = gradient_stats(model, train_ids, batch_size, cfg.bptt, cfg.stats_tokens, device, progress)
-    return static, dynamic_evaluate(model, ids, batch_size, cfg, rms, device, progress, what)
+    return static, dynamic_evaluate(model, ids, batch_size, cfg, rms, device, progress, what, bptt)
 
 
 class SearchPoint(NamedTuple):
@@ -228,12 +251,14 @@ def dynamic_search(
     device: torch.device | str = "cpu",
     progress: bool = False,
     report: Callable[[SearchPoint], None] | None = None,
+    bptt: int | None = None,
 ) -> list[SearchPoint]:
     """Dynamic evaluation of `ids` under every setting of `grid`, best (lowest loss) first; a setting whose steps
     diverged (loss nan or inf) comes last.
 
     `stats(bptt)` gives the gradient statistics for segments of that length (computed once per length).
-    `report` sees each point as soon as it is measured.
+    `report` sees each point as soon as it is measured. `bptt`: static evaluation's segment length, which every
+    setting walks (`dynamic_evaluate`); default: each setting's own.
     """
     cache: dict[int, list[Tensor]] = {}
     points = []
@@ -241,7 +266,7 @@ def dynamic_search(
         if cfg.bptt not in cache:
             cache[cfg.bptt] = stats(cfg.bptt)
         point = SearchPoint(cfg, dynamic_evaluate(model, ids, batch_size, cfg, cache[cfg.bptt], device, progress,
-                                                  "valid"))
+                                                  "valid", bptt))
         points.append(point)
         if report is not None:
             report(point)
@@ -257,6 +282,14 @@ def dynamic_score_stream(
     context: bytes = b"\n",
     per_token: bool = False,
 ) -> Score:
-    """`score_stream` (one document, read in pieces) with a gradient step after every `cfg.bptt` tokens."""
+    """`score_stream` (one document, read in pieces) with a gradient step after every `cfg.bptt` tokens.
+
+    The document is cut into the segments `score_stream` cuts it into, each scored in pieces of `cfg.bptt` (see
+    `dynamic_evaluate`): with lr 0 this is `score_stream`'s result under either attention window."""
+    if not pieces_reproduce(model, SCORE_CHUNK, cfg.bptt):
+        raise SharnnError(f"under the reference attention window a document is read in segments of "
+                          f"{SCORE_CHUNK} tokens, and this model's attn_span is {model.cfg.attn_span}: pieces of "
+                          f"--dynamic-bptt {cfg.bptt} cannot reproduce them; use --dynamic-bptt {SCORE_CHUNK} or "
+                          "--attn-window sliding")
     with DynamicEval(model, cfg, rms) as dyn:
-        return score_stream(model, vocab, stream, context, per_token, chunk=cfg.bptt, adapt=dyn.learn)
+        return score_stream(model, vocab, stream, context, per_token, adapt=dyn.learn, adapt_every=cfg.bptt)

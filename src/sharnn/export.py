@@ -39,6 +39,7 @@ from torch import Tensor, nn
 
 from .errors import SharnnError
 from .model import SHARNN, BlockState, MemoryRing, State
+from .outputs import check_new_file, staged_files
 from .precision import for_inference
 from .runtime import attention_bytes, require_memory
 
@@ -120,19 +121,23 @@ def require(*modules: str, unless: str = "") -> None:
                           + (f" (or pass {unless})" if unless else ""))
 
 
-def export_onnx(model: SHARNN, out: str | Path, segment: int | None = None) -> list[Path]:
-    """Write the step model to `out` and, with `segment`, the N-token model beside it; returns the paths."""
+def export_onnx(model: SHARNN, out: str | Path, segment: int | None = None, overwrite: bool = False) -> list[Path]:
+    """Write the step model to `out` and, with `segment`, the N-token model beside it; returns the paths.
+
+    An existing file is replaced only with `overwrite`. The files are written in a temporary folder beside them
+    and renamed into place once all are complete: a failed export leaves nothing half-written."""
     require("onnx", "onnxscript")  # what torch.onnx's exporter builds the graph with
     if segment is not None and segment < 2:
         raise SharnnError(f"--segment must be at least 2 (the step model is the 1-token one), got {segment}")
     out = Path(out)
-    if not out.parent.is_dir():
-        raise SharnnError(f"cannot write {out}: folder {out.parent} does not exist")
+    paths = [out] + ([segment_path(out, segment)] if segment else [])
+    for path in paths:
+        check_new_file(path, overwrite)
     require_memory(attention_bytes(model.cfg, 2), f"attn_span {model.cfg.attn_span:,}: the exported memory", "cpu")
     m = exportable(model)
-    paths = [out] + ([segment_path(out, segment)] if segment else [])
-    for path, tokens in zip(paths, (1, segment)):
-        _export_one(m, path, tokens or 1)
+    with staged_files(out.parent) as tmp:
+        for path, tokens in zip(paths, (1, segment)):
+            _export_one(m, tmp / path.name, tokens or 1)
     return paths
 
 

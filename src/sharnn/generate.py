@@ -1,7 +1,8 @@
 """Sampling text from a model.
 
-The prompt primes the RNN state and attention memory in one batched pass (not token by token); generation then
-feeds one token at a time and reuses the returned state, so the past is never recomputed. The token steps run
+The prompt primes the RNN state and attention memory in batched passes (not token by token) of up to
+`PRIME_CHUNK` tokens each, state carried, so that memory stays bounded whatever the prompt's length; generation
+then feeds one token at a time and reuses the returned state, so the past is never recomputed. The token steps run
 through a `TokenStep`: the state lives in preallocated buffers updated in place, with the attention memory a
 ring (`MemoryRing`) whose write position is a tensor, so every step is the same kernels on the same addresses.
 A token then costs the same whether the memory holds 10 rows or 5000, and on a GPU the step is captured once
@@ -22,6 +23,9 @@ from .runtime import attention_bytes, require_memory
 
 if TYPE_CHECKING:
     from .vocab import Vocab
+
+
+PRIME_CHUNK = 1024  # prompt tokens per pass: attention over a pass costs memory ~ its length x (length + span)
 
 
 class Generation(NamedTuple):
@@ -66,17 +70,21 @@ def sample_token(logits: Tensor, temperature: float, top_k: int | None, top_p: f
     return int(torch.multinomial(probs, 1, generator=generator))
 
 
-@torch.no_grad()
-def prime_prompt(model: SHARNN, prompt: list[int], state: State | None = None) -> tuple[State, Tensor]:
-    """Run the prompt after `state` (None: from the start); the state after it and the (V,) next-token scores.
+def prime_prompt(model: SHARNN, prompt: list[int], state: State | None = None,
+                 chunk: int = PRIME_CHUNK) -> tuple[State, Tensor]:
+    """Run `prompt` after `state` in segments of `chunk` tokens, state carried (as `sharnn score` reads text).
 
-    `state` itself is never written to. The model must be in eval mode.
+    A prompt of at most `chunk` tokens is one segment. A longer one is cut as evaluation cuts a text: under the
+    sliding attention window the result is the same as one pass up to float rounding; under the reference window,
+    as in evaluation, it depends on the cut (1024, the paper's bptt). Returns the state after the prompt and (V,)
+    the scores of the token after it. The model must be in eval mode, under no_grad.
     """
-    if state is not None:  # a ring in it would be written in place by a one-byte prompt
-        state = model.ordered_state(state)
-    ids = torch.tensor(prompt, dtype=torch.long, device=model.encoder.weight.device).unsqueeze(1)
-    out = model(ids, state)
-    return out.state, out.logits[-1, 0]
+    ids = torch.tensor(prompt, dtype=torch.long, device=model.encoder.weight.device).unsqueeze(1)  # (T, 1)
+    for i in range(0, len(prompt), chunk):
+        out = model(ids[i : i + chunk], state)
+        state = out.state
+    assert state is not None
+    return state, out.logits[-1, 0]
 
 
 def first_rows(state: State, n: int) -> State:
@@ -92,8 +100,8 @@ def first_rows(state: State, n: int) -> State:
 def check_sampling(length: int, temperature: float, top_k: int | None, top_p: float | None) -> None:
     if length < 0:
         raise SharnnError(f"--length must not be negative, got {length}")
-    if temperature < 0:
-        raise SharnnError(f"--temperature must not be negative, got {temperature}")
+    if not temperature >= 0:  # NaN too
+        raise SharnnError(f"--temperature must be a number, not negative, got {temperature}")
     if top_k is not None and top_k < 1:
         raise SharnnError(f"--top-k must be at least 1, got {top_k}")
     if top_p is not None and not 0 < top_p <= 1:
@@ -178,9 +186,9 @@ def generate_ids(
 ) -> Iterator[tuple[int, State, Tensor]]:
     """Yield (token id, state after it, next-token logits) for `length` new tokens following `prompt`.
 
-    The prompt runs as one segment after `state`. An empty prompt continues from `state` and `logits` (both
-    from an earlier call). temperature 0 means greedy decoding. A yielded state is the token step's buffers,
-    which the next step overwrites: use it before asking for the next token, or keep
+    The prompt runs after `state`, in segments of `PRIME_CHUNK` tokens (`prime_prompt`). An empty prompt continues
+    from `state` and `logits` (both from an earlier call). temperature 0 means greedy decoding. A yielded state
+    is the token step's buffers, which the next step overwrites: use it before asking for the next token, or keep
     `model.ordered_state(state)`, an independent copy. The `state` passed in is never written to.
     `graph`: replay the token step as a CUDA graph (default: on CUDA GPUs).
     `rows`: run the token steps this many streams wide, a single stream repeated in every row. BLAS picks its
@@ -202,6 +210,8 @@ def generate_ids(
         else:
             gen.seed()
         if prompt:
+            if state is not None:  # a ring in it would be written in place by a one-byte prompt
+                state = model.ordered_state(state)
             state, logits = prime_prompt(model, prompt, state)
         assert state is not None and logits is not None
         if length == 0:
@@ -251,9 +261,10 @@ def generate(
     if length == 0 and ids:  # nothing to sample: just the state after the prompt
         was_training = model.training
         with torch.no_grad():
-            o = model.eval()(torch.tensor(ids, device=model.encoder.weight.device).unsqueeze(1), state)
+            start = None if state is None else model.ordered_state(state)  # never writes the caller's ring
+            end_state, end_logits = prime_prompt(model.eval(), ids, start)
         model.train(was_training)
-        return Generation(b"", o.state, o.logits[-1, 0])
+        return Generation(b"", end_state, end_logits)
     out: list[int] = []
     end_state, end_logits = state, logits
     for token, end_state, end_logits in generate_ids(model, ids, length, temperature, top_k, top_p, seed,

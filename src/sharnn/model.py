@@ -167,6 +167,11 @@ class Overparam(nn.Module):
         return torch.sigmoid(f) * torch.tanh(c)
 
 
+def reference_memory(memory: Tensor, span: int, T: int) -> Tensor:
+    """(m, B, E) -> its last min(m, span - T) rows: what the reference window keeps before a T-token segment."""
+    return memory[memory.shape[0] - min(memory.shape[0], max(span - T, 0)):]
+
+
 def visible_keys(T: int, K: int, mem_len: int, span: int, window: str, device: torch.device) -> Tensor | None:
     """(T, K) bool: which of K keys (mem_len memory rows, then the T-token segment) each query may attend to.
 
@@ -467,7 +472,7 @@ class Block(nn.Module):
                 keys, mem_len, visible = memory.rows, self.span - 1, memory.filled()  # a view: nothing copied
             else:
                 if self.window == "reference":  # the original trims its memory to M - T rows first
-                    memory = memory[memory.shape[0] - min(memory.shape[0], max(self.span - T, 0)):]
+                    memory = reference_memory(memory, self.span, T)
                 keys = torch.cat([memory, self.lnmem(h)])  # (m + T, B, E)
                 mem_len = memory.shape[0]
                 memory = keys[keys.shape[0] - min(keys.shape[0], self.span - 1):]  # the last M-1 rows stay visible
@@ -619,6 +624,21 @@ class SHARNN(nn.Module):
         self.fp32_parts = frozenset(parts)
         for block in self.blocks:
             block.fp32_parts = self.fp32_parts
+
+    def segment_start(self, state: State, T: int) -> State:
+        """The state a segment of T tokens starts from: under the reference window every attention memory cut as
+        `Block.forward` cuts it before such a segment (to its last attn_span - T rows); the state itself under
+        the sliding window. (Ordinary memories: a MemoryRing is for one-token steps.)
+
+        Running the segment in shorter pieces from this state, carried, shows each query exactly the positions
+        one pass over the segment shows it, as long as T <= attn_span (no piece's own cut then removes a row):
+        dynamic evaluation scores a segment piece by piece this way, learning in between.
+        """
+        if self.cfg.attn_window != "reference":
+            return state
+        span = self.cfg.attn_span
+        return tuple(s if s.memory is None else BlockState(s.rnn, reference_memory(s.memory, span, T))
+                     for s in state)
 
     def set_attn_window(self, window: str) -> None:
         """Switch the attention window rule ("sliding" or "reference"): it does not change the weights."""

@@ -7,6 +7,7 @@ norm to [0, 10] and never lets the trust ratio fall below `min_trust` (0.25).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 
 import torch
@@ -132,19 +133,58 @@ def build_optimizer(params: Iterable[Tensor], cfg: TrainConfig) -> Optimizer:
     raise SharnnError(f"unknown optimizer {cfg.optimizer!r}")
 
 
-def lr_at(step: int, epoch: int, cfg: TrainConfig) -> float:
+def lr_at(step: int, epoch: int, cfg: TrainConfig, horizon: float | None = None) -> float:
     """Learning rate for optimizer step `step` (1-based, counted across epochs) in epoch `epoch` (1-based).
 
     lr * (min(step, warmup)/warmup - cool), cool = clamp((step - cooldown)/cooldown, 0, 1) with --cooldown,
     then divided by 10 once for every --when epoch that has already ended. The reference set the per-step
-    schedule *after* the --when division and so undid it; here both always apply.
+    schedule *after* the --when division and so undid it; here both always apply. With --decay, also times
+    `decay_factor(step, horizon, cfg)`: down to the end of the budget, which ends at step `horizon`.
     """
     warm = min(step, cfg.warmup) / cfg.warmup if cfg.warmup > 0 else 1.0
     cool = 0.0
     if cfg.cooldown:
         cool = min(max((step - cfg.cooldown) / cfg.cooldown, 0.0), 1.0)
     divisions = sum(1 for w in cfg.when if 0 < w < epoch)
-    return cfg.lr * max(warm - cool, 0.0) * 0.1**divisions
+    return cfg.lr * max(warm - cool, 0.0) * decay_factor(step, horizon, cfg) * 0.1**divisions
+
+
+def decay_factor(step: int, horizon: float | None, cfg: TrainConfig) -> float:
+    """--decay: the share of the peak rate left at `step` when the budget ends at step `horizon`.
+
+    From 1 at the end of the warm-up (or, with --decay-fraction f, for the last f of the steps after it: a
+    warm-up, stable, decay schedule) to --decay-to at the horizon, along a line or a half cosine (nanoGPT's),
+    and --decay-to after it. The line ends one step past the horizon, so the last step still learns a little
+    with --decay-to 0. 1 when --decay is none or the horizon is not known yet (a time budget before any step
+    was timed).
+    """
+    if cfg.decay == "none" or horizon is None:
+        return 1.0
+    length = cfg.decay_fraction * (horizon + 1 - cfg.warmup)  # steps the decay takes, at the end
+    done = min(max((step - (horizon + 1 - length)) / max(length, 1.0), 0.0), 1.0)
+    left = 1.0 - done if cfg.decay == "linear" else 0.5 * (1.0 + math.cos(math.pi * done))
+    return cfg.decay_to + (1.0 - cfg.decay_to) * left
+
+
+def budget_horizon(step: int, cfg: TrainConfig, *, seconds: float, timed_steps: int,
+                   steps_to_last_epoch_end: float) -> float:
+    """The optimizer step at which the run stops: the earliest of --max-steps, --epochs and --max-time.
+
+    A time budget's step count is estimated from the pace so far (`timed_steps` steps in `seconds`, everything
+    this process did since it started: steps, validations, saves) and so kept current as the pace changes.
+
+    Args:
+        step: optimizer steps taken so far (across resumes).
+        seconds: time this process has used of --max-time.
+        timed_steps: steps this process took in that time.
+        steps_to_last_epoch_end: steps left until the end of epoch --epochs, at the current epoch's pace.
+    """
+    ends = [step + steps_to_last_epoch_end]
+    if cfg.max_steps is not None:
+        ends.append(cfg.max_steps)
+    if cfg.max_time is not None and timed_steps > 0 and seconds > 0:
+        ends.append(step + timed_steps / seconds * max(cfg.max_time - seconds, 0.0))
+    return min(ends)
 
 
 def set_lr(optimizer: Optimizer, lr: float) -> None:

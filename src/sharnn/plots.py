@@ -16,6 +16,7 @@ import numpy as np
 from .attention_map import AttentionMap, AttentionUse, token_label
 from .curves import Curves
 from .errors import SharnnError
+from .outputs import staged_files
 
 FORMATS = ("png", "svg")
 
@@ -37,8 +38,11 @@ def new_figure(**kw: Any) -> Any:
 
 
 def save(fig: Any, out: str | os.PathLike) -> None:
+    """Write the figure to `out` under a temporary name beside it, renamed into place once complete."""
+    out = Path(out)
     try:
-        fig.savefig(out, format=image_format(out), dpi=120)
+        with staged_files(out.parent) as tmp:
+            fig.savefig(tmp / out.name, format=image_format(out), dpi=120)
     except OSError as e:
         raise SharnnError(f"cannot write {out}: {e.strerror}") from None
 

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from . import model
-from .checkpoint import load_pretrained, save_checkpoint
+from .checkpoint import check_checkpoint_output, load_pretrained, save_checkpoint
 from .generate import Generation, generate
 
 
@@ -28,7 +28,9 @@ class SHARNN(model.SHARNN):
         return generate(self, prompt, length, **kw)
 
     def save_pretrained(self, directory: str | os.PathLike) -> None:
-        """Write weights (safetensors) and config.json into `directory`, Hugging Face Hub style."""
+        """Write weights (safetensors) and config.json into `directory`, Hugging Face Hub style. It replaces a
+        sharnn checkpoint there, fills an empty folder, and refuses any other folder (SharnnError)."""
+        check_checkpoint_output(directory, True)
         save_checkpoint(directory, self, vocab=self.vocab)
 
     @classmethod

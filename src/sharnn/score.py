@@ -25,6 +25,8 @@ if TYPE_CHECKING:
     from .vocab import Vocab
 
 
+SCORE_CHUNK = 1024  # tokens per pass (the paper's bptt): memory stays bounded whatever the text's length
+
 
 class Score(NamedTuple):
     logprob: float  # natural log of the probability of the scored bytes
@@ -42,23 +44,35 @@ class Score(NamedTuple):
 
 
 def _logprobs(model: SHARNN, ids: Tensor, state: State | None, chunk: int,
-              adapt: Callable[[Tensor], None] | None = None) -> tuple[Tensor, State | None]:
+              adapt: Callable[[Tensor], None] | None = None,
+              adapt_every: int | None = None) -> tuple[Tensor, State | None]:
     """Run (T, B) ids in chunks of `chunk` steps; returns (T-1, B) log P(ids[t+1] | ids[..t]) and the state.
 
-    `adapt` (dynamic evaluation): once a chunk is scored, its mean negative log-probability, computed again with
-    autograd from the same state, is handed to `adapt` to learn from before the next chunk.
+    `adapt` (dynamic evaluation): each chunk is scored in pieces of `adapt_every` steps (the whole chunk when
+    None), and once a piece is scored its mean negative log-probability, computed again with autograd from the
+    same state, is handed to `adapt` to learn from before the next piece. The pieces start from the memory one
+    pass over their chunk would see (`SHARNN.segment_start`), so with lr 0 the scores are the static ones.
     """
     out_lp = []
     for i in range(0, ids.shape[0] - 1, chunk):
         x = ids[i : i + chunk]
         y = ids[i + 1 : i + chunk + 1]
-        out = model(x[: y.shape[0]], state)
-        lp = _gather(out.logits, y)  # (t, B)
-        if adapt is not None:  # the chunk scored, learn from it: the same pass again, with a graph
-            with torch.enable_grad():
-                adapt(-_gather(model(x[: y.shape[0]], state).logits, y).mean())
-        state = out.state
-        out_lp.append(lp)
+        x = x[: y.shape[0]]
+        if adapt is None:
+            out = model(x, state)
+            out_lp.append(_gather(out.logits, y))  # (t, B)
+            state = out.state
+            continue
+        every = adapt_every or y.shape[0]
+        if state is not None and every < y.shape[0]:
+            state = model.segment_start(state, y.shape[0])
+        for a in range(0, y.shape[0], every):
+            xp, yp = x[a : a + every], y[a : a + every]
+            out = model(xp, state)
+            out_lp.append(_gather(out.logits, yp))
+            with torch.enable_grad():  # the piece scored, learn from it: the same pass again, with a graph
+                adapt(-_gather(model(xp, state).logits, yp).mean())
+            state = out.state
     return torch.cat(out_lp) if out_lp else ids.new_zeros((0, ids.shape[1]), dtype=torch.float), state
 
 
@@ -67,8 +81,18 @@ def _gather(logits: Tensor, y: Tensor) -> Tensor:
     return F.log_softmax(logits.float(), dim=-1).gather(-1, y.unsqueeze(-1)).squeeze(-1)
 
 
+def split_lines(data: bytes) -> list[bytes]:
+    """Line mode's lines: `data` cut at every \n, which ends its line (and is scored as its end, see
+    `score_lines`). Every other byte is the line's own, a \r before the \n included: the bytes are scored as they
+    are given. A last line without a \n is a line too."""
+    lines = data.split(b"\n")
+    if lines[-1] == b"":
+        lines.pop()
+    return lines
+
+
 @torch.no_grad()
-def prime(model: SHARNN, context_ids: np.ndarray, chunk: int = 1024) -> tuple[State | None, int]:
+def prime(model: SHARNN, context_ids: np.ndarray, chunk: int = SCORE_CHUNK) -> tuple[State | None, int]:
     """Run the context (all but its last token) and return the state and that last token, for scoring after it."""
     if len(context_ids) == 0:
         raise SharnnError("the context is empty; give at least one byte")
@@ -89,7 +113,7 @@ def score_lines(
     eos: bool = True,
     per_token: bool = False,
     batch_size: int = 32,
-    chunk: int = 1024,
+    chunk: int = SCORE_CHUNK,
 ) -> Iterable[Score]:
     """Score each line on its own, after `context`, in batches of right-padded lines.
 
@@ -149,13 +173,15 @@ def score_stream(
     stream: BinaryIO,
     context: bytes = b"\n",
     per_token: bool = False,
-    chunk: int = 1024,
+    chunk: int = SCORE_CHUNK,
     read_bytes: int = 1 << 20,
     adapt: Callable[[Tensor], None] | None = None,
+    adapt_every: int | None = None,
 ) -> Score:
-    """Score a whole file read in pieces of `read_bytes`: memory stays bounded whatever its size.
+    """Score a whole file read in pieces of `read_bytes`, in segments of `chunk` tokens: memory stays bounded
+    whatever its size.
 
-    `adapt`: dynamic evaluation, see `_logprobs` (`sharnn.dynamic.dynamic_score_stream`).
+    `adapt`, `adapt_every`: dynamic evaluation, see `_logprobs` (`sharnn.dynamic.dynamic_score_stream`).
     """
     model.eval()
     device = model.encoder.weight.device
@@ -174,7 +200,7 @@ def score_stream(
             seq = torch.empty(len(ids) + 1, 1, dtype=torch.long)
             seq[0, 0] = last
             seq[1:, 0] = torch.from_numpy(np.asarray(ids, dtype=np.int64))
-            lp, state = _logprobs(model, seq.to(device), state, chunk, adapt)
+            lp, state = _logprobs(model, seq.to(device), state, chunk, adapt, adapt_every)
             lp = lp[:, 0].double().cpu()
             total += float(lp.sum())
             count += len(ids)

@@ -11,6 +11,7 @@ What survives what (the README's "What we guarantee"):
   143: 128 + the signal's number); a second signal stops at once. Handlers live only while the loop runs.
 - A non-finite loss or gradient skips its optimizer step (weights and optimizer untouched, recurrent state
   reset); `--nonfinite-limit` of them in a row stop the run with the pre-trouble weights saved in `last/`.
+  Non-finite weights are never saved: `last/` then keeps its latest finite save, and the message says so.
 - Checkpoints are atomic (see checkpoint.py); `--save-every`/`--save-every-minutes` add periodic ones.
 """
 
@@ -35,6 +36,7 @@ from .checkpoint import (
     checkpoint_bytes_needed,
     claim_run_folder,
     clean_run_folder,
+    hold_run_folder,
     link_checkpoint,
     load_model,
     load_train_config,
@@ -44,6 +46,7 @@ from .checkpoint import (
     read_meta,
     resolve_checkpoint,
     rng_state,
+    run_folder_of,
     save_checkpoint,
     set_rng_state,
     state_from_list,
@@ -51,13 +54,22 @@ from .checkpoint import (
     step_name,
 )
 from .config import SHARNNConfig, TrainConfig, auto_cutoffs
-from .data import Corpus, Streams, load_corpus, train_segments
+from .data import SPLIT_NAMES, Corpus, Streams, data_warning, load_corpus, train_segments
 from .distributed import Dist, PeerFailed, init_from_env, release_frames
-from .errors import SharnnError, require_writable_folder
+from .errors import SharnnError
 from .evaluate import LN2, EvalResult, autocast, evaluate
 from .generate import generate
 from .model import SHARNN, SHARNNOutput, State, count_parameters, detach_state
-from .optim import averaged_weights, build_asgd, build_optimizer, lr_at, set_lr, should_switch_to_asgd
+from .optim import (
+    averaged_weights,
+    budget_horizon,
+    build_asgd,
+    build_optimizer,
+    lr_at,
+    set_lr,
+    should_switch_to_asgd,
+)
+from .outputs import same_file
 from .progress import RunLog, TrainProgress
 from .runtime import resolve_device, seed_everything, set_tf32
 
@@ -108,10 +120,15 @@ def train(model_cfg: SHARNNConfig, cfg: TrainConfig, quiet: bool = False,
 
     With `cfg.resume`, the architecture, weights, optimizer, schedule position, RNG streams, data position and
     carried state come from the checkpoint; run settings (lr, budgets, ...) come from `cfg`, and so do the
-    non-architecture model settings in `model_overrides` (dropouts, attention span) when given.
+    non-architecture model settings in `model_overrides` (dropouts, attention span) when given. (The CLI builds
+    `cfg` from the run's saved settings with the typed flags on top: `flags.resolve_train_settings`.) Every
+    setting that differs from the run's is logged in one line and in the log's start event.
+
+    The --save folder is locked for the run (`RunLock`): a second trainer of it is refused.
 
     Raises `TrainingInterrupted` when SIGINT/SIGTERM stopped the run (after saving `last/`), and `SharnnError`
-    when too many steps in a row were non-finite (after saving the weights from before them).
+    when too many steps in a row were non-finite (after saving the weights from before them, if they are
+    finite).
     """
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -136,18 +153,32 @@ def _train(model_cfg: SHARNNConfig, cfg: TrainConfig, quiet: bool, model_overrid
     ckpt = resolve_checkpoint(cfg.resume, prefer="last") if cfg.resume else None
     if ckpt is not None:  # refuse an architecture change before any work
         model_cfg = _resumed_model_config(ckpt, model_overrides or {})
-    if ranks.is_main:
-        require_writable_folder(run_dir, "pass a writable --save")  # now, not after hours of training
-        clean_run_folder(run_dir)  # what a killed save may have left
-        claim_run_folder(run_dir, cfg)
-    ranks.barrier()
+    # Rank 0 holds the run folder's lock while the run lasts; a folder made for a run that fails before writing
+    # anything goes again.
+    with hold_run_folder(run_dir) if ranks.is_main else contextlib.nullcontext():
+        if ranks.is_main:
+            clean_run_folder(run_dir)  # what a killed save may have left
+            folder = run_folder_of(ckpt) if ckpt is not None else None
+            claim_run_folder(run_dir, cfg, resuming_here=folder is not None and same_file(folder, run_dir))
+        ranks.barrier()
+        return _run(model_cfg, cfg, quiet, ckpt, ranks, device, run_dir)
+
+
+def _run(model_cfg: SHARNNConfig, cfg: TrainConfig, quiet: bool, ckpt: Path | None, ranks: Dist,
+         device: torch.device, run_dir: Path) -> TrainResult:
     corpus = load_corpus(cfg.data, tokens=cfg.tokens)
     log = RunLog(run_dir, quiet or not ranks.is_main, write=ranks.is_main)
     seed_everything(cfg.seed)  # before the model is built: its initial weights come from this seed
+    resumed = None
     if ckpt is not None:
-        model, saved = _resume_model(ckpt, model_cfg, corpus, cfg, ranks, device, log)
+        model, saved, resumed = _resume_model(ckpt, model_cfg, corpus, cfg, ranks, device, log)
     else:
         model, saved = _new_model(model_cfg, corpus, device, log), None
+    if ranks.is_main:  # the data's identity, hashed once now (rank 0 saves it with every checkpoint)
+        recorded = read_meta(ckpt).get("data") if ckpt is not None else None
+        if warning := data_warning(recorded, corpus, SPLIT_NAMES, str(ckpt)):
+            log.line(f"warning: {warning}")
+            log.record("warning", message=warning)
     model.keep_fp32(cfg.fp32_part_set)
     if device.type == "cuda":
         set_tf32(cfg.tf32)
@@ -172,7 +203,9 @@ def _train(model_cfg: SHARNNConfig, cfg: TrainConfig, quiet: bool, model_overrid
         log.line(f"distributed: {ranks.world} ranks x batch {cfg.batch_size} = global batch "
                  f"{ranks.world * cfg.batch_size} streams ({'nccl' if device.type == 'cuda' else 'gloo'})")
     log.record("start", params=n_params, model=model.cfg.to_dict(), train=cfg.to_dict(), device=str(device),
-               world=ranks.world, global_batch=ranks.world * cfg.batch_size)
+               world=ranks.world, global_batch=ranks.world * cfg.batch_size,
+               data=corpus.identity if ranks.is_main else None,
+               **({"resumed": resumed} if resumed is not None else {}))
     if ranks.is_main and (need := checkpoint_bytes_needed(n_params, cfg)) > (free := shutil.disk_usage(run_dir).free):
         log.line(f"warning: {run_dir} has {free / 1e9:.2f} GB free, but this run's checkpoints may need about "
                  f"{need / 1e9:.2f} GB; a save that finds the disk full stops training (the last good one stays)")
@@ -212,9 +245,11 @@ def _resumed_model_config(ckpt: Path, overrides: dict[str, Any]) -> SHARNNConfig
 
 
 def _resume_model(ckpt: Path, model_cfg: SHARNNConfig, corpus: Corpus, cfg: TrainConfig, ranks: Dist,
-                  device: torch.device, log: RunLog) -> tuple[SHARNN, dict[str, Any]]:
-    """The checkpoint's model (with the run's settings) and its saved training state, fitted to this run."""
+                  device: torch.device, log: RunLog) -> tuple[SHARNN, dict[str, Any], dict[str, Any]]:
+    """The checkpoint's model (with the run's settings), its saved training state fitted to this run, and what
+    the log's start event records about the resume: where from, and every setting that differs from the run's."""
     model = load_model(ckpt, device)
+    saved_model_cfg = model.cfg
     if model_cfg != model.cfg:  # dropouts, span, window asked for: the same weights in a model built with them
         rebuilt = SHARNN(model_cfg).to(device)
         rebuilt.load_state_dict(model.state_dict())
@@ -225,12 +260,26 @@ def _resume_model(ckpt: Path, model_cfg: SHARNNConfig, corpus: Corpus, cfg: Trai
             f"corpus {corpus.name} ({corpus.vocab_size}); resume on the same kind of corpus"
         )
     saved = load_train_state(ckpt, device)
+    if saved["epoch"] > cfg.epochs:
+        raise SharnnError(f"{ckpt} has finished epoch {saved['epoch'] - 1}, so --epochs {cfg.epochs} leaves nothing "
+                          "to train; to go on, pass a larger --epochs (it counts from the run's start)")
+    if cfg.max_steps is not None and saved["step"] >= cfg.max_steps:
+        raise SharnnError(f"{ckpt} is at step {saved['step']}, so --max-steps {cfg.max_steps} leaves nothing to "
+                          "train; to go on, pass a larger --max-steps (it counts from the run's start)")
     old_cfg = load_train_config(ckpt)
     if old_cfg is not None and old_cfg.optimizer != cfg.optimizer:
         raise SharnnError(f"cannot resume a run trained with --optimizer {old_cfg.optimizer} using "
                           f"--optimizer {cfg.optimizer}: its saved moments belong to the former; keep it")
-    if old_cfg is not None and old_cfg.seed != cfg.seed:
+    changed = changed_settings(old_cfg, cfg, saved_model_cfg, model.cfg)
+    said = [f"{k} {_shown(a)} -> {_shown(b)}" for k, (a, b) in changed.items()]
+    if "seed" in changed:
         saved.pop("rng", None)  # a new --seed on resume asks for fresh randomness (the paper's second pass)
+        said[list(changed).index("seed")] += " (fresh random streams: the saved ones are not used)"
+    log.line(f"resuming from {ckpt} at epoch {saved['epoch']}, step {saved['step']}; "
+             + ("the checkpoint records no run settings: all come from this command" if old_cfg is None
+                else f"changed: {', '.join(said)}" if said else "settings as the run saved them"))
+    resumed = {"checkpoint": str(ckpt), "epoch": saved["epoch"], "step": saved["step"],
+               "changed": {k: [_jsonable(a), _jsonable(b)] for k, (a, b) in changed.items()}}
     old_global = (old_cfg.batch_size if old_cfg else cfg.batch_size) * saved.get("world", 1)
     if old_global != cfg.batch_size * ranks.world:
         # Stream boundaries move with the global batch: the saved position and carried state mean nothing now.
@@ -240,8 +289,26 @@ def _resume_model(ckpt: Path, model_cfg: SHARNNConfig, corpus: Corpus, cfg: Trai
     else:  # the same global streams, perhaps over another number of ranks: take this rank's share
         carried = ranks.shard_state(state_from_list(saved.get("carried")), cfg.batch_size)
         saved["carried"] = state_to_list(carried)
-    log.line(f"resuming from {ckpt} at epoch {saved['epoch']}, step {saved['step']}")
-    return model, saved
+    return model, saved, resumed
+
+
+def changed_settings(old_cfg: TrainConfig | None, cfg: TrainConfig, old_model: SHARNNConfig,
+                     model_cfg: SHARNNConfig) -> dict[str, tuple[Any, Any]]:
+    """{setting: (the run's value, this run's)} for every model and run setting a resume changes. `resume` and
+    `overwrite` say how this command starts, not what the run is; paths that name the same file are the same."""
+    changed = {}
+    pairs = [(f.name, getattr(old_model, f.name), getattr(model_cfg, f.name)) for f in fields(SHARNNConfig)]
+    if old_cfg is not None:
+        pairs += [(f.name, getattr(old_cfg, f.name), getattr(cfg, f.name)) for f in fields(TrainConfig)
+                  if f.name not in ("resume", "overwrite")]
+    for name, a, b in pairs:
+        if a != b and not (name in ("data", "save") and same_file(a, b)):
+            changed[name] = (a, b)
+    return changed
+
+
+def _jsonable(v: Any) -> Any:
+    return list(v) if isinstance(v, tuple) else v
 
 
 def _new_model(model_cfg: SHARNNConfig, corpus: Corpus, device: torch.device, log: RunLog) -> SHARNN:
@@ -275,13 +342,15 @@ def _optimizer_and_rng(model: SHARNN, cfg: TrainConfig,
 
 def _final_measurement(result: TrainResult, model: SHARNN, corpus: Corpus, cfg: TrainConfig, device: torch.device,
                        log: RunLog, quiet: bool) -> TrainResult:
-    """Valid and test bpc of the best checkpoint, as the paper reports them, and the sample text."""
+    """Valid and test bpc of the best checkpoint, as the paper reports them, and the sample text.
+
+    Measured in float32 whatever --precision trained in, as every validation is: `sharnn eval` (float32)
+    reproduces these numbers."""
     best_dir = result.run_dir / "best"
     final_model = load_model(best_dir, device) if (best_dir / "config.json").is_file() else model
-    final_model.keep_fp32(cfg.fp32_part_set)
     valid = evaluate(final_model, _eval_ids(corpus.valid, cfg), cfg.eval_batch_size or cfg.batch_size, cfg.bptt,
-                     device, cfg.precision, progress=not quiet, what="valid")
-    test = evaluate(final_model, _eval_ids(corpus.test, cfg), cfg.test_batch_size, cfg.bptt, device, cfg.precision,
+                     device, progress=not quiet, what="valid")
+    test = evaluate(final_model, _eval_ids(corpus.test, cfg), cfg.test_batch_size, cfg.bptt, device,
                     progress=not quiet, what="test")
     log.record("final", valid_bpc=valid.bpc, test_bpc=test.bpc, valid_loss=valid.loss, test_loss=test.loss)
     text = b""
@@ -387,13 +456,19 @@ class _Loop:
         self.scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
         if saved is not None and saved.get("scaler") and self.scaler.is_enabled():
             self.scaler.load_state_dict(saved["scaler"])
+        # --decay runs to the step where the budget ends; all ranks agree on it (their clocks differ a little).
+        self.first_step = self.ts.step
+        self.horizon = self._horizon(seconds=0.0)
         if self.ts.micro:
             self._restore_grads(saved["grads"])  # type: ignore[index]
+            # The rest of an unfinished step runs on this run's schedule: a --lr given on resume applies to it too.
+            set_lr(self.optimizer, lr_at(self.ts.step + 1, self.ts.epoch, cfg, self.horizon))
         self.stop_signal: int | None = None  # set by the SIGINT/SIGTERM handler
         self.epochs_done = 0
         self.seconds = 0.0
         self.chars = 0
-        self.start_time = self.last_save_time = self.window_start = time.perf_counter()
+        self.start_time = self.last_save_time = time.perf_counter()
+        self._start_window_clock()
         self.saved_at_epoch_start = False  # the epoch-end validation and save just happened, nothing since
         self.validated_at = self.last_saved_at = -1  # the step of the latest validation and save of last/
 
@@ -465,7 +540,7 @@ class _Loop:
         est_batches = max(1, (self.streams.n - 1) // cfg.bptt)
         bar = TrainProgress(cfg, ts.epoch, est_batches, min(ts.position // cfg.bptt, est_batches), ts.step,
                             self.start_time, show=not self.log.quiet)
-        self.window_start = time.perf_counter()
+        self._start_window_clock()
         try:
             for pos, seq_len in train_segments(self.streams, cfg.bptt, self.rng, start=ts.position):
                 self.saved_at_epoch_start = False
@@ -473,7 +548,7 @@ class _Loop:
                 stepped = self._train_segment(pos, seq_len)
                 self.seconds += time.perf_counter() - t0
                 bar.update(min(ts.position // cfg.bptt, est_batches), ts.step, ts.micro)
-                if ts.window["batches"] == cfg.log_interval:
+                if ts.window["batches"] >= cfg.log_interval:  # >=: a resume may lower --log-interval
                     self._log_window(est_batches, bar.log_suffix())
                 reason = self._after_batch(stepped)
                 if reason:
@@ -481,7 +556,7 @@ class _Loop:
             if ts.micro:  # an epoch that ends mid-accumulation still applies what it gathered, as a mean
                 norm = self._unscaled_grad_norm(scale=cfg.accumulate / ts.micro)
                 ts.bad_in_step |= not math.isfinite(norm.item()) and not self.scaler.is_enabled()
-                self._apply_step()
+                return self._after_batch(self._apply_step())  # a step like any other: validate, save, budget
             return None
         finally:
             bar.close()
@@ -491,7 +566,7 @@ class _Loop:
         one (`--accumulate`). True if a step was applied."""
         cfg, ts = self.cfg, self.ts
         if ts.micro == 0:
-            set_lr(self.optimizer, lr_at(ts.step + 1, ts.epoch, cfg))
+            set_lr(self.optimizer, lr_at(ts.step + 1, ts.epoch, cfg, self.horizon))
         x, y = self.streams.segment(pos, seq_len, self.device)
         # Under DDP, gradients are averaged over the ranks only on the segment that completes a step. The epoch's
         # last segment always does: a partial step at the epoch's end is applied too.
@@ -549,10 +624,12 @@ class _Loop:
     def _after_batch(self, stepped: bool) -> str | None:
         """The decisions every rank takes together (one all-reduce under torchrun, none otherwise): validate and
         save on their schedules, stop for the budget or a signal. Returns why training stops, if it does."""
-        save_due, over, signalled = self.ranks.any(
+        *flags, seconds = self.ranks.maximum(
             stepped and self._save_due(), stepped and self.out_of_budget(), self.stop_signal is not None,
-            device=self.device)
+            time.perf_counter() - self.start_time, device=self.device)
+        save_due, over, signalled = map(bool, flags)
         if stepped:
+            self.horizon = self._horizon(seconds)
             if self.cfg.eval_interval and self.ts.step % self.cfg.eval_interval == 0:
                 self.validate(f"validation at epoch {self.ts.epoch:3d}")
                 self.model.train()
@@ -564,6 +641,14 @@ class _Loop:
             self.stop_signal = self.stop_signal or signal.SIGTERM  # another rank got it
             return "signal"
         return None
+
+    def _horizon(self, seconds: float) -> float:
+        """The step at which the budget ends (optim.budget_horizon), `seconds` into this process's run."""
+        cfg, ts = self.cfg, self.ts
+        per_epoch = (self.streams.n - 1) / cfg.bptt / cfg.accumulate
+        to_end = (cfg.epochs - ts.epoch + 1) * per_epoch - ts.position / cfg.bptt / cfg.accumulate
+        return budget_horizon(ts.step, cfg, seconds=seconds, timed_steps=ts.step - self.first_step,
+                              steps_to_last_epoch_end=to_end)
 
     def _grad_norm(self) -> torch.Tensor:
         """The global gradient norm, clipping to --clip when it is set; non-finite when any gradient is."""
@@ -598,13 +683,19 @@ class _Loop:
         self.log.record("nonfinite", epoch=ts.epoch, step=ts.step, position=ts.position,
                         in_a_row=ts.nonfinite_run, total=ts.nonfinite_total)
         if ts.nonfinite_run >= limit:
-            self.save("last")  # weights and optimizer as they were before the trouble: no bad update was applied
-            error = SharnnError(
-                f"stopped: {ts.nonfinite_run} optimizer steps in a row had a non-finite loss or gradient (epoch "
-                f"{ts.epoch}, after step {ts.step}). None of them was applied: {self.run_dir / 'last'} holds the "
-                f"weights from step {ts.step}, before the trouble, and resumes after the bad batches; "
-                "try it with a lower --lr or a smaller --clip"
-            )
+            last = self.run_dir / "last"
+            stopped = (f"stopped: {ts.nonfinite_run} optimizer steps in a row had a non-finite loss or gradient "
+                       f"(epoch {ts.epoch}, after step {ts.step}). ")
+            # No bad update was applied, so these are the weights from before the trouble, unless an update with a
+            # finite gradient made them non-finite (save refuses those).
+            if self.save("last"):
+                error = SharnnError(f"{stopped}None of them was applied: {last} holds the weights from step "
+                                    f"{ts.step}, before the trouble, and resumes after the bad batches; try it with "
+                                    "a lower --lr or a smaller --clip")
+            else:
+                error = SharnnError(f"{stopped}The weights themselves are not finite (an update with a finite "
+                                    f"gradient made them so), so {last} was not overwritten: {self._last_saved()}; "
+                                    "resume from it with a lower --lr or a smaller --clip")
             error.all_ranks = True  # type: ignore[attr-defined]  # every rank counted the same bad steps
             raise error
         return False
@@ -620,30 +711,36 @@ class _Loop:
         """`last/`, and with --keep K also `step-NNNNNN/` (last/ then shares its files), the newest K kept."""
         if self.cfg.keep:
             name = step_name(self.ts.step)
-            self.save(name)
-            if self.ranks.is_main:
+            if self.save(name) and self.ranks.is_main:
                 link_checkpoint(self.run_dir / name, self.run_dir / "last")
                 prune_checkpoints(self.run_dir, self.cfg.keep)
         else:
             self.save("last")
 
+    def _start_window_clock(self) -> None:
+        """Time the log window from now. A window resumed from a checkpoint holds batches timed by the process
+        that saved it: the speed counts only the batches since this clock started."""
+        self.window_start = time.perf_counter()
+        self.window_base = (self.ts.window["batches"], self.ts.window["chars"])
+
     def _log_window(self, est_batches: int, suffix: str = "") -> None:
         w = self.ts.window
-        elapsed = time.perf_counter() - self.window_start
+        elapsed = max(time.perf_counter() - self.window_start, 1e-9)
+        batches, chars = w["batches"] - self.window_base[0], w["chars"] - self.window_base[1]
         loss = w["loss"] / w["finite"] if w["finite"] else math.nan
         lr = self.optimizer.param_groups[0]["lr"]
         batch = min(self.ts.position // self.cfg.bptt, est_batches)
         self.log.line(
             f"| epoch {self.ts.epoch:3d} | {batch:5d}/{est_batches:5d} batches | lr {lr:.3g} | "
-            f"ms/batch {1000 * elapsed / w['batches']:7.1f} | loss {loss:5.3f} | bpc {loss / LN2:6.3f} | "
-            f"chars/s {w['chars'] / elapsed:8.0f}{suffix}"
+            f"ms/batch {1000 * elapsed / batches:7.1f} | loss {loss:5.3f} | bpc {loss / LN2:6.3f} | "
+            f"chars/s {chars / elapsed:8.0f}{suffix}"
         )
         self.log.record("train", epoch=self.ts.epoch, step=self.ts.step, batch=batch, lr=lr,
-                        ms_per_batch=1000 * elapsed / w["batches"], loss=loss, bpc=loss / LN2,
-                        chars_per_s=w["chars"] / elapsed,
+                        ms_per_batch=1000 * elapsed / batches, loss=loss, bpc=loss / LN2,
+                        chars_per_s=chars / elapsed,
                         **({"loss_scale": self.scaler.get_scale()} if self.scaler.is_enabled() else {}))
         self.ts.window = new_window()
-        self.window_start = time.perf_counter()
+        self._start_window_clock()
 
     def validate(self, label: str, end_of_epoch: bool = False) -> float:
         cfg = self.cfg
@@ -652,7 +749,9 @@ class _Loop:
         # After the switch to averaged SGD, the averaged weights are the model: evaluate and keep those.
         with averaged_weights(self.model.parameters(), self.optimizer):
             if self.ranks.is_main:  # rank 0 evaluates; the others take its number (they must agree on "best")
-                res = evaluate(self.model, ids, cfg.eval_batch_size or cfg.batch_size, cfg.bptt, self.device, cfg.precision,
+                # In float32 whatever --precision trains in: the number that picks best/ is the one `sharnn eval`
+                # gives, not one blurred by bf16/fp16 rounding.
+                res = evaluate(self.model, ids, cfg.eval_batch_size or cfg.batch_size, cfg.bptt, self.device,
                                progress=not self.log.quiet, what="valid")
             loss = self.ranks.from_main(res.loss if self.ranks.is_main else 0.0, self.device)
             if not self.ranks.is_main:
@@ -680,8 +779,26 @@ class _Loop:
             self.ts.val_history.append(res.loss)
         return res.bpc
 
-    def save(self, name: str) -> None:
-        """Write a checkpoint (rank 0); under torchrun every rank calls this, to gather the carried state."""
+    def _weights_finite(self) -> bool:
+        return bool(torch.stack([torch.isfinite(p).all() for p in self.model.parameters()]).all())
+
+    def _last_saved(self) -> str:
+        """What `last/` holds, in words."""
+        try:
+            return f"it holds the weights from step {read_meta(self.run_dir / 'last')['progress']['step']}"
+        except (SharnnError, KeyError, TypeError):
+            return "no checkpoint of this run was saved"
+
+    def save(self, name: str) -> bool:
+        """Write a checkpoint (rank 0); under torchrun every rank calls this, to gather the carried state.
+
+        Non-finite weights are never saved (every rank sees the same weights, so all skip together): the
+        checkpoint there stays as it was. Returns whether the checkpoint was written."""
+        if not self._weights_finite():
+            self.log.line(f"warning: the weights are not finite at step {self.ts.step}: {name}/ not written "
+                          "(its previous contents stay)")
+            self.log.record("unsaved", name=name, epoch=self.ts.epoch, step=self.ts.step, reason="non-finite weights")
+            return False
         if name == "last":
             self.last_saved_at = self.ts.step  # on every rank: they decide together whether to save again
         carried = self.ranks.gather_state(self.ts.carried)  # all ranks' streams: resumable on any number of ranks
@@ -690,7 +807,7 @@ class _Loop:
         if not self.ranks.is_main:
             if name != "best":
                 self.last_save_time = time.perf_counter()
-            return
+            return True
         ts = self.ts
         progress = {"epoch": ts.epoch, "step": ts.step, "position": ts.position, "best_bpc": ts.best_bpc}
         train_state = ts.to_dict() | {
@@ -701,10 +818,12 @@ class _Loop:
             "grads": grads,  # inside an --accumulate step (micro > 0): the gradients gathered so far
             "scaler": self.scaler.state_dict(),  # {} unless fp16
         }
-        save_checkpoint(self.run_dir / name, self.model, self.cfg, progress, train_state, vocab=self.corpus.vocab)
+        save_checkpoint(self.run_dir / name, self.model, self.cfg, progress, train_state, vocab=self.corpus.vocab,
+                        data=self.corpus.identity)
         if name != "best":
             self.last_save_time = time.perf_counter()
             self.log.record("save", name=name, epoch=self.ts.epoch, step=self.ts.step, position=self.ts.position)
+        return True
 
     def _restore_grads(self, grads: list[torch.Tensor | None] | None) -> None:
         params = list(self.model.parameters())

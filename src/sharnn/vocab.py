@@ -3,13 +3,15 @@
     bytes     ids are the bytes themselves (256 symbols); what every byte-level corpus uses
     table     each byte maps to one of a list of symbols; the reference's enwik8 models number 205 symbols
               (decimal byte strings, newline as "<eos>") in their own order, see `convert.py`
-    words     whitespace-separated tokens with "<eos>" ending every line (the awd-lstm layout); built from the
+    words     whitespace-separated tokens with "<eos>" ending every line (the awd-lstm layout, lines as
+              `text_lines` cuts them); built from the
               train split in order of first appearance. Penn Treebank's character corpus is this kind too (its
               tokens are characters, "_" between words), with `level="char"` so results are reported in bpc.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import cached_property
@@ -21,6 +23,19 @@ from .errors import SharnnError
 
 KINDS = ("bytes", "table", "words")
 EOS, UNK = "<eos>", "<unk>"
+LINE_BREAK = re.compile(r"\r\n|\r|\n")
+
+
+def text_lines(text: str) -> list[str]:
+    """The lines of `text` as awd-lstm's data.py reads them (`for line in open(path)`: Python's universal
+    newlines): broken at \n, \r\n and \r only. Not at the other characters `str.splitlines` breaks at (\v,
+    \f, \x1c-\x1e, \x85, \u2028, \u2029): inside a line they separate words, as any whitespace does. A line
+    break at the very end ends the last line; it does not start an empty one.
+    """
+    lines = LINE_BREAK.split(text)
+    if lines and lines[-1] == "":
+        lines.pop()
+    return lines
 
 
 @dataclass(frozen=True)
@@ -69,7 +84,7 @@ class Vocab:
         """Text -> ids: uint8 for `bytes`, int16 for `table`, int32 for `words` (lines split on whitespace)."""
         if self.kind == "words":
             text = (bytes(data) if not isinstance(data, (bytes, bytearray)) else data).decode("utf-8", "replace")
-            ids = self.encode_lines(text.splitlines())
+            ids = self.encode_lines(text_lines(text))
             # A text that stops mid-line (a prompt, say) has no <eos> after its last line.
             return ids[:-1] if text and not text.endswith(("\n", "\r")) else ids
         raw = np.frombuffer(data, dtype=np.uint8) if isinstance(data, (bytes, bytearray)) else data

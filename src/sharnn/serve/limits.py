@@ -15,7 +15,7 @@ class Limits:
     slots: int = 8  # generations stepped together (the token step's width)
     queue: int = 64  # requests that may wait beyond the free slots; then 503
     max_length: int = 2000  # bytes one request may generate
-    max_prompt: int = 4096  # bytes of a prompt or a score context (each is primed in one pass)
+    max_prompt: int = 4096  # bytes of a prompt or a score context (primed alone, before any step it joins)
     max_text: int = 65536  # bytes of the texts of one score request together, or of an attention text
     max_texts: int = 64  # texts in one score request
     max_top_k: int = 20  # guesses per position in a score answer
