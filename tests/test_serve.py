@@ -342,14 +342,14 @@ def test_a_full_queue_answers_503_with_retry_after(ckpt: Path) -> None:
     with TestClient(app) as client:
         engine = client.app.state.engine
         first: list[httpx.Response] = []
-        t = threading.Thread(target=lambda: first.append(client.post("/v1/generate", json={"length": 4000})))
+        t = threading.Thread(target=lambda: first.append(client.post("/v1/generate", json={"length": 1500})))
         t.start()
         while engine.load()["active"] == 0:
             time.sleep(0.005)
         r = client.post("/v1/generate", json={"length": 5})
         assert r.status_code == 503 and r.headers["retry-after"] == "1" and "queue is full" in r.json()["error"]
         t.join()
-        assert first[0].status_code == 200 and first[0].json()["tokens"] == 4000
+        assert first[0].status_code == 200 and first[0].json()["tokens"] == 1500
         assert client.post("/v1/generate", json={"length": 5}).status_code == 200
 
 
@@ -383,6 +383,13 @@ def test_serve_refuses_bad_flags_in_one_line(ckpt: Path, capsys: pytest.CaptureF
     assert main(["serve", str(ckpt), *flags]) == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and fragment in err
+
+
+def test_serve_without_the_web_stack_says_what_to_install(ckpt: Path, capsys: pytest.CaptureFixture[str],
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "uvicorn", None)  # as if `pip install sharnn` had no [serve]
+    assert main(["serve", str(ckpt)]) == 2
+    assert capsys.readouterr().err.strip() == "sharnn: error: sharnn serve needs uvicorn: pip install 'sharnn[serve]'"
 
 
 def test_a_taken_port_is_one_clear_error() -> None:
@@ -454,17 +461,17 @@ def test_sigterm_finishes_the_requests_in_flight_and_exits_0(ckpt: Path) -> None
                             stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     url = f"http://127.0.0.1:{port}"
     try:
-        assert "serving" in proc.stderr.readline()
+        assert any("serving" in proc.stderr.readline() for _ in range(20))  # (after any warnings)
         answer: list[httpx.Response] = []
         t = threading.Thread(target=lambda: answer.append(
-            httpx.post(f"{url}/v1/generate", json={"length": 3000, "seed": 1}, timeout=60)))
+            httpx.post(f"{url}/v1/generate", json={"length": 2000, "seed": 1}, timeout=60)))
         t.start()
         while httpx.get(f"{url}/healthz").json()["active"] == 0:
             time.sleep(0.01)
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == 0
         t.join()
-        assert answer[0].status_code == 200 and answer[0].json()["tokens"] == 3000  # finished, not cut
+        assert answer[0].status_code == 200 and answer[0].json()["tokens"] == 2000  # finished, not cut
         with pytest.raises(httpx.ConnectError):
             httpx.get(f"{url}/healthz")
     finally:
@@ -476,12 +483,12 @@ def test_sigterm_finishes_the_requests_in_flight_and_exits_0(ckpt: Path) -> None
 @pytest.mark.slow
 def test_load_benchmark_runs_and_every_answer_is_what_it_is_alone(ckpt: Path) -> None:
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "serve_load.py"), str(ckpt), "--clients", "1",
-                           "6", "--seconds", "1.5", "--length", "60", "--slots", "4", "--recheck", "6", "--json"],
+                           "6", "--seconds", "1", "--length", "60", "--slots", "4", "--recheck", "4", "--json"],
                           capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"},
                           check=False)
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout)
     assert out["server_exit_status"] == 0 and out["peak_memory_mib"] > 0
     for row in out["rows"]:
-        assert row["errors"] == 0 and row["requests"] > 0 and row["identical_alone"] == "6/6", row
+        assert row["errors"] == 0 and row["requests"] > 0 and row["identical_alone"] == "4/4", row
         assert row["p99_s"] >= row["p50_s"] > 0
