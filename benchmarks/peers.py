@@ -8,7 +8,9 @@ multi-head attention and a GELU MLP, tied embedding; `GPT` below, about 60 lines
 for a laptop CPU from nanoGPT's README (4 layers, width 128, 4 heads, context 64, batch 12, AdamW lr 1e-3 with
 betas (0.9, 0.99) and weight decay 0.1 on matrices, gradient clip 1, 100 warm-up steps, no dropout) with its
 cosine decay to lr/10 stretched over the time budget: the decay runs on the fraction of the budget used, so it
-reaches its end exactly when time is up. `--gpt` changes any of these (`--gpt batch=32 lr=2e-3`).
+reaches its end exactly when time is up. nanoGPT trains in float32 on a CPU; `--gpt autocast=bf16` trains it
+under bf16 autocast instead (validation stays float32, as sharnn's). `--gpt` changes any of these
+(`--gpt batch=32 lr=2e-3`).
 
 Each sharnn row is `sharnn train --preset P --data D --max-time T --threads N` in a fresh process (it prints and
 logs its final valid bpc, over the whole valid split with state carried from segment to segment). The transformer
@@ -46,7 +48,7 @@ from torch import nn
 ROOT = Path(__file__).resolve().parent.parent
 LN2 = math.log(2)
 GPT_RECIPE = {"layers": 4, "width": 128, "heads": 4, "context": 64, "batch": 12, "lr": 1e-3, "min_lr": 1e-4,
-              "warmup": 100, "wdecay": 0.1, "clip": 1.0, "beta2": 0.99}
+              "warmup": 100, "wdecay": 0.1, "clip": 1.0, "beta2": 0.99, "autocast": "fp32"}
 
 
 # --- the peer: a GPT in the nanoGPT mould ---------------------------------------------------------------------
@@ -119,7 +121,8 @@ def train_gpt(train: np.ndarray, seconds: float, recipe: dict, seed: int = 1337)
         ix = torch.from_numpy(rng.integers(0, len(data) - T - 1, B))
         x = torch.stack([data[i : i + T] for i in ix])
         y = torch.stack([data[i + 1 : i + 1 + T] for i in ix])
-        loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten())
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=recipe["autocast"] == "bf16"):
+            loss = F.cross_entropy(model(x).flatten(0, 1).float(), y.flatten())
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), recipe["clip"])
@@ -232,7 +235,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--budgets", type=float, nargs="+", default=[60, 300, 600], help="training seconds each")
     ap.add_argument("--corpora", nargs="+", default=["python-stdlib", "kjv"])
-    ap.add_argument("--presets", nargs="+", default=["tiny"])
+    ap.add_argument("--presets", nargs="*", default=["tiny"], help="sharnn presets (none: only the transformer)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--gpt", nargs="*", default=[], metavar="KEY=VALUE", help="change the transformer's recipe")
     ap.add_argument("--sharnn-args", default="", help="extra flags for every sharnn run (quoted)")
@@ -246,7 +249,10 @@ def main() -> None:
     recipe = dict(GPT_RECIPE)
     for kv in args.gpt:
         key, value = kv.split("=", 1)
-        recipe[key] = type(GPT_RECIPE[key])(float(value)) if key in GPT_RECIPE else value
+        if key not in GPT_RECIPE:
+            raise SystemExit(f"unknown --gpt key {key!r}; use one of {', '.join(GPT_RECIPE)}")
+        kind = type(GPT_RECIPE[key])
+        recipe[key] = value if kind is str else kind(float(value))
     torch.set_num_threads(args.threads)
     results = []
     for corpus in args.corpora:

@@ -394,7 +394,7 @@ def test_fresh_models_repeat_and_differ_by_seed() -> None:
     b, _ = fresh_model("tiny", seed=1)
     c, _ = fresh_model("tiny", seed=2)
     assert compress.weights_sha256(a) == compress.weights_sha256(b) != compress.weights_sha256(c)
-    assert info["spec"] == "tiny" and info["config"]["emsize"] == 128
+    assert info["spec"] == "tiny" and info["config"]["emsize"] == 232
 
 
 @pytest.mark.parametrize("argv, message", [

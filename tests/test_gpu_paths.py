@@ -15,6 +15,7 @@ import sharnn.model as model_mod
 from sharnn.checkpoint import load_model, save_checkpoint
 from sharnn.config import SHARNNConfig, TrainConfig
 from sharnn.errors import SharnnError
+from sharnn.evaluate import training_precision
 from sharnn.generate import TokenStep, generate_ids
 from sharnn.model import SHARNN, Attention, MemoryRing, visible_keys
 from sharnn.runtime import set_tf32, tf32_enabled
@@ -180,6 +181,14 @@ def test_cpu_without_bf16_lstm_keeps_the_core_in_fp32(tiny_config: SHARNNConfig,
         out = model(torch.randint(0, 256, (6, 2)), targets=torch.randint(0, 256, (6, 2)))
     out.loss.backward()
     assert seen["core"] == torch.float32 and out.logits.dtype == torch.bfloat16
+
+
+def test_auto_precision_on_a_gpu_follows_its_bf16_support(monkeypatch) -> None:
+    cuda = torch.device("cuda")
+    for supported, expected in ((True, "bf16"), (False, "fp32")):
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda s=supported: s)
+        assert training_precision(cuda, "auto") == expected
+    assert training_precision(cuda, "fp16") == "fp16" and training_precision(torch.device("cpu"), "fp32") == "fp32"
 
 
 def test_fp32_parts_setting() -> None:

@@ -17,7 +17,7 @@ def built(*argv: str) -> tuple[SHARNN, object]:
 
 
 @pytest.mark.parametrize("argv,params,attn,batch", [
-    (["--preset", "tiny"], 879_360, (2,), 16),                       # README: "a ~0.9M-parameter SHA-RNN"
+    (["--preset", "tiny"], 873_968, (0,), 16),                       # README: "a ~0.9M-parameter SHA-RNN"
     (["--preset", "paper"], 53_825_792, (2,), 16),                   # README table, 256 byte symbols
     (["--preset", "paper-all-attn"], 63_299_840, (0, 1, 2, 3), 8),  # README table
     (["--preset", "paper", "--model", "QRNN"], 45_416_704, (2,), 16),  # README: "45.4M vs 53.8M"
@@ -38,6 +38,13 @@ def test_tiny_preset_runs_without_a_download() -> None:
 def test_a_preset_with_another_depth_says_what_to_do(capsys) -> None:
     from sharnn.cli import main
 
-    assert main(["train", "--preset", "tiny", "--nlayers", "2", "--save", "/nonexistent/never-used"]) == 2
+    assert main(["train", "--preset", "paper", "--nlayers", "2", "--save", "/nonexistent/never-used"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "give --attn-layers for this one too (the original's choice: 0)" in err[0], err
+
+
+@pytest.mark.parametrize("preset", ["paper", "paper-all-attn"])
+def test_paper_presets_keep_the_originals_schedule_and_precision(preset: str) -> None:
+    # The short-run tuning (a schedule to the budget's end, bf16 where native) is the tiny preset's alone.
+    _, train = built("--preset", preset)
+    assert (train.decay, train.precision, train.warmup, train.lr) == ("none", "fp32", 800, 2e-3)

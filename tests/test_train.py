@@ -214,6 +214,25 @@ def test_bf16_learns_like_fp32(text_file: Path, tmp_path: Path) -> None:
     assert bf16.valid.bpc < 1.0 and fp32.valid.bpc < 1.0  # both from ~8 bits; bf16 trains as well
 
 
+@pytest.mark.parametrize("native", [True, False])
+def test_auto_precision_is_bf16_only_where_the_cpu_computes_it_natively(
+        text_file: Path, tmp_path: Path, monkeypatch, native: bool) -> None:
+    # --precision auto (the tiny preset's) trains exactly as bf16 on a CPU with AVX-512 BF16 or AMX, exactly
+    # as fp32 on one without (where bf16 is emulated and slow), and the run's log says which it used.
+    for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
+        monkeypatch.setattr(torch.cpu, probe, lambda: native, raising=False)
+    weights = {}
+    for precision in ("auto", "bf16" if native else "fp32"):
+        train(MODEL, cfg_for(text_file, tmp_path / precision, max_steps=2, precision=precision), quiet=True)
+        weights[precision] = load_file(str(tmp_path / precision / "last" / "model.safetensors"))
+        start = json.loads((tmp_path / precision / "log.jsonl").read_text().splitlines()[0])
+        assert start["event"] == "start" and start["precision"] == ("bf16" if native else "fp32")
+    (a, b) = weights.values()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(SharnnError, match="unknown --precision 'bf8'; use fp32, bf16, fp16, auto"):
+        cfg_for(text_file, tmp_path / "x", precision="bf8")
+
+
 def test_a_bf16_runs_numbers_are_float32_and_eval_reproduces_them(text_file: Path, tmp_path: Path, capsys) -> None:
     # Training in bf16 autocast; validation (which picks best/) and the final valid/test numbers in float32, so
     # `sharnn eval` (float32) gives exactly what the run printed, and best/ was chosen on that number too.

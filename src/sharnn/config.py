@@ -36,6 +36,7 @@ def auto_cutoffs(vocab_size: int) -> tuple[int, ...]:
 # Recurrent cores the table lists (`--model`); model.py's `Block` builds the one named.
 RNN_CORES = ("LSTM", "GRU", "QRNN")
 OPTIMIZERS = ("lamb", "adam", "adamw", "sgd")
+TRAIN_PRECISIONS = ("fp32", "bf16", "fp16", "auto")  # --precision of training (autocast; auto: by the hardware)
 DECAYS = ("none", "linear", "cosine")  # --decay: the learning rate after the warm-up
 ATTN_WINDOWS = ("sliding", "reference")
 # The parts of the network mixed-precision training may keep in float32 (--fp32-parts; SHARNN.keep_fp32).
@@ -230,8 +231,10 @@ class TrainConfig:
     max_eval_bytes: int | None = _doc("validate and test on only the first N tokens of each split (quick checks)", default=None)
     sample: int = _doc("after training, generate this many bytes of sample text (0 = none)", default=0)
     threads: int | None = _doc("CPU threads for torch (default: torch's choice)", default=None)
-    precision: str = _doc("fp32; bf16 (autocast: matmuls in bfloat16 on CPU or GPU, weights stay fp32); or fp16 "
-                          "(autocast in float16 with a dynamic loss scaler: GPUs without bf16)", default="fp32")
+    precision: str = _doc("fp32; bf16 (autocast: matmuls in bfloat16 on CPU or GPU, weights stay fp32); fp16 "
+                          "(autocast in float16 with a dynamic loss scaler: GPUs without bf16); or auto (bf16 where "
+                          "the hardware computes it natively: CPUs with AVX-512 BF16 or AMX, recent GPUs; else "
+                          "fp32)", default="fp32")
     tf32: bool = _doc("on CUDA GPUs, float32 matmuls and cuDNN's LSTM/GRU use TensorFloat-32 tensor cores "
                       "(float32 range, 10-bit products; --no-tf32: full float32); no effect on CPUs", default=True)
     fp32_parts: str = _doc(
@@ -263,8 +266,8 @@ class TrainConfig:
             raise SharnnError("--keep keeps periodic checkpoints: also give --save-every or --save-every-minutes")
         if self.max_time is not None and self.max_time <= 0:
             raise SharnnError(f"--max-time must be positive, got {self.max_time}")
-        if self.precision not in ("fp32", "bf16", "fp16"):
-            raise SharnnError(f"unknown --precision {self.precision!r}; use fp32, bf16 or fp16")
+        if self.precision not in TRAIN_PRECISIONS:
+            raise SharnnError(f"unknown --precision {self.precision!r}; use {', '.join(TRAIN_PRECISIONS)}")
         if self.fp32_parts and self.precision == "fp32":
             raise SharnnError("--fp32-parts applies to mixed precision: use it with --precision bf16 or fp16")
         unknown = [p for p in self.fp32_part_set if p not in FP32_PARTS]

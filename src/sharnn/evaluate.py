@@ -34,11 +34,33 @@ class EvalResult(NamedTuple):
         return math.exp(min(self.loss, 700.0))
 
 
+def native_bf16(device: torch.device) -> bool:
+    """Whether the device multiplies bfloat16 matrices in hardware: CPUs with AVX-512 BF16 or AMX, CUDA GPUs
+    from Ampere on. Elsewhere bf16 is emulated and slower than float32."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":  # torch.cpu's probes are private: a torch without them counts as no native bf16
+        probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+        return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
+    return False
+
+
+def training_precision(device: torch.device, precision: str) -> str:
+    """--precision as it runs on `device`: `auto` is bf16 autocast where bf16 is native (on a CPU with AVX-512
+    BF16, the tiny preset learns per step as in fp32, 1.467 against 1.459 bpc after 2,000 steps, at 1.4x the
+    chars/s; benchmarks/README.md) and fp32 elsewhere."""
+    if precision != "auto":
+        return precision
+    return "bf16" if native_bf16(device) else "fp32"
+
+
 def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
     """bf16 or fp16 autocast on the device (matmuls in 16 bits, reductions and the loss in float32), or nothing.
 
     bf16 keeps float32's range, so it needs no loss scaler; fp16 training does (train.py's GradScaler).
+    `auto` is resolved for the device by `training_precision`.
     """
+    precision = training_precision(device, precision)
     if precision == "fp32":
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=torch.float16 if precision == "fp16" else torch.bfloat16)

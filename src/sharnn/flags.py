@@ -14,6 +14,7 @@ from typing import Any
 from .config import (
     DECAYS,
     OPTIMIZERS,
+    TRAIN_PRECISIONS,
     SHARNNConfig,
     TrainConfig,
     load_config_file,
@@ -31,7 +32,8 @@ def _none_or(kind: type) -> Any:
     return parse
 
 
-CHOICES = {"optimizer": OPTIMIZERS, "decay": DECAYS}  # text flags with a fixed set of values
+# text flags with a fixed set of values
+CHOICES = {"optimizer": OPTIMIZERS, "decay": DECAYS, "precision": TRAIN_PRECISIONS}
 
 
 def add_field_flags(parser: argparse.ArgumentParser, cls: type, title: str) -> None:

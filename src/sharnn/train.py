@@ -57,7 +57,7 @@ from .config import SHARNNConfig, TrainConfig, auto_cutoffs
 from .data import SPLIT_NAMES, Corpus, Streams, data_warning, load_corpus, train_segments
 from .distributed import Dist, PeerFailed, init_from_env, release_frames
 from .errors import SharnnError
-from .evaluate import LN2, EvalResult, autocast, evaluate
+from .evaluate import LN2, EvalResult, autocast, evaluate, training_precision
 from .generate import generate
 from .model import SHARNN, SHARNNOutput, State, count_parameters, detach_state
 from .optim import (
@@ -197,12 +197,14 @@ def _run(model_cfg: SHARNNConfig, cfg: TrainConfig, quiet: bool, ckpt: Path | No
     if ranks.enabled:  # same initial weights everywhere (DDP also broadcasts rank 0's), but each rank its own dropout
         torch.manual_seed(cfg.seed + 7919 * ranks.rank + 104729 * (saved or {}).get("step", 0))
     n_params = count_parameters(model)
+    precision = training_precision(device, cfg.precision)
     log.line(f"SHA-RNN: {n_params:,} parameters | corpus {corpus.name}: train {len(corpus.train):,} "
-             f"valid {len(corpus.valid):,} test {len(corpus.test):,} tokens | device {device}")
+             f"valid {len(corpus.valid):,} test {len(corpus.test):,} tokens | device {device}, {precision}")
     if ranks.enabled:
         log.line(f"distributed: {ranks.world} ranks x batch {cfg.batch_size} = global batch "
                  f"{ranks.world * cfg.batch_size} streams ({'nccl' if device.type == 'cuda' else 'gloo'})")
     log.record("start", params=n_params, model=model.cfg.to_dict(), train=cfg.to_dict(), device=str(device),
+               precision=precision,
                world=ranks.world, global_batch=ranks.world * cfg.batch_size,
                data=corpus.identity if ranks.is_main else None,
                **({"resumed": resumed} if resumed is not None else {}))
