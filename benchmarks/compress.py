@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 
 import torch
+from machine import cpu_name  # benchmarks/machine.py (a script's folder is on its path)
 
 from sharnn.checkpoint import load_model
 from sharnn.compress import (
@@ -50,14 +51,6 @@ TOOLS = [  # name, compress command, decompress command, output suffix
 ]
 
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def heldout_python(limit: int = 200_000) -> bytes:

@@ -33,7 +33,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -43,6 +42,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from machine import cpu_name  # benchmarks/machine.py (a script's folder is on its path)
 from torch import nn
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -218,17 +218,6 @@ def load_splits(spec: str) -> tuple[np.ndarray, np.ndarray]:
 # --- the table --------------------------------------------------------------------------------------------------
 
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                name = line.split(":", 1)[1].strip()
-                flags = Path("/proc/cpuinfo").read_text()
-                extras = [f for f in ("avx512f", "avx512_bf16", "amx_bf16") if f" {f}" in flags]
-                return f"{name} ({os.cpu_count()} cores; {', '.join(extras) or 'AVX2 only'})"
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def main() -> None:

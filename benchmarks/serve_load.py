@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import random
 import signal
 import socket
@@ -29,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
+from machine import cpu_name  # benchmarks/machine.py (a script's folder is on its path)
 
 PROMPTS = ["def main(", "import os\n", "class Tree:\n    def ", "# A comment about ", "for i in range(",
            "return self.", "if __name__ == ", "with open("]
@@ -147,14 +147,6 @@ def peak_memory_mib(pid: int) -> float | None:
     return None
 
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def main(argv: list[str] | None = None) -> int:
