@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import hashlib
 import json
 import os
 import pickle
@@ -46,7 +45,7 @@ from safetensors.torch import save_file as st_save_file
 from .config import SHARNNConfig, TrainConfig
 from .errors import SharnnError, require_writable_folder
 from .model import SHARNN, BlockState, State
-from .outputs import refuse_input_as_output
+from .outputs import refuse_input_as_output, sha256_file
 from .vocab import BYTES, Vocab
 
 try:
@@ -256,16 +255,8 @@ def _fsync(p: Path) -> None:
         os.close(fd)
 
 
-def _sha256(p: Path) -> str:
-    h = hashlib.sha256()
-    with open(p, "rb") as f:
-        while chunk := f.read(1 << 22):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _manifest(folder: Path) -> dict[str, dict[str, Any]]:
-    return {f.name: {"bytes": f.stat().st_size, "sha256": _sha256(f)} for f in sorted(folder.iterdir())}
+    return {f.name: {"bytes": f.stat().st_size, "sha256": sha256_file(f)} for f in sorted(folder.iterdir())}
 
 
 def _verify(ckpt: Path, name: str, meta: dict[str, Any]) -> None:
@@ -278,7 +269,7 @@ def _verify(ckpt: Path, name: str, meta: dict[str, Any]) -> None:
     if size != want.get("bytes"):
         raise SharnnError(f"{p} is truncated or corrupt: {size:,} bytes, but {want.get('bytes')} were written; "
                           "use another checkpoint (a run folder also has best/, last/ and step-*/)")
-    if _sha256(p) != want.get("sha256"):
+    if sha256_file(p) != want.get("sha256"):
         raise SharnnError(f"{p} is corrupt: its SHA-256 differs from the one recorded when it was written; "
                           "use another checkpoint (a run folder also has best/, last/ and step-*/)")
 

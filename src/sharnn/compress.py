@@ -64,7 +64,8 @@ from .config import SHARNNConfig, load_config_file, load_preset, preset_names, s
 from .dynamic import DynamicConfig, DynamicEval
 from .errors import SharnnError
 from .model import SHARNN, State, parameter_count
-from .outputs import refuse_input_as_output
+from .optim import WeightSnapshot
+from .outputs import refuse_input_as_output, sha256_file
 from .runtime import attention_bytes, require_memory
 from .vocab import BYTES
 
@@ -337,20 +338,6 @@ def _open_input(path: Path) -> tuple[np.ndarray, int]:
     return data, length
 
 
-def _sha256_file(f: BinaryIO, end: int | None = None) -> str:
-    h = hashlib.sha256()
-    f.seek(0)
-    left = end
-    while left is None or left > 0:
-        buf = f.read(1 << 22 if left is None else min(left, 1 << 22))
-        if not buf:
-            break
-        h.update(buf)
-        if left is not None:
-            left -= len(buf)
-    return h.hexdigest()
-
-
 class _HashingWriter:
     """Writes to a file and hashes what it wrote (for the trailer)."""
 
@@ -397,7 +384,7 @@ def compress_file(model: SHARNN, src: str | os.PathLike, dst: str | os.PathLike,
     data, length = _open_input(src)
     cs = _constriction()
     streams, n = _stream_layout(length, settings.streams)
-    original_sha = _sha256_path(src)
+    original_sha = sha256_file(src)
     out = _Output(dst, overwrite)
     try:
         with _threads(settings.threads), _restored(model):
@@ -457,11 +444,6 @@ def _check_model(model: SHARNN) -> None:
         raise SharnnError("compression runs the model in float32 on the CPU (so that the decoder can repeat it)")
 
 
-def _sha256_path(path: Path) -> str:
-    with open(path, "rb") as f:
-        return _sha256_file(f)
-
-
 @contextlib.contextmanager
 def _threads(n: int) -> Iterator[None]:
     """Run with `n` torch threads, then put the previous number back."""
@@ -477,13 +459,11 @@ def _threads(n: int) -> Iterator[None]:
 def _restored(model: SHARNN) -> Iterator[None]:
     """The model's weights (and train/eval mode) as they were on entry, whatever adaptation did meanwhile."""
     was_training = model.training
-    saved = [p.detach().clone() for p in model.parameters()]
+    saved = WeightSnapshot(model.parameters())
     try:
         yield
     finally:
-        with torch.no_grad():
-            for p, p0 in zip(model.parameters(), saved):
-                p.copy_(p0)
+        saved.restore()
         model.train(was_training)
 
 
@@ -515,7 +495,7 @@ def read_header(path: str | os.PathLike) -> Compressed:
         if version not in READS:
             raise SharnnError(f"{path} is in compressed-file format version {version}; this sharnn reads versions "
                               f"{', '.join(map(str, READS))} only: decompress it with the sharnn that wrote it")
-        if size < 14 + hlen + 32 or _sha256_file(f, size - 32) != f.read(32).hex():
+        if size < 14 + hlen + 32 or sha256_file(f, size - 32) != f.read(32).hex():
             raise SharnnError(f"{path} is damaged: its checksum does not match its contents")
         f.seek(14)
         try:
@@ -610,7 +590,7 @@ def decompress_file(src: str | os.PathLike, dst: str | os.PathLike, model: SHARN
             bar.close()
             seconds = time.perf_counter() - start
         out.file.flush()
-        if out.file.seek(0, os.SEEK_END) != length or _sha256_file(out.file) != h["sha256"]:
+        if out.file.seek(0, os.SEEK_END) != length or sha256_file(out.file) != h["sha256"]:
             raise SharnnError(_not_the_original(src, h, "its SHA-256 differs"))
         out.commit()
     except BaseException as e:

@@ -70,7 +70,14 @@ class Corpus:
     def identity(self) -> dict[str, Any]:
         """What a run records of its data (config.json "data"): the corpus name and each split's `split_identity`.
         Computed once (a cached_property writes the instance __dict__, which a frozen dataclass allows)."""
-        return {"name": self.name, "splits": {name: split_identity(self.split(name)) for name in SPLIT_NAMES}}
+        return {"name": self.name, "splits": {name: self.split_identity(name) for name in SPLIT_NAMES}}
+
+    def split_identity(self, name: str) -> dict[str, Any]:
+        """`split_identity` of one split, hashed at most once per corpus."""
+        known = self.__dict__.setdefault("_split_identities", {})
+        if name not in known:
+            known[name] = split_identity(self.split(name))
+        return known[name]
 
 
 def split_identity(ids: np.ndarray) -> dict[str, Any]:
@@ -96,7 +103,7 @@ def data_warning(recorded: dict[str, Any] | None, corpus: Corpus, splits: Iterab
     saved = recorded.get("splits") or {}
     changed = []
     for name in splits:
-        then, now = saved.get(name), split_identity(corpus.split(name))
+        then, now = saved.get(name), corpus.split_identity(name)  # hashed once per corpus
         if isinstance(then, dict) and then.get("sha256") != now["sha256"]:
             changed.append(f"{name} {now['tokens']:,} tokens, SHA-256 {now['sha256'][:12]} (then "
                            f"{then.get('tokens', 0):,}, {str(then.get('sha256'))[:12]})")

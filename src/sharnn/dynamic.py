@@ -34,6 +34,7 @@ from .data import Streams, eval_segments
 from .errors import SharnnError
 from .evaluate import EvalResult, evaluate
 from .model import SHARNN, detach_state
+from .optim import WeightSnapshot
 from .score import SCORE_CHUNK, Score, score_stream
 
 if TYPE_CHECKING:
@@ -89,7 +90,7 @@ class DynamicEval:
         self.model = model
         self.cfg = cfg
         self.params = [p for p in model.parameters() if p.requires_grad]  # tied weights appear once
-        self.start = [p.detach().clone() for p in self.params]
+        self.start = WeightSnapshot(self.params)  # theta_0: put back on exit, and pulled toward meanwhile
         if rms is not None and [r.shape for r in rms] != [p.shape for p in self.params]:
             raise SharnnError("the gradient statistics do not match this model's parameters")
         self.rms = rms
@@ -121,7 +122,7 @@ class DynamicEval:
                 # gradients were tiny in training would otherwise take huge normalised steps on text unlike the
                 # training data and can diverge (the tiny preset did, scoring one stream of Python modules).
                 rms, rates = [torch.maximum(r, q) for r, q in zip(self.rms, running)], self.decay_rates
-            for i, (p, g, r, p0) in enumerate(zip(self.params, grads, rms, self.start)):
+            for i, (p, g, r, p0) in enumerate(zip(self.params, grads, rms, self.start.values)):
                 if g is not None and self.cfg.lr:
                     p.sub_(self.cfg.lr * g / (r + self.cfg.eps))
                 if rates is not None and self.cfg.decay:
@@ -129,9 +130,7 @@ class DynamicEval:
 
     def restore(self) -> None:
         """Put the weights the model had when this object was made back in place."""
-        with torch.no_grad():
-            for p, p0 in zip(self.params, self.start):
-                p.copy_(p0)
+        self.start.restore()
 
     def __enter__(self) -> DynamicEval:  # noqa: PYI034 - typing.Self needs Python 3.11
         return self
