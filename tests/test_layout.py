@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from sharnn.checkpoint import save_checkpoint
+from sharnn.checkpoint import Checkpoint, save_checkpoint
 from sharnn.config import SHARNNConfig
 from sharnn.errors import SharnnError
 from sharnn.model import SHARNN
-from sharnn.train import _resumed_model_config
+from sharnn.resume import resumed_model_config
 
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "sharnn"
 
@@ -56,8 +56,8 @@ def test_resume_refuses_every_setting_that_shapes_the_weights(tmp_path: Path) ->
     assert set(changed) == SHARNNConfig.weight_settings() - {"vocab_size"}
     for name, value in changed.items():
         with pytest.raises(SharnnError, match=f"--{name.replace('_', '-')} .* conflicts with the checkpoint"):
-            _resumed_model_config(tmp_path / "ckpt", {name: value})
+            resumed_model_config(Checkpoint.open(tmp_path / "ckpt"), {name: value})
     # The run settings may change on resume: dropouts, the span, the window.
     run = {"dropout": 0.3, "dropouth": 0.2, "dropouti": 0.0, "dropoute": 0.1, "wdrop": 0.1, "attn_span": 12,
            "attn_window": "reference"}
-    assert _resumed_model_config(tmp_path / "ckpt", run) == replace(cfg, **run)
+    assert resumed_model_config(Checkpoint.open(tmp_path / "ckpt"), run) == replace(cfg, **run)

@@ -25,7 +25,6 @@ from safetensors.torch import load_file
 import sharnn.checkpoint as checkpoint_mod
 import sharnn.train as train_mod
 from sharnn.checkpoint import (
-    clean_run_folder,
     link_checkpoint,
     load_model,
     load_train_state,
@@ -42,6 +41,7 @@ from sharnn.evaluate import evaluate
 from sharnn.generate import generate_ids
 from sharnn.model import SHARNN
 from sharnn.optim import lr_at
+from sharnn.runfolder import clean_run_folder
 from sharnn.score import score_stream
 from sharnn.train import TrainingInterrupted, train
 from sharnn.vocab import BYTES
@@ -94,7 +94,8 @@ DRIVER = r"""
 import json, os, random, shutil, signal, sys, time
 from pathlib import Path
 import torch
-from sharnn.checkpoint import link_checkpoint, prune_checkpoints, save_checkpoint, step_name
+from sharnn.checkpoint import link_checkpoint, save_checkpoint, step_name
+from sharnn.runfolder import prune_checkpoints
 from sharnn.config import SHARNNConfig
 from sharnn.model import SHARNN
 

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .errors import SharnnError
 from .model import SHARNN
 from .runtime import attention_bytes, require_memory
 
@@ -40,19 +41,32 @@ def attention_blocks(model: SHARNN) -> list[int]:
     return [i for i, b in enumerate(model.blocks) if b.attn is not None]
 
 
+def heatmap_start(tokens: int, heatmap: int, at: int | None, text: str = "the text") -> int:
+    """The text position of the heat-map's first query (`sharnn attention --at`; by default the last `heatmap`
+    tokens read), refused in one line when the heat-map's `heatmap` queries (--window) do not fit."""
+    if tokens < heatmap:
+        raise SharnnError(f"{text} holds {tokens} tokens, fewer than --window {heatmap}")
+    start = tokens - heatmap if at is None else at
+    if not 0 <= start <= tokens - heatmap:
+        raise SharnnError(f"--at {start} leaves no room for --window {heatmap} in the {tokens} tokens read; "
+                          f"use 0 to {tokens - heatmap}")
+    return start
+
+
 @torch.no_grad()
-def attention_over_text(model: SHARNN, ids: Tensor, start: int, window: int,
+def attention_over_text(model: SHARNN, ids: Tensor | list[int], start: int, window: int,
                         chunk: int = 256) -> tuple[list[AttentionMap], list[AttentionUse]]:
     """Run `ids` (L,) through the model and gather each attention block's weights.
 
     Args:
-        ids: (L,) token ids, on the model's device.
+        ids: (L,) token ids.
         start, window: the heat-map's queries are positions start .. start + window - 1 (run as one segment);
             its keys are the `window` positions before them and the queries themselves.
         chunk: segment length for the rest of the text.
     Returns:
         one AttentionMap and one AttentionUse per attention block, in block order.
     """
+    ids = torch.as_tensor(ids, dtype=torch.long, device=model.encoder.weight.device)
     L, M = ids.shape[0], model.cfg.attn_span
     assert 0 <= start and start + window <= L
     require_memory(attention_bytes(model.cfg, 1, rows=2 * (M + chunk + window)),

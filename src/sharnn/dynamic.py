@@ -272,6 +272,47 @@ def dynamic_search(
     return sorted(points, key=lambda p: p.result.loss if math.isfinite(p.result.loss) else math.inf)  # diverged last
 
 
+class SearchResult(NamedTuple):
+    static: EvalResult  # static evaluation of the same streams and segments
+    points: list[SearchPoint]  # every setting tried, best first
+
+
+def search_around(
+    model: SHARNN,
+    train_ids: np.ndarray,
+    ids: np.ndarray,
+    batch_size: int,
+    bptt: int,
+    cfg: DynamicConfig,
+    device: torch.device | str = "cpu",
+    progress: bool = False,
+    report: Callable[[EvalResult | SearchPoint], None] | None = None,
+) -> SearchResult:
+    """`sharnn eval --dynamic-search`: static evaluation of `ids`, then dynamic evaluation under every setting of
+    `search_grid(cfg)`, gradient statistics from `train_ids` (once per segment length). `report` sees the
+    static result, then each point, as soon as they are measured."""
+    static = evaluate(model, ids, batch_size, bptt, device, progress=progress, what="valid split")
+    if report is not None:
+        report(static)
+    points = dynamic_search(
+        model, ids, batch_size, search_grid(cfg),
+        lambda b: gradient_stats(model, train_ids, batch_size, b, cfg.stats_tokens, device, progress),
+        device, progress=progress, report=report, bptt=bptt)
+    return SearchResult(static, points)
+
+
+def document_scorer(model: SHARNN, train_ids: np.ndarray, cfg: DynamicConfig, device: torch.device | str = "cpu",
+                    progress: bool = False) -> Callable[..., Score]:
+    """`score_stream`'s signature, scoring with dynamic evaluation (`sharnn score --document --dynamic`); the
+    gradient statistics come from `train_ids`, the training corpus, read as one stream."""
+    rms = gradient_stats(model, train_ids, 1, cfg.bptt, cfg.stats_tokens, device, progress=progress)
+
+    def score(model: SHARNN, vocab: Vocab, f: BinaryIO, context: bytes = b"\n", per_token: bool = False) -> Score:
+        return dynamic_score_stream(model, vocab, f, cfg, rms, context, per_token)
+
+    return score
+
+
 def dynamic_score_stream(
     model: SHARNN,
     vocab: Vocab,

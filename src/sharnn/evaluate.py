@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from .config import TrainConfig
 from .data import Streams, eval_segments
 from .model import SHARNN, State
 
@@ -32,6 +33,14 @@ class EvalResult(NamedTuple):
     @property
     def ppl(self) -> float:
         return math.exp(min(self.loss, 700.0))
+
+
+def split_defaults(run: TrainConfig | None, split: str) -> tuple[int, int]:
+    """(streams, segment length) a run measured `split` with, and so `sharnn eval`'s defaults: the paper's 8
+    streams on test, the validation streams (--eval-batch-size, else --batch_size) otherwise; the run's bptt.
+    A checkpoint without run settings (imported, say) gets the defaults' run."""
+    run = run or TrainConfig()
+    return (run.test_batch_size if split == "test" else run.eval_batch_size or run.batch_size), run.bptt
 
 
 def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:

@@ -33,20 +33,11 @@ import numpy as np
 import torch
 
 from .checkpoint import (
-    checkpoint_bytes_needed,
-    claim_run_folder,
-    clean_run_folder,
-    hold_run_folder,
+    Checkpoint,
     link_checkpoint,
     load_model,
-    load_train_config,
-    load_train_state,
-    load_vocab,
-    prune_checkpoints,
     read_meta,
-    resolve_checkpoint,
     rng_state,
-    run_folder_of,
     save_checkpoint,
     set_rng_state,
     state_from_list,
@@ -69,8 +60,15 @@ from .optim import (
     set_lr,
     should_switch_to_asgd,
 )
-from .outputs import same_file
 from .progress import RunLog, TrainProgress
+from .resume import check_resumable, plan_resume, resumed_model_config
+from .runfolder import (
+    checkpoint_bytes_needed,
+    claim_run_folder,
+    clean_run_folder,
+    hold_run_folder,
+    prune_checkpoints,
+)
 from .runtime import resolve_device, seed_everything, set_tf32
 
 
@@ -98,6 +96,7 @@ class TrainResult:
     test: EvalResult | None
     sample: bytes = b""
     skipped_steps: int = 0  # optimizer steps skipped for a non-finite loss or gradient
+    metric: str = "bpc"  # what the corpus's results are reported in: bpc, or ppl for word-level corpora
 
 
 def ar_tar(out: SHARNNOutput, cfg: TrainConfig) -> torch.Tensor | float:
@@ -115,14 +114,15 @@ def ar_tar(out: SHARNNOutput, cfg: TrainConfig) -> torch.Tensor | float:
 
 
 def train(model_cfg: SHARNNConfig, cfg: TrainConfig, quiet: bool = False,
-          model_overrides: dict[str, Any] | None = None) -> TrainResult:
+          model_overrides: dict[str, Any] | None = None, checkpoint: Checkpoint | None = None) -> TrainResult:
     """Train as `cfg` says; returns where the run went and its final valid/test numbers.
 
     With `cfg.resume`, the architecture, weights, optimizer, schedule position, RNG streams, data position and
-    carried state come from the checkpoint; run settings (lr, budgets, ...) come from `cfg`, and so do the
-    non-architecture model settings in `model_overrides` (dropouts, attention span) when given. (The CLI builds
-    `cfg` from the run's saved settings with the typed flags on top: `flags.resolve_train_settings`.) Every
-    setting that differs from the run's is logged in one line and in the log's start event.
+    carried state come from the checkpoint (`checkpoint`, when the caller has opened it already); run settings
+    (lr, budgets, ...) come from `cfg`, and so do the non-architecture model settings in `model_overrides`
+    (dropouts, attention span) when given. (The CLI builds `cfg` from the run's saved settings with the typed
+    flags on top: `resume.run_settings`; `resume.py` holds the rules.) Every setting that differs from the
+    run's is logged in one line and in the log's start event.
 
     The --save folder is locked for the run (`RunLock`): a second trainer of it is refused.
 
@@ -134,7 +134,10 @@ def train(model_cfg: SHARNNConfig, cfg: TrainConfig, quiet: bool = False,
         torch.set_num_threads(cfg.threads)
     ranks, device_name = init_from_env(cfg.device)  # under torchrun: join its process group
     try:
-        return _train(model_cfg, cfg, quiet, model_overrides, ranks, resolve_device(device_name))
+        if cfg.resume and checkpoint is None:
+            checkpoint = Checkpoint.open(cfg.resume, prefer="last")
+        return _train(model_cfg, cfg, quiet, model_overrides, ranks, resolve_device(device_name),
+                      checkpoint if cfg.resume else None)
     except BaseException as e:
         if ranks.enabled:
             release_frames(e)  # the model and its DDP wrapper hold the process group: let them go with the frames
@@ -148,23 +151,21 @@ def train(model_cfg: SHARNNConfig, cfg: TrainConfig, quiet: bool = False,
 
 
 def _train(model_cfg: SHARNNConfig, cfg: TrainConfig, quiet: bool, model_overrides: dict[str, Any] | None,
-           ranks: Dist, device: torch.device) -> TrainResult:
+           ranks: Dist, device: torch.device, ckpt: Checkpoint | None) -> TrainResult:
     run_dir = Path(cfg.save)
-    ckpt = resolve_checkpoint(cfg.resume, prefer="last") if cfg.resume else None
     if ckpt is not None:  # refuse an architecture change before any work
-        model_cfg = _resumed_model_config(ckpt, model_overrides or {})
+        model_cfg = resumed_model_config(ckpt, model_overrides or {})
     # Rank 0 holds the run folder's lock while the run lasts; a folder made for a run that fails before writing
     # anything goes again.
     with hold_run_folder(run_dir) if ranks.is_main else contextlib.nullcontext():
         if ranks.is_main:
             clean_run_folder(run_dir)  # what a killed save may have left
-            folder = run_folder_of(ckpt) if ckpt is not None else None
-            claim_run_folder(run_dir, cfg, resuming_here=folder is not None and same_file(folder, run_dir))
+            claim_run_folder(run_dir, cfg, resumed=ckpt)
         ranks.barrier()
         return _run(model_cfg, cfg, quiet, ckpt, ranks, device, run_dir)
 
 
-def _run(model_cfg: SHARNNConfig, cfg: TrainConfig, quiet: bool, ckpt: Path | None, ranks: Dist,
+def _run(model_cfg: SHARNNConfig, cfg: TrainConfig, quiet: bool, ckpt: Checkpoint | None, ranks: Dist,
          device: torch.device, run_dir: Path) -> TrainResult:
     corpus = load_corpus(cfg.data, tokens=cfg.tokens)
     log = RunLog(run_dir, quiet or not ranks.is_main, write=ranks.is_main)
@@ -174,11 +175,10 @@ def _run(model_cfg: SHARNNConfig, cfg: TrainConfig, quiet: bool, ckpt: Path | No
         model, saved, resumed = _resume_model(ckpt, model_cfg, corpus, cfg, ranks, device, log)
     else:
         model, saved = _new_model(model_cfg, corpus, device, log), None
-    if ranks.is_main:  # the data's identity, hashed once now (rank 0 saves it with every checkpoint)
-        recorded = read_meta(ckpt).get("data") if ckpt is not None else None
-        if warning := data_warning(recorded, corpus, SPLIT_NAMES, str(ckpt)):
-            log.line(f"warning: {warning}")
-            log.record("warning", message=warning)
+    # The data's identity is hashed once (rank 0 saves it with every checkpoint); a resume compares it with the run's.
+    if ranks.is_main and ckpt is not None and (warning := data_warning(ckpt.data, corpus, SPLIT_NAMES, str(ckpt.path))):
+        log.line(f"warning: {warning}")
+        log.record("warning", message=warning)
     model.keep_fp32(cfg.fp32_part_set)
     if device.type == "cuda":
         set_tf32(cfg.tf32)
@@ -223,92 +223,27 @@ def _run(model_cfg: SHARNNConfig, cfg: TrainConfig, quiet: bool, ckpt: Path | No
     return _final_measurement(result, model, corpus, cfg, device, log, quiet)
 
 
-def _resumed_model_config(ckpt: Path, overrides: dict[str, Any]) -> SHARNNConfig:
-    """The checkpoint's model settings with the run settings the user gave (dropouts, span, window).
-
-    A setting that shapes the weights (`SHARNNConfig.weight_settings`) comes from the checkpoint: one that
-    disagrees is refused."""
-    try:
-        saved = SHARNNConfig.from_dict(read_meta(ckpt)["model"])
-    except (KeyError, TypeError) as e:
-        raise SharnnError(f"{ckpt}/config.json has no valid model section ({e})") from None
-    names = {f.name for f in fields(SHARNNConfig)} - {"vocab_size"}
-    wanted = {k: v for k, v in overrides.items() if k in names}
-    new_cfg = SHARNNConfig.from_dict(saved.to_dict() | wanted)
-    clash = sorted(k for k in wanted if k in SHARNNConfig.weight_settings() and getattr(new_cfg, k) != getattr(saved, k))
-    if clash:
-        k = clash[0]
-        raise SharnnError(f"--{k.replace('_', '-')} {_shown(getattr(new_cfg, k))} conflicts with the checkpoint {ckpt} "
-                          f"({_shown(getattr(saved, k))}): on --resume the architecture comes from the checkpoint; "
-                          "drop the setting")
-    return new_cfg
-
-
-def _resume_model(ckpt: Path, model_cfg: SHARNNConfig, corpus: Corpus, cfg: TrainConfig, ranks: Dist,
+def _resume_model(ckpt: Checkpoint, model_cfg: SHARNNConfig, corpus: Corpus, cfg: TrainConfig, ranks: Dist,
                   device: torch.device, log: RunLog) -> tuple[SHARNN, dict[str, Any], dict[str, Any]]:
-    """The checkpoint's model (with the run's settings), its saved training state fitted to this run, and what
-    the log's start event records about the resume: where from, and every setting that differs from the run's."""
-    model = load_model(ckpt, device)
-    saved_model_cfg = model.cfg
-    if model_cfg != model.cfg:  # dropouts, span, window asked for: the same weights in a model built with them
-        rebuilt = SHARNN(model_cfg).to(device)
-        rebuilt.load_state_dict(model.state_dict())
-        rebuilt.vocab, model = model.vocab, rebuilt
-    if load_vocab(ckpt) != corpus.vocab:
-        raise SharnnError(
-            f"checkpoint {ckpt} was trained with another vocabulary ({model.cfg.vocab_size} symbols) than the "
-            f"corpus {corpus.name} ({corpus.vocab_size}); resume on the same kind of corpus"
-        )
-    saved = load_train_state(ckpt, device)
-    if saved["epoch"] > cfg.epochs:
-        raise SharnnError(f"{ckpt} has finished epoch {saved['epoch'] - 1}, so --epochs {cfg.epochs} leaves nothing "
-                          "to train; to go on, pass a larger --epochs (it counts from the run's start)")
-    if cfg.max_steps is not None and saved["step"] >= cfg.max_steps:
-        raise SharnnError(f"{ckpt} is at step {saved['step']}, so --max-steps {cfg.max_steps} leaves nothing to "
-                          "train; to go on, pass a larger --max-steps (it counts from the run's start)")
-    old_cfg = load_train_config(ckpt)
-    if old_cfg is not None and old_cfg.optimizer != cfg.optimizer:
-        raise SharnnError(f"cannot resume a run trained with --optimizer {old_cfg.optimizer} using "
-                          f"--optimizer {cfg.optimizer}: its saved moments belong to the former; keep it")
-    changed = changed_settings(old_cfg, cfg, saved_model_cfg, model.cfg)
-    said = [f"{k} {_shown(a)} -> {_shown(b)}" for k, (a, b) in changed.items()]
-    if "seed" in changed:
+    """The checkpoint's weights in a model built with the run's settings, its saved training state fitted to this
+    run (the rules: `resume.py`), and what the log's start event records about the resume."""
+    model = ckpt.model(device, config=model_cfg)
+    saved = ckpt.train_state(device)
+    check_resumable(ckpt, cfg, corpus, saved)
+    plan = plan_resume(ckpt, cfg, model.cfg, saved, ranks.world)
+    if plan.fresh_rng:
         saved.pop("rng", None)  # a new --seed on resume asks for fresh randomness (the paper's second pass)
-        said[list(changed).index("seed")] += " (fresh random streams: the saved ones are not used)"
-    log.line(f"resuming from {ckpt} at epoch {saved['epoch']}, step {saved['step']}; "
-             + ("the checkpoint records no run settings: all come from this command" if old_cfg is None
-                else f"changed: {', '.join(said)}" if said else "settings as the run saved them"))
-    resumed = {"checkpoint": str(ckpt), "epoch": saved["epoch"], "step": saved["step"],
-               "changed": {k: [_jsonable(a), _jsonable(b)] for k, (a, b) in changed.items()}}
-    old_global = (old_cfg.batch_size if old_cfg else cfg.batch_size) * saved.get("world", 1)
-    if old_global != cfg.batch_size * ranks.world:
+    log.line(plan.line)
+    if not plan.same_streams:
         # Stream boundaries move with the global batch: the saved position and carried state mean nothing now.
+        old_global = (ckpt.train_config or cfg).batch_size * saved.get("world", 1)
         log.line(f"global batch changed ({old_global} -> {cfg.batch_size * ranks.world} streams): "
                  "the epoch restarts at its start")
         saved.update(position=0, carried=None, micro=0)
     else:  # the same global streams, perhaps over another number of ranks: take this rank's share
         carried = ranks.shard_state(state_from_list(saved.get("carried")), cfg.batch_size)
         saved["carried"] = state_to_list(carried)
-    return model, saved, resumed
-
-
-def changed_settings(old_cfg: TrainConfig | None, cfg: TrainConfig, old_model: SHARNNConfig,
-                     model_cfg: SHARNNConfig) -> dict[str, tuple[Any, Any]]:
-    """{setting: (the run's value, this run's)} for every model and run setting a resume changes. `resume` and
-    `overwrite` say how this command starts, not what the run is; paths that name the same file are the same."""
-    changed = {}
-    pairs = [(f.name, getattr(old_model, f.name), getattr(model_cfg, f.name)) for f in fields(SHARNNConfig)]
-    if old_cfg is not None:
-        pairs += [(f.name, getattr(old_cfg, f.name), getattr(cfg, f.name)) for f in fields(TrainConfig)
-                  if f.name not in ("resume", "overwrite")]
-    for name, a, b in pairs:
-        if a != b and not (name in ("data", "save") and same_file(a, b)):
-            changed[name] = (a, b)
-    return changed
-
-
-def _jsonable(v: Any) -> Any:
-    return list(v) if isinstance(v, tuple) else v
+    return model, saved, plan.record
 
 
 def _new_model(model_cfg: SHARNNConfig, corpus: Corpus, device: torch.device, log: RunLog) -> SHARNN:
@@ -358,11 +293,7 @@ def _final_measurement(result: TrainResult, model: SHARNN, corpus: Corpus, cfg: 
         prompt = corpus.vocab.decode(corpus.test[:64])
         text = prompt + generate(final_model, prompt, cfg.sample, temperature=0.8, seed=cfg.seed,
                                  vocab=corpus.vocab).data
-    return replace(result, valid=valid, test=test, sample=text)
-
-
-def _shown(value: Any) -> str:
-    return " ".join(map(str, value)) if isinstance(value, tuple) else str(value)
+    return replace(result, valid=valid, test=test, sample=text, metric=corpus.vocab.metric)
 
 
 def _eval_ids(ids: np.ndarray, cfg: TrainConfig) -> np.ndarray:
