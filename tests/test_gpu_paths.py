@@ -77,8 +77,16 @@ def test_plain_and_fused_attention_agree(tiny_config: SHARNNConfig, window: str,
 
 def test_attention_kernel_choice_follows_the_measurements() -> None:
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert model_mod.fused_attention_wins(cpu, 128) and not model_mod.fused_attention_wins(cpu, 1)
-    assert not model_mod.fused_attention_wins(cuda, 1024) and not model_mod.fused_attention_wins(cuda, 1)
+    f32, bf16 = torch.float32, torch.bfloat16
+    wins = model_mod.fused_attention_wins
+    assert wins(cpu, 128, 383, f32) and wins(cpu, 256, 5256, bf16) and not wins(cpu, 1, 5000, f32)
+    assert not wins(cpu, 128, 383, bf16)  # bf16 with a short span: the plain products
+    assert not wins(cuda, 1024, 6000, bf16) and not wins(cuda, 1, 6000, f32)
+    # under autocast a matmul computes in autocast's dtype, whatever its input's
+    x = torch.zeros(2, 2)
+    assert model_mod.matmul_dtype(x) == f32
+    with torch.autocast("cpu", dtype=bf16):
+        assert model_mod.matmul_dtype(x) == bf16
 
 
 def test_attention_weights_are_what_forward_mixes(tiny_config: SHARNNConfig) -> None:

@@ -54,14 +54,14 @@ def heatmap_start(tokens: int, heatmap: int, at: int | None, text: str = "the te
 
 
 @torch.no_grad()
-def attention_over_text(model: SHARNN, ids: Tensor | list[int], start: int, window: int,
-                        chunk: int = 256) -> tuple[list[AttentionMap], list[AttentionUse]]:
+def attention_over_text(model: SHARNN, ids: Tensor | list[int], start: int, window: int, chunk: int = 256,
+                        before: int | None = None) -> tuple[list[AttentionMap], list[AttentionUse]]:
     """Run `ids` (L,) through the model and gather each attention block's weights.
 
     Args:
         ids: (L,) token ids.
         start, window: the heat-map's queries are positions start .. start + window - 1 (run as one segment);
-            its keys are the `window` positions before them and the queries themselves.
+            its keys are the `before` (default: `window`) positions before them and the queries themselves.
         chunk: segment length for the rest of the text.
     Returns:
         one AttentionMap and one AttentionUse per attention block, in block order.
@@ -87,7 +87,7 @@ def attention_over_text(model: SHARNN, ids: Tensor | list[int], start: int, wind
             mean_distance[i][pos : pos + T] = (w * dist.clamp(min=0)).sum(-1)
             by_distance[i].scatter_add_(0, dist.clamp(min=0).reshape(-1), w.reshape(-1))  # future keys have w 0
             if pos == start and T == window:
-                shown = min(window, mem_len)  # key columns before the first query
+                shown = min(window if before is None else before, mem_len)  # key columns before the first query
                 first = mem_len - shown
                 maps[i] = AttentionMap(i, start, start - shown, w[:, first:].numpy(), w[:, :first].sum(-1).numpy())
         return record

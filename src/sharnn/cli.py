@@ -14,6 +14,7 @@ calls the library (the library does the work).
     sharnn eval CKPT --dynamic | --dynamic-search  [--dynamic-lr ...]   dynamic evaluation
     sharnn compress CKPT IN OUT | --fresh PRESET IN OUT  [--adapt] [--streams N]
     sharnn decompress [CKPT] IN OUT
+    sharnn serve CKPT [--host H] [--port N] [--slots N] [--queue N] [--max-length N] ...   HTTP API and web page
 
 Training flags are derived from the fields of `SHARNNConfig` and `TrainConfig` (sharnn.flags). Progress goes to
 stderr, results to stdout. A `SharnnError` is printed as one line, with exit status 2.
@@ -345,6 +346,10 @@ def add_generate(sub: Subparsers) -> None:
     g.add_argument("--seed", type=int, default=None, help="random seed, for a repeatable sample")
     g.add_argument("--raw", action="store_true", help="write raw bytes, not text (invalid UTF-8 kept as is)")
     g.add_argument("--no-prompt", action="store_true", help="do not echo the prompt before the sample")
+    g.add_argument("--step-rows", type=int, default=1, metavar="N",
+                   help="run each token step N rows wide, the sample in every row: matrix products of one row "
+                        "round differently from wider ones, and `sharnn serve --slots N` steps N rows, so the same N "
+                        "gives its bytes exactly; slower (default: 1)")
     _add_inference_flags(g)
     g.set_defaults(run=cmd_generate)
 
@@ -382,7 +387,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     if not args.no_prompt:  # word models show the prompt as they read it (tokens, <unk>s, spacing)
         emit(vocab.decode(ids) if vocab.kind == "words" else prompt)
-    for token, _, _ in generate_ids(model, ids, args.length, args.temperature, args.top_k, args.top_p, args.seed):
+    _require_at_least(args, 1, "step_rows")
+    for token, _, _ in generate_ids(model, ids, args.length, args.temperature, args.top_k, args.top_p, args.seed,
+                                    rows=args.step_rows):
         emit(vocab.decode([token]))
     emit(b"", final=True)
     if not args.raw:
@@ -748,10 +755,75 @@ def cmd_decompress(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- sharnn serve ----------------------------------------------------------------------------------------------
+
+
+def add_serve(sub: Subparsers) -> None:
+    from .serve.limits import Limits
+
+    lim = Limits()
+    sv = sub.add_parser("serve", help="serve a model over HTTP: a JSON API and a web page",
+                        description="Serve CKPT over HTTP: POST /v1/generate, /v1/score, /v1/attention, GET "
+                                    "/v1/model, /healthz, /openapi.json, and a web page at /. Concurrent generations "
+                                    "share one token step. Stops cleanly on SIGTERM or Ctrl-C. Needs "
+                                    "pip install 'sharnn[serve]'.")
+    _add_checkpoint(sv)
+    sv.add_argument("--host", default="127.0.0.1",
+                    help="address to listen on (default: 127.0.0.1, this machine only; 0.0.0.0 for every interface)")
+    sv.add_argument("--port", type=int, default=8000, help="TCP port (default: 8000; 0 picks a free one)")
+    sv.add_argument("--slots", type=int, default=lim.slots,
+                    help=f"generations stepped together; every token step is this many rows wide, so a request's "
+                         f"bytes are those of `sharnn generate --step-rows N` (default: {lim.slots})")
+    sv.add_argument("--queue", type=int, default=lim.queue,
+                    help=f"requests that may wait beyond the free slots; more are answered 503 with Retry-After "
+                         f"(default: {lim.queue})")
+    sv.add_argument("--max-length", type=int, default=lim.max_length,
+                    help=f"most bytes one request may generate (default: {lim.max_length})")
+    sv.add_argument("--max-prompt", type=int, default=lim.max_prompt,
+                    help=f"most bytes of a prompt or a score context (default: {lim.max_prompt})")
+    sv.add_argument("--max-text", type=int, default=lim.max_text,
+                    help=f"most bytes of the texts of one score request, or of an attention text (default: "
+                         f"{lim.max_text})")
+    sv.add_argument("--drain-seconds", type=float, default=10.0,
+                    help="on SIGTERM or Ctrl-C: how long requests in flight may take to finish before they are "
+                         "cancelled (default: 10)")
+    sv.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    sv.add_argument("--attn-window", "--attn_window", choices=list(ATTN_WINDOWS), default=None,
+                    help="attention window rule (default: the checkpoint's)")
+    sv.set_defaults(run=cmd_serve)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .serve.limits import Limits, require_web_stack
+
+    require_web_stack()
+    from .checkpoint import Checkpoint
+    from .model import count_parameters
+    from .precision import for_inference
+    from .runtime import resolve_device, set_tf32
+    from .serve.app import create_app, model_card, serve
+
+    _require_at_least(args, 1, "slots", "max_length", "max_prompt", "max_text")
+    _require_at_least(args, 0, "queue", "port", "drain_seconds")
+    if args.port > 65535:
+        raise SharnnError(f"--port must be at most 65535, got {args.port}")
+    limits = Limits(slots=args.slots, queue=args.queue, max_length=args.max_length, max_prompt=args.max_prompt,
+                    max_text=args.max_text)
+    set_tf32(True)  # as `sharnn generate` runs by default, so that a CUDA GPU gives its numbers
+    ckpt = Checkpoint.open(args.checkpoint)
+    trained = ckpt.model(resolve_device(args.device), attn_window=args.attn_window)
+    card = model_card(ckpt, count_parameters(trained))
+    app = create_app(for_inference(trained, "fp32"), card, limits, engine_thread=False)
+    serve(app, args.host, args.port, args.drain_seconds,
+          lambda url: print(f"serving {card.checkpoint} at {url} ({limits.slots} slots); Ctrl-C or SIGTERM stops",
+                            file=sys.stderr, flush=True))
+    return 0
+
+
 # --- the parser and main ----------------------------------------------------------------------------------------
 
 SUBCOMMANDS = (add_data, add_train, add_eval, add_generate, add_score, add_import_reference, add_collapse,
-               add_export, add_plot, add_attention, add_compress, add_decompress)
+               add_export, add_plot, add_attention, add_compress, add_decompress, add_serve)
 
 
 def build_parser() -> argparse.ArgumentParser:

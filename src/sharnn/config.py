@@ -190,7 +190,7 @@ class TrainConfig:
                       "none (the original's flat rate), linear or cosine", default="none")
     decay_to: float = _doc("with --decay: the fraction of --lr reached at the end of the budget", default=0.0)
     decay_fraction: float = _doc("with --decay: the share of the steps after the warm-up that the decay takes, at "
-                                 "the end (1: all of them; 0.2: the rate stays at --lr for the first 80%)", default=1.0)
+                                 "the end (1: all of them; 0.2: the rate stays at --lr for the first four fifths)", default=1.0)
     accumulate: int = _doc("segments averaged per optimizer step", default=1)
     wdecay: float = _doc("weight decay", default=1.2e-6)
     # A plain run behaves like the original, whose loop never added either penalty; the flags turn them on.

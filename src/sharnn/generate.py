@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from .errors import SharnnError
-from .model import SHARNN, MemoryRing, State
+from .model import SHARNN, BlockState, MemoryRing, State
 from .runtime import attention_bytes, require_memory
 
 if TYPE_CHECKING:
@@ -59,6 +59,17 @@ def filter_logits(logits: Tensor, top_k: int | None = None, top_p: float | None 
     return logits
 
 
+def sample_token(logits: Tensor, temperature: float, top_k: int | None, top_p: float | None,
+                 generator: torch.Generator) -> int:
+    """The next token from (V,) scores: the most likely at temperature 0, else a draw from the tempered and
+    filtered softmax with `generator` (the one host sync per token)."""
+    scores = logits.float()
+    if temperature == 0:
+        return int(scores.argmax())
+    probs = filter_logits(scores / temperature, top_k, top_p).softmax(-1)
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
 def prime_prompt(model: SHARNN, prompt: list[int], state: State | None = None,
                  chunk: int = PRIME_CHUNK) -> tuple[State, Tensor]:
     """Run `prompt` after `state` in segments of `chunk` tokens, state carried (as `sharnn score` reads text).
@@ -74,6 +85,16 @@ def prime_prompt(model: SHARNN, prompt: list[int], state: State | None = None,
         state = out.state
     assert state is not None
     return state, out.logits[-1, 0]
+
+
+def first_rows(state: State, n: int) -> State:
+    """The first n streams of a state, as views (a ring's slots stay shared with it)."""
+    def rows(memory: Tensor | MemoryRing | None) -> Tensor | MemoryRing | None:
+        if isinstance(memory, MemoryRing):
+            return MemoryRing(memory.rows[:, :n], memory.count)
+        return None if memory is None else memory[:, :n]
+
+    return tuple(BlockState(tuple(t[:, :n] for t in s.rnn), rows(s.memory)) for s in state)
 
 
 def check_sampling(length: int, temperature: float, top_k: int | None, top_p: float | None) -> None:
@@ -161,6 +182,7 @@ def generate_ids(
     state: State | None = None,
     logits: Tensor | None = None,
     graph: bool | None = None,
+    rows: int = 1,
 ) -> Iterator[tuple[int, State, Tensor]]:
     """Yield (token id, state after it, next-token logits) for `length` new tokens following `prompt`.
 
@@ -169,8 +191,13 @@ def generate_ids(
     is the token step's buffers, which the next step overwrites: use it before asking for the next token, or keep
     `model.ordered_state(state)`, an independent copy. The `state` passed in is never written to.
     `graph`: replay the token step as a CUDA graph (default: on CUDA GPUs).
+    `rows`: run the token steps this many streams wide, a single stream repeated in every row. BLAS picks its
+    kernel by the number of rows, and a one-row product (a matrix-vector kernel) rounds differently from a
+    wider one: `sharnn serve --slots N` steps N rows, and with `rows=N` these are its bytes exactly.
     """
     check_sampling(length, temperature, top_k, top_p)
+    if rows < 1:
+        raise SharnnError(f"the token step needs at least one row, got {rows}")
     if not prompt and (state is None or logits is None):
         raise SharnnError("the prompt is empty: give at least one byte, or continue from a state and its logits")
     was_training = model.training
@@ -190,19 +217,22 @@ def generate_ids(
         if length == 0:
             return
         batch = state[0].rnn[0].shape[1]
-        require_memory(attention_bytes(model.cfg, batch, element_size=model.encoder.weight.element_size()),
+        if rows > batch:
+            if batch != 1:
+                raise SharnnError(f"rows={rows} widens a single stream, not {batch}")
+            state = tuple(BlockState(tuple(t.expand(-1, rows, -1) for t in s.rnn),
+                                     None if s.memory is None else s.memory.expand(-1, rows, -1))
+                          for s in model.ordered_state(state))
+        width = max(rows, batch)
+        require_memory(attention_bytes(model.cfg, width, element_size=model.encoder.weight.element_size()),
                        f"attn_span {model.cfg.attn_span:,}: the attention memory to generate with", device)
         # A copy: the caller's state stays as it was.
         step = TokenStep(model, model.ring_state(state), graph=device.type == "cuda" if graph is None else graph)
+        tokens = torch.zeros(1, width, dtype=torch.long, device=device)
         for _ in range(length):
-            scores = logits.float()
-            if temperature == 0:
-                nxt = int(scores.argmax())
-            else:
-                probs = filter_logits(scores / temperature, top_k, top_p).softmax(-1)
-                nxt = int(torch.multinomial(probs, 1, generator=gen))  # the one host sync per token
-            logits = step(torch.tensor([[nxt]], device=device))[0]
-            yield nxt, step.state, logits
+            nxt = sample_token(logits, temperature, top_k, top_p, gen)
+            logits = step(tokens.fill_(nxt))[0]
+            yield nxt, step.state if width == batch else first_rows(step.state, batch), logits
     finally:
         model.train(was_training)
 

@@ -44,13 +44,19 @@ class MemoryRing(NamedTuple):
     place, a ring is valid until the next step; `ordered` (or `SHARNN.ordered_state`) gives an independent,
     ordered copy. Segments of more than one token take a ring too (it is read in order first) and return
     ordinary memory.
+
+    Streams that started at different times (the requests `sharnn serve` steps together) have a count each, a
+    (B,) tensor: each stream then writes its own slot and sees its own filled slots, so its numbers are those it
+    would have alone. Such a ring takes one-token steps only.
     """
 
     rows: Tensor  # (M, B, E) the slots; row t of the sequence (0-based) lives in slot t % M
-    count: Tensor  # () int64 on the rows' device: rows written so far; min(count, M) slots hold data
+    count: Tensor  # () int64 on the rows' device, or (B,) one per stream: rows written so far; min(count, M) hold data
 
     def ordered(self, keep: int) -> Tensor:
         """(m, B, E) the last m = min(count, keep) rows, oldest first: a copy, safe from later steps."""
+        if self.count.dim():
+            raise ValueError("a ring with a count per stream has no common order: take its streams one by one")
         M, count = self.rows.shape[0], int(self.count)
         m = min(count, keep)
         start = (count - m) % M
@@ -61,12 +67,20 @@ class MemoryRing(NamedTuple):
     def written(self, row: Tensor) -> MemoryRing:
         """Write `row` (1, B, E) into the next slot, in place; the ring that then holds it."""
         M = self.rows.shape[0]
-        self.rows.index_copy_(0, (self.count % M).view(1), row.to(self.rows.dtype))
+        if self.count.dim():  # a count per stream: each writes its own next slot
+            slot = (self.count % M).view(1, -1, 1).expand(1, *self.rows.shape[1:])
+            self.rows.scatter_(0, slot, row.to(self.rows.dtype))
+        else:
+            self.rows.index_copy_(0, (self.count % M).view(1), row.to(self.rows.dtype))
         return MemoryRing(self.rows, self.count + 1)
 
     def filled(self) -> Tensor:
-        """(M,) bool: the slots that hold a row (all of them once M rows were written)."""
-        return torch.arange(self.rows.shape[0], device=self.rows.device) < self.count
+        """(M,) bool: the slots that hold a row (all of them once M rows were written); (B, 1, M) with a count
+        per stream."""
+        slots = torch.arange(self.rows.shape[0], device=self.rows.device)
+        if self.count.dim():
+            return (slots < self.count[:, None]).unsqueeze(1)
+        return slots < self.count
 
     def extended(self, new: Tensor, window: str) -> tuple[Tensor, Tensor, MemoryRing]:
         """A segment of T rows over the ring, with shapes that do not depend on the count (`Block.static_ring`).
@@ -78,6 +92,7 @@ class MemoryRing(NamedTuple):
             keys (M + T, B, E): the slots as they lie, then the segment; visible (T, M + T) bool: which of them
             each query may attend to; and the ring with the segment's last min(T, M) rows written in, in place.
         """
+        assert not self.count.dim(), "a ring with a count per stream takes one-token steps only"
         M, T, dev = self.rows.shape[0], new.shape[0], self.rows.device
         keys = torch.cat([self.rows, new.to(self.rows.dtype)])  # a copy: the writes below cannot reach it
         i = torch.arange(T, device=dev)[:, None]  # query i sits at position count + i
@@ -177,7 +192,7 @@ def attention_weights(q: Tensor, k: Tensor, visible: Tensor | None) -> Tensor:
     """softmax(q k^T / sqrt(E)) over the visible keys, in float32.
 
     Args:
-        q: (T, B, E) queries; k: (K, B, E) keys; visible: (T, K) or (K,) bool, or None for all.
+        q: (T, B, E) queries; k: (K, B, E) keys; visible: (T, K), (K,) or (B, 1, K) bool, or None for all.
     Returns:
         (B, T, K) attention weights, each row summing to 1.
     """
@@ -200,12 +215,15 @@ def attend(q: Tensor, k: Tensor, v: Tensor, visible: Tensor | None, drop: nn.Mod
 def attend_fused(q: Tensor, k: Tensor, v: Tensor, visible: Tensor | None, dropout_p: float) -> Tensor:
     """The same as `attend` through PyTorch's scaled_dot_product_attention (fused kernels where they exist)."""
     heads = [t.transpose(0, 1).unsqueeze(1) for t in (q, k, v)]  # (B, 1, T or K, E): one head
+    if visible is not None and visible.dim() == 3:  # (B, 1, K), a mask per stream -> (B, 1 head, 1, K)
+        visible = visible.unsqueeze(1)
     # Scale 1/sqrt(E) is SDPA's default for width E.
     return F.scaled_dot_product_attention(*heads, attn_mask=visible, dropout_p=dropout_p).squeeze(1).transpose(0, 1)
 
 
-def fused_attention_wins(device: torch.device, T: int) -> bool:
-    """Whether SDPA beats two plain matmuls here; measured, not assumed (benchmarks/attention.py).
+def fused_attention_wins(device: torch.device, T: int, K: int, dtype: torch.dtype) -> bool:
+    """Whether SDPA beats two plain matmuls for T queries over K keys computed in `dtype`; measured, not assumed
+    (benchmarks/attention.py).
 
     CUDA (H200, bf16, batch 16, 1024 queries, E 1024, ~6000 keys): plain 5.5 ms forward + backward against
     SDPA's 27 ms (its memory-efficient kernel, the only one that takes a 1024-wide head, is slow in backward),
@@ -213,8 +231,19 @@ def fused_attention_wins(device: torch.device, T: int) -> bool:
     queries, E 256, ~5000 keys): SDPA's flash kernel never forms the T x K weights, 221 ms against 703 without
     gradients and 1.57 s against 1.78 s with them; a single query is two mat-vecs either way, and plain is as
     fast in fp32 (2.3 ms) and ~4x faster for bf16 weights on CPUs with native bf16 (benchmarks/README.md).
+    In bf16 on a CPU with AVX-512 BF16, forward + backward, batch 16: plain wins while the T x K weights are
+    small (128 x 383 keys, E 232: 13.4 against 20.6 ms; 128 x 1152, E 256: 63 against 74 ms), SDPA once they
+    are large (256 x 2304: 264 against 229 ms; 256 x 5256: 890 against 688 ms).
     """
-    return device.type == "cpu" and T > 1
+    if device.type != "cpu" or T == 1:
+        return False
+    return dtype != torch.bfloat16 or T * K > 2**18
+
+
+def matmul_dtype(x: Tensor) -> torch.dtype:
+    """The dtype a matrix product of x computes in: autocast's where it is on for x's device, else x's own."""
+    device = x.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
 
 
 class Attention(nn.Module):
@@ -279,7 +308,7 @@ class Attention(nn.Module):
         if visible is None:
             visible = visible_keys(T, K, mem_len, self.span, self.window, h.device)
         fused = self.kernel == "fused" or (
-            self.kernel == "auto" and fused_attention_wins(h.device, T))
+            self.kernel == "auto" and fused_attention_wins(h.device, T, K, matmul_dtype(q)))
         if fused:
             mix = attend_fused(q, k, v, visible, self.dropout_p if self.training else 0.0)
         else:
