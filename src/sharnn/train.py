@@ -1,6 +1,6 @@
 """The training loop: build, train epoch by epoch with the paper's variable BPTT, validate, keep the best.
 
-Reads top to bottom: `train()` sets up (data, model, optimizer, resume), runs `_Loop.run`, then measures
+Reads top to bottom: `train()` sets up (data, model, optimizer, resume), runs `Trainer.run`, then measures
 the best checkpoint on valid and test. Small helpers (`ar_tar`, ...) are importable by tests.
 
 What survives what (the README's "What we guarantee"):
@@ -210,10 +210,10 @@ def _run(model_cfg: SHARNNConfig, cfg: TrainConfig, quiet: bool, ckpt: Checkpoin
         log.line(f"warning: {run_dir} has {free / 1e9:.2f} GB free, but this run's checkpoints may need about "
                  f"{need / 1e9:.2f} GB; a save that finds the disk full stops training (the last good one stays)")
 
-    loop = _Loop(model, optimizer, cfg, corpus, train_streams, rng, device, run_dir, log, saved, ranks)
+    loop = Trainer(model, optimizer, cfg, corpus, train_streams, rng, device, run_dir, log, saved, ranks)
     with _stop_on_signals(loop):
         loop.run()
-    loop.forward_model = model  # drop the DDP wrapper: it holds the process group
+    loop.step.forward_model = model  # drop the DDP wrapper: it holds the process group
     ranks.finish()  # all ranks together, then the group goes: rank 0's final measurement needs no other rank
     ts = loop.ts
     result = TrainResult(run_dir, ts.step, loop.epochs_done, loop.seconds, loop.chars_per_s, ts.best_bpc, None, None,
@@ -301,7 +301,7 @@ def _eval_ids(ids: np.ndarray, cfg: TrainConfig) -> np.ndarray:
 
 
 @contextlib.contextmanager
-def _stop_on_signals(loop: _Loop) -> Iterator[None]:
+def _stop_on_signals(loop: Trainer) -> Iterator[None]:
     """While the loop runs, SIGINT/SIGTERM ask it to stop after the current batch and save; a second signal
     stops at once (KeyboardInterrupt). The previous handlers come back afterwards."""
     if threading.current_thread() is not threading.main_thread():
@@ -361,149 +361,91 @@ class TrainState:
                            "window": new_window() | dict(d.get("window", {}))})
 
 
-class _Loop:
-    """The epoch/step loop: `run` goes epoch by epoch, `_train_epoch` segment by segment (`_train_segment`), an
-    optimizer step every --accumulate segments (`_take_step`), then the decisions all ranks take together
-    (`_after_batch`: validate, save, stop). Where the run stands is `self.ts`, a `TrainState`."""
+class NonFiniteLimit(Exception):
+    """--nonfinite-limit optimizer steps in a row were skipped: the trainer saves what it can and stops."""
 
-    def __init__(self, model: SHARNN, optimizer: torch.optim.Optimizer, cfg: TrainConfig, corpus: Corpus,
-                 streams: Streams, rng: np.random.Generator, device: torch.device, run_dir: Path, log: RunLog,
-                 saved: dict[str, Any] | None, ranks: Dist | None = None):
-        self.model, self.optimizer, self.cfg, self.corpus = model, optimizer, cfg, corpus
-        self.ranks = ranks or Dist()
-        # What the training step calls: the model itself, or its DistributedDataParallel wrapper (which averages
-        # gradients over the ranks during backward). Evaluation and saving use the model itself.
+
+class MetricsWindow:
+    """The log window (--log-interval): the sums since the last log line live in `TrainState.window`, so that a
+    resumed run goes on with the same lines; its speed counts only the batches this process timed."""
+
+    def __init__(self, ts: TrainState, cfg: TrainConfig, log: RunLog, world: int):
+        self.ts, self.cfg, self.log, self.world = ts, cfg, log, world
+        self.chars = 0  # tokens trained on by this process's run, all ranks together
+        self.start_clock()
+
+    def start_clock(self) -> None:
+        """Time the window from now. A window resumed from a checkpoint holds batches timed by the process that
+        saved it: the speed counts only the batches since this clock started."""
+        self.started = time.perf_counter()
+        self.base = (self.ts.window["batches"], self.ts.window["chars"])
+
+    def count(self, loss: float | None, tokens: int) -> None:
+        """Add a segment (all ranks' tokens together); loss None: it was not finite."""
+        w = self.ts.window
+        w["batches"] += 1
+        if loss is not None:
+            w["loss"] += loss
+            w["finite"] += 1
+        w["chars"] += tokens * self.world
+        self.chars += tokens * self.world
+
+    def due(self) -> bool:
+        return self.ts.window["batches"] >= self.cfg.log_interval  # >=: a resume may lower --log-interval
+
+    def emit(self, est_batches: int, lr: float, loss_scale: float | None, suffix: str = "") -> None:
+        """The log line (and log.jsonl record) of the window, which then starts again."""
+        w, ts = self.ts.window, self.ts
+        elapsed = max(time.perf_counter() - self.started, 1e-9)
+        batches, chars = w["batches"] - self.base[0], w["chars"] - self.base[1]
+        loss = w["loss"] / w["finite"] if w["finite"] else math.nan
+        batch = min(ts.position // self.cfg.bptt, est_batches)
+        self.log.line(
+            f"| epoch {ts.epoch:3d} | {batch:5d}/{est_batches:5d} batches | lr {lr:.3g} | "
+            f"ms/batch {1000 * elapsed / batches:7.1f} | loss {loss:5.3f} | bpc {loss / LN2:6.3f} | "
+            f"chars/s {chars / elapsed:8.0f}{suffix}"
+        )
+        self.log.record("train", epoch=ts.epoch, step=ts.step, batch=batch, lr=lr,
+                        ms_per_batch=1000 * elapsed / batches, loss=loss, bpc=loss / LN2, chars_per_s=chars / elapsed,
+                        **({"loss_scale": loss_scale} if loss_scale is not None else {}))
+        ts.window = new_window()
+        self.start_clock()
+
+
+class TrainStep:
+    """The training step: forward and backward on a segment, state carried, and every --accumulate segments the
+    optimizer step (gradients unscaled from the fp16 loss scale, clipped), or its skip when any rank saw a
+    non-finite loss or gradient. `optimizer` is the trainer's (it changes when SGD switches to averaged SGD)."""
+
+    def __init__(self, model: SHARNN, cfg: TrainConfig, streams: Streams, ts: TrainState, ranks: Dist,
+                 device: torch.device, log: RunLog, saved: dict[str, Any] | None):
+        self.model, self.cfg, self.streams, self.ts, self.ranks, self.device, self.log = (
+            model, cfg, streams, ts, ranks, device, log)
+        self.optimizer: torch.optim.Optimizer | None = None
+        # What the step calls: the model itself, or its DistributedDataParallel wrapper (which averages gradients
+        # over the ranks during backward). Evaluation and saving use the model itself.
         self.forward_model: torch.nn.Module = model
-        if self.ranks.enabled:
+        if ranks.enabled:
             ids = [device.index] if device.type == "cuda" else None
             # An adaptive softmax skips the clusters that a batch has no targets in.
             self.forward_model = torch.nn.parallel.DistributedDataParallel(
                 model, device_ids=ids, find_unused_parameters=model.cfg.uses_adaptive_softmax)
-        self.streams, self.rng, self.device, self.run_dir, self.log = streams, rng, device, run_dir, log
-        self.ts = TrainState.from_dict(saved) if saved is not None else TrainState()
-        self.ts.asgd = isinstance(optimizer, torch.optim.ASGD)
         # fp16 gradients underflow without a loss scale; the scaler grows it while steps are finite and halves it
         # (skipping that step) when a scaled gradient overflows. Disabled, it passes everything through.
         self.scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
         if saved is not None and saved.get("scaler") and self.scaler.is_enabled():
             self.scaler.load_state_dict(saved["scaler"])
-        # --decay runs to the step where the budget ends; all ranks agree on it (their clocks differ a little).
-        self.first_step = self.ts.step
-        self.horizon = self._horizon(seconds=0.0)
-        if self.ts.micro:
-            self._restore_grads(saved["grads"])  # type: ignore[index]
-            # The rest of an unfinished step runs on this run's schedule: a --lr given on resume applies to it too.
-            set_lr(self.optimizer, lr_at(self.ts.step + 1, self.ts.epoch, cfg, self.horizon))
-        self.stop_signal: int | None = None  # set by the SIGINT/SIGTERM handler
-        self.epochs_done = 0
-        self.seconds = 0.0
-        self.chars = 0
-        self.start_time = self.last_save_time = time.perf_counter()
-        self._start_window_clock()
-        self.saved_at_epoch_start = False  # the epoch-end validation and save just happened, nothing since
-        self.validated_at = self.last_saved_at = -1  # the step of the latest validation and save of last/
 
-    @property
-    def chars_per_s(self) -> float:
-        return self.chars / self.seconds if self.seconds > 0 else 0.0
-
-    def out_of_budget(self) -> bool:
-        cfg = self.cfg
-        if cfg.max_steps is not None and self.ts.step >= cfg.max_steps:
-            return True
-        return cfg.max_time is not None and time.perf_counter() - self.start_time >= cfg.max_time
-
-    def run(self) -> None:
-        cfg, ts = self.cfg, self.ts
-        reason = None
-        while ts.epoch <= cfg.epochs:
-            reason = self._stop_reason() or self._train_epoch()
-            if reason:
-                break
-            # Move to the next epoch first, so that checkpoints written now resume at its start.
-            self.epochs_done += 1
-            ts.epoch, ts.position, ts.carried, ts.window = ts.epoch + 1, 0, None, new_window()
-            self.validate(f"end of epoch {ts.epoch - 1:3d}", end_of_epoch=True)
-            self.save("last")
-            if ts.epoch - 1 in cfg.when:  # as the reference did: keep the model from before the LR drops
-                self.save(f"epoch-{ts.epoch - 1:03d}")
-            self.saved_at_epoch_start = True
-        if reason == "budget":
-            self.log.line(f"stopping at step {ts.step}: budget reached (--max-steps/--max-time)")
-            if not self.saved_at_epoch_start:  # unless --eval-interval / --save-every just did it at this step
-                if self.validated_at != ts.step:
-                    self.validate(f"validation at epoch {ts.epoch:3d}")
-                if self.last_saved_at != ts.step:
-                    self.save("last")
-        if self.stop_signal is not None:  # also when it came during a validation after the last batch
-            if reason == "signal" and not self.saved_at_epoch_start:  # else last/ was just saved
-                self.save("last")
-            self._interrupted()
-
-    def _stop_reason(self) -> str | None:
-        signalled, over = self.ranks.any(self.stop_signal is not None, self.ts.micro == 0 and self.out_of_budget(),
-                                         device=self.device)
-        if signalled:
-            self.stop_signal = self.stop_signal or signal.SIGTERM  # another rank got it
-            return "signal"
-        return "budget" if over else None
-
-    def _interrupted(self) -> None:
-        name = signal.Signals(self.stop_signal).name  # type: ignore[arg-type]
-        ts = self.ts
-        where = f"epoch {ts.epoch}, step {ts.step}" + (f" (+{ts.micro} gathered segments)" if ts.micro else "")
-        self.log.line(f"stopped by {name} at {where}; saved {self.run_dir / 'last'}")
-        self.log.record("interrupted", signal=name, epoch=ts.epoch, step=ts.step)
-        raise TrainingInterrupted(
-            f"stopped by {name} at {where}; a resumable checkpoint is in {self.run_dir / 'last'}. "
-            f"To continue, run the same command with --resume {self.run_dir}",
-            self.stop_signal,  # type: ignore[arg-type]
-        )
-
-    def _train_epoch(self) -> str | None:
-        """Train from the current position to the end of the epoch.
-
-        Returns None at the epoch's end, or why it stopped early: 'budget' (--max-steps/--max-time, checked
-        after each optimizer step) or 'signal' (SIGINT/SIGTERM, checked after each batch).
-        """
-        cfg, ts = self.cfg, self.ts
-        self.model.train()
-        est_batches = max(1, (self.streams.n - 1) // cfg.bptt)
-        bar = TrainProgress(cfg, ts.epoch, est_batches, min(ts.position // cfg.bptt, est_batches), ts.step,
-                            self.start_time, show=not self.log.quiet)
-        self._start_window_clock()
-        try:
-            for pos, seq_len in train_segments(self.streams, cfg.bptt, self.rng, start=ts.position):
-                self.saved_at_epoch_start = False
-                t0 = time.perf_counter()
-                stepped = self._train_segment(pos, seq_len)
-                self.seconds += time.perf_counter() - t0
-                bar.update(min(ts.position // cfg.bptt, est_batches), ts.step, ts.micro)
-                if ts.window["batches"] >= cfg.log_interval:  # >=: a resume may lower --log-interval
-                    self._log_window(est_batches, bar.log_suffix())
-                reason = self._after_batch(stepped)
-                if reason:
-                    return reason
-            if ts.micro:  # an epoch that ends mid-accumulation still applies what it gathered, as a mean
-                norm = self._unscaled_grad_norm(scale=cfg.accumulate / ts.micro)
-                ts.bad_in_step |= not math.isfinite(norm.item()) and not self.scaler.is_enabled()
-                return self._after_batch(self._apply_step())  # a step like any other: validate, save, budget
-            return None
-        finally:
-            bar.close()
-
-    def _train_segment(self, pos: int, seq_len: int) -> bool:
+    def segment(self, pos: int, seq_len: int, window: MetricsWindow) -> bool:
         """Forward and backward on one segment, carrying the state; the optimizer step when the segment completes
-        one (`--accumulate`). True if a step was applied."""
+        one (`--accumulate`), counted in the log `window`. True if a step was applied."""
         cfg, ts = self.cfg, self.ts
-        if ts.micro == 0:
-            set_lr(self.optimizer, lr_at(ts.step + 1, ts.epoch, cfg, self.horizon))
         x, y = self.streams.segment(pos, seq_len, self.device)
         # Under DDP, gradients are averaged over the ranks only on the segment that completes a step. The epoch's
         # last segment always does: a partial step at the epoch's end is applied too.
-        syncs = ts.micro + 1 >= cfg.accumulate or pos + seq_len >= self.streams.n - 1
-        sync = self.forward_model.no_sync() if self.ranks.enabled and not syncs else contextlib.nullcontext()
-        with sync:
+        completes_step = ts.micro + 1 >= cfg.accumulate or pos + seq_len >= self.streams.n - 1
+        no_sync = self.ranks.enabled and not completes_step
+        with self.forward_model.no_sync() if no_sync else contextlib.nullcontext():  # type: ignore[operator]
             with autocast(self.device, cfg.precision):
                 out = self.forward_model(x, ts.carried, targets=y, recompute=cfg.checkpoint_activations)
                 loss = (out.loss + ar_tar(out, cfg)) / cfg.accumulate  # accumulate = mean over segments
@@ -514,20 +456,26 @@ class _Loop:
         checks = [out.loss.detach(), loss.detach()]
         completes = ts.micro >= cfg.accumulate
         if completes:
-            checks.append(self._unscaled_grad_norm())
+            checks.append(self.unscaled_grad_norm())
         # The loop's one host sync per batch: the loss for the log, and whether anything is non-finite. Under fp16
         # an overflowing gradient with finite losses is the loss scaler's business (it skips that update and
         # lowers the scale), not trouble in the model.
         values = torch.stack([c.float() for c in checks]).tolist()
         finite = all(math.isfinite(v) for v in (values[:2] if self.scaler.is_enabled() else values))
         ts.bad_in_step |= not finite
-        stepped = completes and self._apply_step()
+        stepped = completes and self.apply()
         # After a skipped step the state starts afresh: the one that produced non-finite values would poison the rest.
         ts.carried = None if completes and not stepped else state
-        self._count(values[0] if finite else None, y.numel())
+        window.count(values[0] if finite else None, y.numel())
         return stepped
 
-    def _unscaled_grad_norm(self, scale: float = 1.0) -> torch.Tensor:
+    def finish_epoch(self) -> bool:
+        """An epoch that ends mid-accumulation still applies what it gathered, as a mean. True if applied."""
+        norm = self.unscaled_grad_norm(scale=self.cfg.accumulate / self.ts.micro)
+        self.ts.bad_in_step |= not math.isfinite(norm.item()) and not self.scaler.is_enabled()
+        return self.apply()
+
+    def unscaled_grad_norm(self, scale: float = 1.0) -> torch.Tensor:
         """The gathered gradients' global norm (clipped to --clip when set), after undoing the fp16 loss scale and
         multiplying them by `scale`; non-finite when any gradient is."""
         self.scaler.unscale_(self.optimizer)
@@ -535,54 +483,6 @@ class _Loop:
             for p in self.model.parameters():
                 if p.grad is not None:
                     p.grad.mul_(scale)
-        return self._grad_norm()
-
-    def _apply_step(self) -> bool:
-        """The optimizer step with the gathered gradients, or its skip when any rank saw something non-finite."""
-        self.ts.bad_in_step = self.ranks.any(self.ts.bad_in_step, device=self.device)[0]  # all skip, or none
-        return self._finish_step()
-
-    def _count(self, loss: float | None, tokens: int) -> None:
-        """Add a segment to the log window and the throughput (all ranks' tokens together); loss None: not finite."""
-        w = self.ts.window
-        w["batches"] += 1
-        if loss is not None:
-            w["loss"] += loss
-            w["finite"] += 1
-        w["chars"] += tokens * self.ranks.world
-        self.chars += tokens * self.ranks.world
-
-    def _after_batch(self, stepped: bool) -> str | None:
-        """The decisions every rank takes together (one all-reduce under torchrun, none otherwise): validate and
-        save on their schedules, stop for the budget or a signal. Returns why training stops, if it does."""
-        *flags, seconds = self.ranks.maximum(
-            stepped and self._save_due(), stepped and self.out_of_budget(), self.stop_signal is not None,
-            time.perf_counter() - self.start_time, device=self.device)
-        save_due, over, signalled = map(bool, flags)
-        if stepped:
-            self.horizon = self._horizon(seconds)
-            if self.cfg.eval_interval and self.ts.step % self.cfg.eval_interval == 0:
-                self.validate(f"validation at epoch {self.ts.epoch:3d}")
-                self.model.train()
-            if save_due:
-                self.save_periodic()
-            if over:
-                return "budget"
-        if signalled:
-            self.stop_signal = self.stop_signal or signal.SIGTERM  # another rank got it
-            return "signal"
-        return None
-
-    def _horizon(self, seconds: float) -> float:
-        """The step at which the budget ends (optim.budget_horizon), `seconds` into this process's run."""
-        cfg, ts = self.cfg, self.ts
-        per_epoch = (self.streams.n - 1) / cfg.bptt / cfg.accumulate
-        to_end = (cfg.epochs - ts.epoch + 1) * per_epoch - ts.position / cfg.bptt / cfg.accumulate
-        return budget_horizon(ts.step, cfg, seconds=seconds, timed_steps=ts.step - self.first_step,
-                              steps_to_last_epoch_end=to_end)
-
-    def _grad_norm(self) -> torch.Tensor:
-        """The global gradient norm, clipping to --clip when it is set; non-finite when any gradient is."""
         params = [p for p in self.model.parameters() if p.grad is not None]
         if self.cfg.clip:
             return torch.nn.utils.clip_grad_norm_(params, self.cfg.clip)
@@ -590,9 +490,16 @@ class _Loop:
             return torch.zeros((), device=self.device)
         return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad.detach()) for p in params]))
 
-    def _finish_step(self) -> bool:
-        """Apply the gathered gradients, or skip them if any loss or gradient was non-finite. True if applied."""
+    def apply(self) -> bool:
+        """The optimizer step with the gathered gradients, or its skip when any rank saw something non-finite."""
+        self.ts.bad_in_step = self.ranks.any(self.ts.bad_in_step, device=self.device)[0]  # all skip, or none
+        return self._finish()
+
+    def _finish(self) -> bool:
+        """Apply the gathered gradients, or skip them if any loss or gradient was non-finite. True if applied.
+        Raises NonFiniteLimit on the --nonfinite-limit'th skipped step in a row."""
         opt, ts = self.optimizer, self.ts
+        assert opt is not None
         ts.micro = 0
         if not ts.bad_in_step:
             self.scaler.step(opt)  # opt.step(), unless an fp16 gradient overflowed (then the scale drops)
@@ -614,24 +521,34 @@ class _Loop:
         self.log.record("nonfinite", epoch=ts.epoch, step=ts.step, position=ts.position,
                         in_a_row=ts.nonfinite_run, total=ts.nonfinite_total)
         if ts.nonfinite_run >= limit:
-            last = self.run_dir / "last"
-            stopped = (f"stopped: {ts.nonfinite_run} optimizer steps in a row had a non-finite loss or gradient "
-                       f"(epoch {ts.epoch}, after step {ts.step}). ")
-            # No bad update was applied, so these are the weights from before the trouble, unless an update with a
-            # finite gradient made them non-finite (save refuses those).
-            if self.save("last"):
-                error = SharnnError(f"{stopped}None of them was applied: {last} holds the weights from step "
-                                    f"{ts.step}, before the trouble, and resumes after the bad batches; try it with "
-                                    "a lower --lr or a smaller --clip")
-            else:
-                error = SharnnError(f"{stopped}The weights themselves are not finite (an update with a finite "
-                                    f"gradient made them so), so {last} was not overwritten: {self._last_saved()}; "
-                                    "resume from it with a lower --lr or a smaller --clip")
-            error.all_ranks = True  # type: ignore[attr-defined]  # every rank counted the same bad steps
-            raise error
+            raise NonFiniteLimit
         return False
 
-    def _save_due(self) -> bool:
+    def restore_grads(self, grads: list[torch.Tensor | None] | None) -> None:
+        """The gradients gathered in an unfinished --accumulate step, as a checkpoint saved them."""
+        params = list(self.model.parameters())
+        if grads is None or len(grads) != len(params):
+            raise SharnnError("cannot resume: the checkpoint's gathered gradients do not fit the model")
+        for p, g in zip(params, grads):
+            p.grad = None if g is None else g.to(p.device)
+
+
+class CheckpointPolicy:
+    """When and what to save: `last/` on the schedule (--save-every, --save-every-minutes; with --keep K as
+    `step-NNNNNN/` too, the newest K kept), and whatever the trainer asks for (best/, last/, epoch-N/). Non-finite
+    weights are never saved. Under torchrun every rank calls `save` (the carried state is gathered); rank 0 writes.
+    `optimizer` is the trainer's (it changes when SGD switches to averaged SGD)."""
+
+    def __init__(self, model: SHARNN, cfg: TrainConfig, corpus: Corpus, ts: TrainState, rng: np.random.Generator,
+                 scaler: torch.amp.GradScaler, ranks: Dist, run_dir: Path, log: RunLog):
+        self.model, self.cfg, self.corpus, self.ts, self.rng, self.scaler = model, cfg, corpus, ts, rng, scaler
+        self.ranks, self.run_dir, self.log = ranks, run_dir, log
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.last_save_time = time.perf_counter()
+        self.last_saved_at = -1  # the step of the latest save of last/
+
+    def due(self) -> bool:
+        """Whether a periodic save is due after this optimizer step."""
         cfg = self.cfg
         if cfg.save_every and self.ts.step % cfg.save_every == 0:
             return True
@@ -648,98 +565,31 @@ class _Loop:
         else:
             self.save("last")
 
-    def _start_window_clock(self) -> None:
-        """Time the log window from now. A window resumed from a checkpoint holds batches timed by the process
-        that saved it: the speed counts only the batches since this clock started."""
-        self.window_start = time.perf_counter()
-        self.window_base = (self.ts.window["batches"], self.ts.window["chars"])
-
-    def _log_window(self, est_batches: int, suffix: str = "") -> None:
-        w = self.ts.window
-        elapsed = max(time.perf_counter() - self.window_start, 1e-9)
-        batches, chars = w["batches"] - self.window_base[0], w["chars"] - self.window_base[1]
-        loss = w["loss"] / w["finite"] if w["finite"] else math.nan
-        lr = self.optimizer.param_groups[0]["lr"]
-        batch = min(self.ts.position // self.cfg.bptt, est_batches)
-        self.log.line(
-            f"| epoch {self.ts.epoch:3d} | {batch:5d}/{est_batches:5d} batches | lr {lr:.3g} | "
-            f"ms/batch {1000 * elapsed / batches:7.1f} | loss {loss:5.3f} | bpc {loss / LN2:6.3f} | "
-            f"chars/s {chars / elapsed:8.0f}{suffix}"
-        )
-        self.log.record("train", epoch=self.ts.epoch, step=self.ts.step, batch=batch, lr=lr,
-                        ms_per_batch=1000 * elapsed / batches, loss=loss, bpc=loss / LN2,
-                        chars_per_s=chars / elapsed,
-                        **({"loss_scale": self.scaler.get_scale()} if self.scaler.is_enabled() else {}))
-        self.ts.window = new_window()
-        self._start_window_clock()
-
-    def validate(self, label: str, end_of_epoch: bool = False) -> float:
-        cfg = self.cfg
-        self.validated_at = self.ts.step
-        ids = _eval_ids(self.corpus.valid, cfg)
-        # After the switch to averaged SGD, the averaged weights are the model: evaluate and keep those.
-        with averaged_weights(self.model.parameters(), self.optimizer):
-            if self.ranks.is_main:  # rank 0 evaluates; the others take its number (they must agree on "best")
-                # In float32 whatever --precision trains in: the number that picks best/ is the one `sharnn eval`
-                # gives, not one blurred by bf16/fp16 rounding.
-                res = evaluate(self.model, ids, cfg.eval_batch_size or cfg.batch_size, cfg.bptt, self.device,
-                               progress=not self.log.quiet, what="valid")
-            loss = self.ranks.from_main(res.loss if self.ranks.is_main else 0.0, self.device)
-            if not self.ranks.is_main:
-                res = EvalResult(loss, 0, 0.0)
-            improved = res.bpc < self.ts.best_bpc
-            if improved:
-                self.ts.best_bpc = res.bpc
-                self.save("best")
-        self.log.line("-" * 89)
-        self.log.line(
-            f"| {label} | step {self.ts.step} | "
-            f"time {res.seconds:5.1f}s | valid loss {res.loss:5.3f} | valid bpc {res.bpc:6.4f} | "
-            f"valid ppl {res.ppl:8.3f}{' | new best, saved' if improved else ''}"
-        )
-        self.log.line("-" * 89)
-        self.log.record("valid", epoch=self.ts.epoch, step=self.ts.step, loss=res.loss, bpc=res.bpc, ppl=res.ppl,
-                        best=improved)
-        if end_of_epoch:
-            if cfg.optimizer == "sgd" and not self.ts.asgd and should_switch_to_asgd(self.ts.val_history, res.loss, cfg.nonmono):
-                lr = self.optimizer.param_groups[0]["lr"]
-                self.optimizer = build_asgd(self.model.parameters(), cfg, lr)
-                self.ts.asgd = True
-                self.log.line(f"switching to averaged SGD: validation has not improved for {cfg.nonmono} epochs")
-                self.log.record("asgd", epoch=self.ts.epoch, step=self.ts.step)
-            self.ts.val_history.append(res.loss)
-        return res.bpc
-
-    def _weights_finite(self) -> bool:
-        return bool(torch.stack([torch.isfinite(p).all() for p in self.model.parameters()]).all())
-
-    def _last_saved(self) -> str:
-        """What `last/` holds, in words."""
-        try:
-            return f"it holds the weights from step {read_meta(self.run_dir / 'last')['progress']['step']}"
-        except (SharnnError, KeyError, TypeError):
-            return "no checkpoint of this run was saved"
-
     def save(self, name: str) -> bool:
-        """Write a checkpoint (rank 0); under torchrun every rank calls this, to gather the carried state.
-
-        Non-finite weights are never saved (every rank sees the same weights, so all skip together): the
-        checkpoint there stays as it was. Returns whether the checkpoint was written."""
-        if not self._weights_finite():
-            self.log.line(f"warning: the weights are not finite at step {self.ts.step}: {name}/ not written "
+        """Write the checkpoint `name`; returns whether it was written (never with non-finite weights: every rank
+        sees the same weights, so all skip together, and the checkpoint there stays as it was)."""
+        ts = self.ts
+        if not bool(torch.stack([torch.isfinite(p).all() for p in self.model.parameters()]).all()):
+            self.log.line(f"warning: the weights are not finite at step {ts.step}: {name}/ not written "
                           "(its previous contents stay)")
-            self.log.record("unsaved", name=name, epoch=self.ts.epoch, step=self.ts.step, reason="non-finite weights")
+            self.log.record("unsaved", name=name, epoch=ts.epoch, step=ts.step, reason="non-finite weights")
             return False
         if name == "last":
-            self.last_saved_at = self.ts.step  # on every rank: they decide together whether to save again
-        carried = self.ranks.gather_state(self.ts.carried)  # all ranks' streams: resumable on any number of ranks
+            self.last_saved_at = ts.step  # on every rank: they decide together whether to save again
+        carried = self.ranks.gather_state(ts.carried)  # all ranks' streams: resumable on any number of ranks
         # Inside an --accumulate step, the gradients gathered so far, averaged over the ranks (a collective too).
-        grads = self.ranks.mean_grads(list(self.model.parameters())) if self.ts.micro else None
-        if not self.ranks.is_main:
-            if name != "best":
-                self.last_save_time = time.perf_counter()
-            return True
+        grads = self.ranks.mean_grads(list(self.model.parameters())) if ts.micro else None
+        if self.ranks.is_main:
+            self._write(name, carried, grads)
+        if name != "best":
+            self.last_save_time = time.perf_counter()
+            if self.ranks.is_main:
+                self.log.record("save", name=name, epoch=ts.epoch, step=ts.step, position=ts.position)
+        return True
+
+    def _write(self, name: str, carried: State | None, grads: list[torch.Tensor | None] | None) -> None:
         ts = self.ts
+        assert self.optimizer is not None
         progress = {"epoch": ts.epoch, "step": ts.step, "position": ts.position, "best_bpc": ts.best_bpc}
         train_state = ts.to_dict() | {
             "carried": state_to_list(carried),
@@ -751,14 +601,242 @@ class _Loop:
         }
         save_checkpoint(self.run_dir / name, self.model, self.cfg, progress, train_state, vocab=self.corpus.vocab,
                         data=self.corpus.identity)
-        if name != "best":
-            self.last_save_time = time.perf_counter()
-            self.log.record("save", name=name, epoch=self.ts.epoch, step=self.ts.step, position=self.ts.position)
-        return True
 
-    def _restore_grads(self, grads: list[torch.Tensor | None] | None) -> None:
-        params = list(self.model.parameters())
-        if grads is None or len(grads) != len(params):
-            raise SharnnError("cannot resume: the checkpoint's gathered gradients do not fit the model")
-        for p, g in zip(params, grads):
-            p.grad = None if g is None else g.to(p.device)
+    def last_saved(self) -> str:
+        """What `last/` holds, in words."""
+        try:
+            return f"it holds the weights from step {read_meta(self.run_dir / 'last')['progress']['step']}"
+        except (SharnnError, KeyError, TypeError):
+            return "no checkpoint of this run was saved"
+
+
+class Validator:
+    """Validation: the valid split's bpc, in float32 whatever --precision trains in (the number that picks best/
+    is the one `sharnn eval` gives), measured by rank 0 (the others take its number: all must agree on "best"),
+    with the averaged weights once SGD has switched to averaged SGD; a new best is saved as best/. Whether to
+    switch is a separate question (`asgd_due`), which the trainer asks at the end of an epoch."""
+
+    def __init__(self, model: SHARNN, cfg: TrainConfig, corpus: Corpus, ts: TrainState, ranks: Dist,
+                 device: torch.device, log: RunLog, checkpoints: CheckpointPolicy):
+        self.model, self.cfg, self.corpus, self.ts, self.ranks = model, cfg, corpus, ts, ranks
+        self.device, self.log, self.checkpoints = device, log, checkpoints
+        self.validated_at = -1  # the step of the latest validation
+
+    def validate(self, label: str, optimizer: torch.optim.Optimizer) -> EvalResult:
+        cfg, ts, ranks = self.cfg, self.ts, self.ranks
+        self.validated_at = ts.step
+        # After the switch to averaged SGD, the averaged weights are the model: evaluate and keep those.
+        with averaged_weights(self.model.parameters(), optimizer):
+            if ranks.is_main:
+                res = evaluate(self.model, _eval_ids(self.corpus.valid, cfg), cfg.eval_batch_size or cfg.batch_size,
+                               cfg.bptt, self.device, progress=not self.log.quiet, what="valid")
+            loss = ranks.from_main(res.loss if ranks.is_main else 0.0, self.device)
+            if not ranks.is_main:
+                res = EvalResult(loss, 0, 0.0)
+            improved = res.bpc < ts.best_bpc
+            if improved:
+                ts.best_bpc = res.bpc
+                self.checkpoints.save("best")
+        self.log.line("-" * 89)
+        self.log.line(
+            f"| {label} | step {ts.step} | "
+            f"time {res.seconds:5.1f}s | valid loss {res.loss:5.3f} | valid bpc {res.bpc:6.4f} | "
+            f"valid ppl {res.ppl:8.3f}{' | new best, saved' if improved else ''}"
+        )
+        self.log.line("-" * 89)
+        self.log.record("valid", epoch=ts.epoch, step=ts.step, loss=res.loss, bpc=res.bpc, ppl=res.ppl, best=improved)
+        return res
+
+    def asgd_due(self, loss: float) -> bool:
+        """AWD-LSTM's switch from SGD to averaged SGD: an end-of-epoch validation `loss` no better than the best of
+        the earlier ones but the last --nonmono."""
+        cfg, ts = self.cfg, self.ts
+        return cfg.optimizer == "sgd" and not ts.asgd and should_switch_to_asgd(ts.val_history, loss, cfg.nonmono)
+
+
+class Trainer:
+    """The epoch/step loop, which only orchestrates: `run` goes epoch by epoch, `_train_epoch` segment by segment
+    through the training step (`TrainStep`), then takes the decisions all ranks take together (`_after_batch`):
+    log (`MetricsWindow`), validate (`Validator`), save (`CheckpointPolicy`), stop for the budget or a signal.
+    Where the run stands is `self.ts`, a `TrainState`, which the pieces share."""
+
+    def __init__(self, model: SHARNN, optimizer: torch.optim.Optimizer, cfg: TrainConfig, corpus: Corpus,
+                 streams: Streams, rng: np.random.Generator, device: torch.device, run_dir: Path, log: RunLog,
+                 saved: dict[str, Any] | None, ranks: Dist | None = None):
+        self.model, self.cfg, self.streams, self.rng, self.device, self.run_dir, self.log = (
+            model, cfg, streams, rng, device, run_dir, log)  # rng: the generator of segment lengths
+        self.ranks = ranks = ranks or Dist()
+        self.ts = ts = TrainState.from_dict(saved) if saved is not None else TrainState()
+        ts.asgd = isinstance(optimizer, torch.optim.ASGD)
+        self.step = TrainStep(model, cfg, streams, ts, ranks, device, log, saved)
+        self.window = MetricsWindow(ts, cfg, log, ranks.world)
+        self.checkpoints = CheckpointPolicy(model, cfg, corpus, ts, rng, self.step.scaler, ranks, run_dir, log)
+        self.validator = Validator(model, cfg, corpus, ts, ranks, device, log, self.checkpoints)
+        self.use_optimizer(optimizer)
+        # --decay runs to the step where the budget ends; all ranks agree on it (their clocks differ a little).
+        self.first_step = ts.step
+        self.horizon = self._horizon(seconds=0.0)
+        if ts.micro:
+            self.step.restore_grads(saved["grads"])  # type: ignore[index]
+            # The rest of an unfinished step runs on this run's schedule: a --lr given on resume applies to it too.
+            set_lr(optimizer, lr_at(ts.step + 1, ts.epoch, cfg, self.horizon))
+        self.stop_signal: int | None = None  # set by the SIGINT/SIGTERM handler
+        self.epochs_done = 0
+        self.seconds = 0.0
+        self.start_time = time.perf_counter()
+        self.saved_at_epoch_start = False  # the epoch-end validation and save just happened, nothing since
+
+    def use_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
+        """The optimizer the step takes and the checkpoints save (a new one when SGD switches to averaged SGD)."""
+        self.optimizer = self.step.optimizer = self.checkpoints.optimizer = optimizer
+
+    @property
+    def chars_per_s(self) -> float:
+        return self.window.chars / self.seconds if self.seconds > 0 else 0.0
+
+    def out_of_budget(self) -> bool:
+        cfg = self.cfg
+        if cfg.max_steps is not None and self.ts.step >= cfg.max_steps:
+            return True
+        return cfg.max_time is not None and time.perf_counter() - self.start_time >= cfg.max_time
+
+    def run(self) -> None:
+        ts = self.ts
+        try:
+            reason = None
+            while ts.epoch <= self.cfg.epochs:
+                reason = self._stop_reason() or self._train_epoch()
+                if reason:
+                    break
+                self._end_epoch()
+        except NonFiniteLimit:
+            self._stop_nonfinite()
+        if reason == "budget":
+            self.log.line(f"stopping at step {ts.step}: budget reached (--max-steps/--max-time)")
+            if not self.saved_at_epoch_start:  # unless --eval-interval / --save-every just did it at this step
+                if self.validator.validated_at != ts.step:
+                    self.validator.validate(f"validation at epoch {ts.epoch:3d}", self.optimizer)
+                if self.checkpoints.last_saved_at != ts.step:
+                    self.checkpoints.save("last")
+        if self.stop_signal is not None:  # also when it came during a validation after the last batch
+            if reason == "signal" and not self.saved_at_epoch_start:  # else last/ was just saved
+                self.checkpoints.save("last")
+            self._interrupted()
+
+    def _end_epoch(self) -> None:
+        """Move to the next epoch first, so that checkpoints written now resume at its start; then validate (and
+        perhaps switch to averaged SGD) and save."""
+        ts, cfg = self.ts, self.cfg
+        self.epochs_done += 1
+        ts.epoch, ts.position, ts.carried, ts.window = ts.epoch + 1, 0, None, new_window()
+        res = self.validator.validate(f"end of epoch {ts.epoch - 1:3d}", self.optimizer)
+        if self.validator.asgd_due(res.loss):
+            self.use_optimizer(build_asgd(self.model.parameters(), cfg, self.optimizer.param_groups[0]["lr"]))
+            ts.asgd = True
+            self.log.line(f"switching to averaged SGD: validation has not improved for {cfg.nonmono} epochs")
+            self.log.record("asgd", epoch=ts.epoch, step=ts.step)
+        ts.val_history.append(res.loss)
+        self.checkpoints.save("last")
+        if ts.epoch - 1 in cfg.when:  # as the reference did: keep the model from before the LR drops
+            self.checkpoints.save(f"epoch-{ts.epoch - 1:03d}")
+        self.saved_at_epoch_start = True
+
+    def _train_epoch(self) -> str | None:
+        """Train from the current position to the end of the epoch.
+
+        Returns None at the epoch's end, or why it stopped early: 'budget' (--max-steps/--max-time, checked
+        after each optimizer step) or 'signal' (SIGINT/SIGTERM, checked after each batch).
+        """
+        cfg, ts = self.cfg, self.ts
+        self.model.train()
+        est_batches = max(1, (self.streams.n - 1) // cfg.bptt)
+        bar = TrainProgress(cfg, ts.epoch, est_batches, min(ts.position // cfg.bptt, est_batches), ts.step,
+                            self.start_time, show=not self.log.quiet)
+        self.window.start_clock()
+        try:
+            for pos, seq_len in train_segments(self.streams, cfg.bptt, self.rng, start=ts.position):
+                self.saved_at_epoch_start = False
+                t0 = time.perf_counter()
+                if ts.micro == 0:
+                    set_lr(self.optimizer, lr_at(ts.step + 1, ts.epoch, cfg, self.horizon))
+                stepped = self.step.segment(pos, seq_len, self.window)
+                self.seconds += time.perf_counter() - t0
+                bar.update(min(ts.position // cfg.bptt, est_batches), ts.step, ts.micro)
+                if self.window.due():
+                    scale = self.step.scaler.get_scale() if self.step.scaler.is_enabled() else None
+                    self.window.emit(est_batches, self.optimizer.param_groups[0]["lr"], scale, bar.log_suffix())
+                if reason := self._after_batch(stepped):
+                    return reason
+            if ts.micro:  # a step like any other: validate, save, budget
+                return self._after_batch(self.step.finish_epoch())
+            return None
+        finally:
+            bar.close()
+
+    def _after_batch(self, stepped: bool) -> str | None:
+        """The decisions every rank takes together (one all-reduce under torchrun, none otherwise): validate and
+        save on their schedules, stop for the budget or a signal. Returns why training stops, if it does."""
+        *flags, seconds = self.ranks.maximum(
+            stepped and self.checkpoints.due(), stepped and self.out_of_budget(), self.stop_signal is not None,
+            time.perf_counter() - self.start_time, device=self.device)
+        save_due, over, signalled = map(bool, flags)
+        if stepped:
+            self.horizon = self._horizon(seconds)
+            if self.cfg.eval_interval and self.ts.step % self.cfg.eval_interval == 0:
+                self.validator.validate(f"validation at epoch {self.ts.epoch:3d}", self.optimizer)
+                self.model.train()
+            if save_due:
+                self.checkpoints.save_periodic()
+            if over:
+                return "budget"
+        if signalled:
+            self.stop_signal = self.stop_signal or signal.SIGTERM  # another rank got it
+            return "signal"
+        return None
+
+    def _horizon(self, seconds: float) -> float:
+        """The step at which the budget ends (optim.budget_horizon), `seconds` into this process's run."""
+        cfg, ts = self.cfg, self.ts
+        per_epoch = (self.streams.n - 1) / cfg.bptt / cfg.accumulate
+        to_end = (cfg.epochs - ts.epoch + 1) * per_epoch - ts.position / cfg.bptt / cfg.accumulate
+        return budget_horizon(ts.step, cfg, seconds=seconds, timed_steps=ts.step - self.first_step,
+                              steps_to_last_epoch_end=to_end)
+
+    def _stop_reason(self) -> str | None:
+        signalled, over = self.ranks.any(self.stop_signal is not None, self.ts.micro == 0 and self.out_of_budget(),
+                                         device=self.device)
+        if signalled:
+            self.stop_signal = self.stop_signal or signal.SIGTERM  # another rank got it
+            return "signal"
+        return "budget" if over else None
+
+    def _stop_nonfinite(self) -> None:
+        """--nonfinite-limit skipped steps in a row: save the weights from before the trouble (if they are finite)
+        and stop with a message saying what `last/` holds."""
+        ts, last = self.ts, self.run_dir / "last"
+        stopped = (f"stopped: {ts.nonfinite_run} optimizer steps in a row had a non-finite loss or gradient "
+                   f"(epoch {ts.epoch}, after step {ts.step}). ")
+        # No bad update was applied, so these are the weights from before the trouble, unless an update with a
+        # finite gradient made them non-finite (save refuses those).
+        if self.checkpoints.save("last"):
+            error = SharnnError(f"{stopped}None of them was applied: {last} holds the weights from step "
+                                f"{ts.step}, before the trouble, and resumes after the bad batches; try it with "
+                                "a lower --lr or a smaller --clip")
+        else:
+            error = SharnnError(f"{stopped}The weights themselves are not finite (an update with a finite "
+                                f"gradient made them so), so {last} was not overwritten: "
+                                f"{self.checkpoints.last_saved()}; resume from it with a lower --lr or a smaller --clip")
+        error.all_ranks = True  # type: ignore[attr-defined]  # every rank counted the same bad steps
+        raise error
+
+    def _interrupted(self) -> None:
+        name = signal.Signals(self.stop_signal).name  # type: ignore[arg-type]
+        ts = self.ts
+        where = f"epoch {ts.epoch}, step {ts.step}" + (f" (+{ts.micro} gathered segments)" if ts.micro else "")
+        self.log.line(f"stopped by {name} at {where}; saved {self.run_dir / 'last'}")
+        self.log.record("interrupted", signal=name, epoch=ts.epoch, step=ts.step)
+        raise TrainingInterrupted(
+            f"stopped by {name} at {where}; a resumable checkpoint is in {self.run_dir / 'last'}. "
+            f"To continue, run the same command with --resume {self.run_dir}",
+            self.stop_signal,  # type: ignore[arg-type]
+        )
