@@ -8,6 +8,7 @@ there: up to attn_span positions back.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -17,6 +18,7 @@ from torch import Tensor
 from .errors import SharnnError
 from .model import SHARNN
 from .runtime import attention_bytes, require_memory
+from .segments import Segment, walk
 
 
 class AttentionMap(NamedTuple):
@@ -98,9 +100,14 @@ def attention_over_text(model: SHARNN, ids: Tensor | list[int], start: int, wind
     try:
         cuts = [(a, min(a + chunk, start) - a) for a in range(0, start, chunk)]
         cuts += [(start, window)] + [(a, min(a + chunk, L) - a) for a in range(start + window, L, chunk)]
-        state = None
-        for pos, n in cuts:  # `pos` is read by the hooks
-            state = model(ids[pos : pos + n, None], state).state
+
+        def segments() -> Iterator[Segment]:
+            nonlocal pos  # read by the hooks while the model runs the segment
+            for pos, n in cuts:
+                yield ids[pos : pos + n, None], None
+
+        for _ in walk(model, segments(), loss=False):
+            pass
     finally:
         model.train(was_training)
         for handle in handles:

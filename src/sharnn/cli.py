@@ -426,6 +426,7 @@ def cmd_score(args: argparse.Namespace) -> int:
     from .checkpoint import Checkpoint
     from .data import load_corpus
     from .dynamic import document_scorer
+    from .evaluate import split_defaults
     from .runtime import resolve_device
     from .score import score_lines, score_stream, split_lines
 
@@ -443,13 +444,14 @@ def cmd_score(args: argparse.Namespace) -> int:
         train = load_corpus(args.data or ckpt.training_data, vocab=vocab).train
         score_document = document_scorer(model, train, cfg, device, progress=not args.json)
     context = _read_bytes(args.context) if args.context else b"\n"
+    _, bptt = split_defaults(ckpt.train_config, "test")  # --document walks the segments `sharnn eval` walks
     report = _score_reporter(vocab, args.json or args.per_token)
     if not (args.json or args.per_token):
         print("#logprob_nats\tlogprob_bits\tbpc\ttokens\t" + ("input" if args.document else "text"))
     for name in args.inputs or ["-"]:
         if args.document:
             with _open_input(name) as f:
-                report(name, score_document(model, vocab, f, context, args.per_token))
+                report(name, score_document(model, vocab, f, context, args.per_token, chunk=bptt))
             continue
         data = sys.stdin.buffer.read() if name == "-" else _read_bytes(name)
         lines = split_lines(data)

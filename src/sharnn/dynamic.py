@@ -307,8 +307,9 @@ def document_scorer(model: SHARNN, train_ids: np.ndarray, cfg: DynamicConfig, de
     gradient statistics come from `train_ids`, the training corpus, read as one stream."""
     rms = gradient_stats(model, train_ids, 1, cfg.bptt, cfg.stats_tokens, device, progress=progress)
 
-    def score(model: SHARNN, vocab: Vocab, f: BinaryIO, context: bytes = b"\n", per_token: bool = False) -> Score:
-        return dynamic_score_stream(model, vocab, f, cfg, rms, context, per_token)
+    def score(model: SHARNN, vocab: Vocab, f: BinaryIO, context: bytes = b"\n", per_token: bool = False,
+              chunk: int = SCORE_CHUNK) -> Score:
+        return dynamic_score_stream(model, vocab, f, cfg, rms, context, per_token, chunk)
 
     return score
 
@@ -321,15 +322,16 @@ def dynamic_score_stream(
     rms: list[Tensor],
     context: bytes = b"\n",
     per_token: bool = False,
+    chunk: int = SCORE_CHUNK,
 ) -> Score:
     """`score_stream` (one document, read in pieces) with a gradient step after every `cfg.bptt` tokens.
 
     The document is cut into the segments `score_stream` cuts it into, each scored in pieces of `cfg.bptt` (see
     `dynamic_evaluate`): with lr 0 this is `score_stream`'s result under either attention window."""
-    if not pieces_reproduce(model, SCORE_CHUNK, cfg.bptt):
+    if not pieces_reproduce(model, chunk, cfg.bptt):
         raise SharnnError(f"under the reference attention window a document is read in segments of "
-                          f"{SCORE_CHUNK} tokens, and this model's attn_span is {model.cfg.attn_span}: pieces of "
-                          f"--dynamic-bptt {cfg.bptt} cannot reproduce them; use --dynamic-bptt {SCORE_CHUNK} or "
+                          f"{chunk} tokens, and this model's attn_span is {model.cfg.attn_span}: pieces of "
+                          f"--dynamic-bptt {cfg.bptt} cannot reproduce them; use --dynamic-bptt {chunk} or "
                           "--attn-window sliding")
     with DynamicEval(model, cfg, rms) as dyn:
-        return score_stream(model, vocab, stream, context, per_token, adapt=dyn.learn, adapt_every=cfg.bptt)
+        return score_stream(model, vocab, stream, context, per_token, chunk, adapt=dyn.learn, adapt_every=cfg.bptt)
