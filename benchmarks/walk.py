@@ -30,7 +30,8 @@ LAYERS = {"cli": 0, "flags": 0, "__init__": 0,
           "train": 1, "evaluate": 1, "dynamic": 1, "generate": 1, "score": 1, "compress": 1, "export": 1,
           "convert": 1, "precision": 1, "curves": 1, "attention_map": 1, "plots": 1, "pretrained": 1,
           "progress": 1, "distributed": 1, "trainer": 1, "walker": 1, "serve": 1,
-          "checkpoint": 2, "data": 2, "optim": 2, "runtime": 2, "vocab": 2, "outputs": 2, "segments": 2,
+          "checkpoint": 2, "data": 2, "optim": 2, "runtime": 2, "vocab": 2, "outputs": 2, "segments": 2, "resume": 2,
+          "runfolder": 2,
           "model": 3, "state": 3, "config": 4, "errors": 5}
 
 
@@ -99,10 +100,16 @@ def trace_resume(run: Path) -> dict:
             mod.safe_open = counting_safe_open
             patched.append(mod)
     state["reading"] = True  # reads count from the CLI's layering of the saved settings on
-    model_cfg, cfg, given = resolve_train_settings(args)
+    settings = resolve_train_settings(args)
+    if isinstance(settings, tuple):  # before the Checkpoint object: (model config, run config, model flags given)
+        model_cfg, cfg, given = settings
+        opened = {}
+    else:  # the checkpoint the settings came from, opened once, goes to train with them
+        model_cfg, cfg, given = settings.model, settings.train, settings.model_given
+        opened = {"checkpoint": settings.checkpoint}
     sys.setprofile(profile)
     try:
-        train_module.train(model_cfg, cfg, quiet=True, model_overrides=given)
+        train_module.train(model_cfg, cfg, quiet=True, model_overrides=given, **opened)
     finally:
         sys.setprofile(None)
         for mod in patched:
