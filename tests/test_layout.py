@@ -61,3 +61,16 @@ def test_resume_refuses_every_setting_that_shapes_the_weights(tmp_path: Path) ->
     run = {"dropout": 0.3, "dropouth": 0.2, "dropouti": 0.0, "dropoute": 0.1, "wdrop": 0.1, "attn_span": 12,
            "attn_window": "reference"}
     assert resumed_model_config(Checkpoint.open(tmp_path / "ckpt"), run) == replace(cfg, **run)
+
+
+def test_functions_and_classes_stay_readable() -> None:
+    # Each piece readable alone: no function (its nested functions included) over 70 lines, no class over 200.
+    long = []
+    for f in sorted(PACKAGE.rglob("*.py")):
+        for node in ast.walk(ast.parse(f.read_text())):
+            if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                continue
+            limit = 200 if isinstance(node, ast.ClassDef) else 70
+            if (lines := node.end_lineno - node.lineno + 1) > limit:  # type: ignore[operator]
+                long.append(f"{f.relative_to(PACKAGE)}:{node.lineno} {node.name}: {lines} lines (at most {limit})")
+    assert not long, long

@@ -514,17 +514,56 @@ def decompress_file(src: str | os.PathLike, dst: str | os.PathLike, model: SHARN
     refuse_input_as_output(dst, src)  # --overwrite replaces OUT, never the compressed file being read
     info = read_header(src)
     h = info.header
+    settings = _header_settings(src, h)
+    model = _decoding_model(src, dst, h, model, checkpoint_name)
+    here = machine()
+    if h["machine"] != here and not ignore_machine:
+        diff = ", ".join(f"{k} {h['machine'].get(k)} there, {here[k]} here" for k in here
+                         if h["machine"].get(k) != here[k])
+        raise SharnnError(f"{src} was compressed on another kind of machine or by another sharnn ({diff}; "
+                          f"{h.get('cpu')}): the model's arithmetic may differ, so it decodes only where these match "
+                          "(--ignore-machine tries anyway; a wrong result is still never written)")
+    length, streams = int(h["length"]), int(h["streams"])
+    out = _Output(dst, overwrite)
     try:
-        length, streams, n = int(h["length"]), int(h["streams"]), int(h["stream_length"])
-        settings = CoderSettings(streams=max(streams, 1), threads=int(h["threads"]), block_steps=int(h["block_steps"]),
+        with _threads(settings.threads), _restored(model), open(src, "rb") as f:
+            start = time.perf_counter()
+            f.seek(info.body_start)
+            bits, blocks, stored = _decode_blocks(f, out.file, src, info, model, settings, progress)
+            seconds = time.perf_counter() - start
+        out.file.flush()
+        if out.file.seek(0, os.SEEK_END) != length or sha256_file(out.file) != h["sha256"]:
+            raise SharnnError(_not_the_original(src, h, "its SHA-256 differs"))
+        out.commit()
+    except BaseException as e:
+        out.discard()
+        if isinstance(e, OSError):
+            raise SharnnError(f"cannot write {dst}: {e.strerror or e}") from None
+        raise
+    return CodingResult(length, info.body_end + 32, bits, streams, seconds, blocks, stored)
+
+
+def _header_settings(src: Path, h: dict[str, Any]) -> CoderSettings:
+    """The coder settings a compressed file's header records, refused in one line when damaged or foreign."""
+    try:
+        settings = CoderSettings(streams=max(int(h["streams"]), 1), threads=int(h["threads"]),
+                                 block_steps=int(h["block_steps"]),
                                  adapt=None if h["adapt"] is None else DynamicConfig(
                                      **{k: v for k, v in h["adapt"].items() if k != "beta"}))
-        fresh, want_weights = h["model"]["fresh"], h["model"]["weights_sha256"]
+        _ = int(h["length"]), int(h["stream_length"]), h["model"]["fresh"], h["model"]["weights_sha256"]
         if h["precision"] != PRECISION or h["start"] != START or (h["adapt"] and h["adapt"]["beta"] != BETA):
             raise SharnnError(f"{src} was written with coder settings this sharnn does not have; decompress it with "
                               "the sharnn that wrote it")
     except (KeyError, TypeError, ValueError):
         raise SharnnError(f"{src} is damaged or from an incompatible sharnn: its header lacks required fields") from None
+    return settings
+
+
+def _decoding_model(src: Path, dst: Path, h: dict[str, Any], model: SHARNN | None,
+                    checkpoint_name: str) -> SHARNN:
+    """The model the file was compressed with: `model` (a checkpoint's), or the fresh one its header describes;
+    refused in one line when it is not the one whose weights the header names."""
+    fresh, want_weights = h["model"]["fresh"], h["model"]["weights_sha256"]
     if fresh is not None and model is not None:
         raise SharnnError(f"{src} was compressed from a fresh model ({fresh.get('spec', 'untrained')}); decompress it "
                           f"without a checkpoint: sharnn decompress {src} {dst}")
@@ -543,62 +582,49 @@ def decompress_file(src: str | os.PathLike, dst: str | os.PathLike, model: SHARN
     if weights_sha256(model) != want_weights:
         raise SharnnError(f"{src} was compressed with another model (weights SHA-256 {want_weights[:12]}...), not "
                           f"{checkpoint_name} ({weights_sha256(model)[:12]}...); decompress it with the same model")
-    here = machine()
-    if h["machine"] != here and not ignore_machine:
-        diff = ", ".join(f"{k} {h['machine'].get(k)} there, {here[k]} here" for k in here
-                         if h["machine"].get(k) != here[k])
-        raise SharnnError(f"{src} was compressed on another kind of machine or by another sharnn ({diff}; "
-                          f"{h.get('cpu')}): the model's arithmetic may differ, so it decodes only where these match (--ignore-machine tries "
-                          "anyway; a wrong result is still never written)")
+    return model
+
+
+def _decode_blocks(f: BinaryIO, out: BinaryIO, src: Path, info: Any, model: SHARNN, settings: CoderSettings,
+                   progress: bool) -> tuple[float, int, int]:
+    """Decode the body's blocks from `f` (at the body's start) into `out`, each stream at its place; returns the
+    model's cross-entropy of the bytes (bits), the blocks read and how many of them were stored."""
+    h = info.header
+    length, streams, n = int(h["length"]), int(h["streams"]), int(h["stream_length"])
     cs = _constriction()
-    out = _Output(dst, overwrite)
-    try:
-        with _threads(settings.threads), _restored(model), open(src, "rb") as f:
-            start = time.perf_counter()
-            f.seek(info.body_start)
-            stepper = _Stepper(model, streams, settings.adapt) if streams else None
-            lengths = _stream_lengths(length, streams, n)
-            family = cs.stream.model.Categorical(perfect=False)
-            bits, blocks, stored = 0.0, 0, 0
-            bar = _bar(length, "decompress", progress)
-            for t0 in range(0, n, settings.block_steps):
-                t1 = min(n, t0 + settings.block_steps)
-                block = np.zeros((streams, t1 - t0), dtype=np.int64)
-                ends = np.clip(lengths - t0, 0, t1 - t0)
-                words, raw = _read_block(f, info.body_end, src, int(ends.sum()) if info.version >= 2 else None)
-                blocks += 1
-                if raw is not None:  # a stored block: its bytes as they are; the model still reads them all
-                    stored += 1
-                    for s, part in enumerate(np.split(np.frombuffer(raw, dtype=np.uint8), np.cumsum(ends)[:-1])):
-                        block[s, : len(part)] = part
-                else:
-                    decoder = _decoding(src, h, cs.stream.queue.RangeDecoder, words)
-                for t in range(t0, t1):
-                    active = lengths > t
-                    p, lp = stepper.predict()  # type: ignore[union-attr]
-                    if raw is None:
-                        block[active, t - t0] = _decoding(src, h, decoder.decode, family, quantise(p[active]))
-                    symbols = block[active, t - t0]
-                    bits -= float(lp[active][np.arange(len(symbols)), symbols].sum())
-                    stepper.advance(block[:, t - t0], active)  # type: ignore[union-attr]
-                    bar.update(len(symbols))
-                for s in range(streams):
-                    a, b = s * n + t0, min(s * n + t1, length)
-                    if b > a:
-                        out.file.seek(a)
-                        out.file.write(block[s, : b - a].astype(np.uint8).tobytes())
-            bar.close()
-            seconds = time.perf_counter() - start
-        out.file.flush()
-        if out.file.seek(0, os.SEEK_END) != length or sha256_file(out.file) != h["sha256"]:
-            raise SharnnError(_not_the_original(src, h, "its SHA-256 differs"))
-        out.commit()
-    except BaseException as e:
-        out.discard()
-        if isinstance(e, OSError):
-            raise SharnnError(f"cannot write {dst}: {e.strerror or e}") from None
-        raise
-    return CodingResult(length, info.body_end + 32, bits, streams, seconds, blocks, stored)
+    stepper = _Stepper(model, streams, settings.adapt) if streams else None
+    lengths = _stream_lengths(length, streams, n)
+    family = cs.stream.model.Categorical(perfect=False)
+    bits, blocks, stored = 0.0, 0, 0
+    bar = _bar(length, "decompress", progress)
+    for t0 in range(0, n, settings.block_steps):
+        t1 = min(n, t0 + settings.block_steps)
+        block = np.zeros((streams, t1 - t0), dtype=np.int64)
+        ends = np.clip(lengths - t0, 0, t1 - t0)
+        words, raw = _read_block(f, info.body_end, src, int(ends.sum()) if info.version >= 2 else None)
+        blocks += 1
+        if raw is not None:  # a stored block: its bytes as they are; the model still reads them all
+            stored += 1
+            for s, part in enumerate(np.split(np.frombuffer(raw, dtype=np.uint8), np.cumsum(ends)[:-1])):
+                block[s, : len(part)] = part
+        else:
+            decoder = _decoding(src, h, cs.stream.queue.RangeDecoder, words)
+        for t in range(t0, t1):
+            active = lengths > t
+            p, lp = stepper.predict()  # type: ignore[union-attr]
+            if raw is None:
+                block[active, t - t0] = _decoding(src, h, decoder.decode, family, quantise(p[active]))
+            symbols = block[active, t - t0]
+            bits -= float(lp[active][np.arange(len(symbols)), symbols].sum())
+            stepper.advance(block[:, t - t0], active)  # type: ignore[union-attr]
+            bar.update(len(symbols))
+        for s in range(streams):
+            a, b = s * n + t0, min(s * n + t1, length)
+            if b > a:
+                out.seek(a)
+                out.write(block[s, : b - a].astype(np.uint8).tobytes())
+    bar.close()
+    return bits, blocks, stored
 
 
 def _not_the_original(src: Path, h: dict[str, Any], why: str) -> str:
