@@ -101,12 +101,12 @@ def trace_resume(run: Path) -> dict:
             patched.append(mod)
     state["reading"] = True  # reads count from the CLI's layering of the saved settings on
     settings = resolve_train_settings(args)
-    if isinstance(settings, tuple):  # before the Checkpoint object: (model config, run config, model flags given)
-        model_cfg, cfg, given = settings
-        opened = {}
-    else:  # the checkpoint the settings came from, opened once, goes to train with them
+    if hasattr(settings, "checkpoint"):  # the checkpoint the settings came from, opened once, goes to train
         model_cfg, cfg, given = settings.model, settings.train, settings.model_given
         opened = {"checkpoint": settings.checkpoint}
+    else:  # before the Checkpoint object: (model config, run config, model flags given)
+        model_cfg, cfg, given = settings
+        opened = {}
     sys.setprofile(profile)
     try:
         train_module.train(model_cfg, cfg, quiet=True, model_overrides=given, **opened)
