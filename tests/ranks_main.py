@@ -38,9 +38,9 @@ def _fail_here(where: str) -> None:
         finish_step = train_module.TrainStep._finish
 
         def failing_step(step):
-            if step.ts.step == 2 and where == "kill":
+            if step.state.step == 2 and where == "kill":
                 os.kill(os.getpid(), signal.SIGKILL)
-            if step.ts.step == 2:
+            if step.state.step == 2:
                 raise SharnnError(f"rank {os.environ['RANK']} could not take step 3")
             return finish_step(step)
 
@@ -56,7 +56,7 @@ def _signal_mid_step() -> None:
         loops.append(loop)
 
     def detach_and_signal(state):  # the loop calls it once a segment, before it counts the segment
-        if loops[0].ts.step == 2 and loops[0].ts.micro == 0:
+        if loops[0].state.step == 2 and loops[0].state.gathered == 0:
             loops[0].stop_signal = loops[0].ranks.signalled = signal.SIGTERM  # what the loop's handler records
         return detach_state(state)
 

@@ -70,3 +70,13 @@ def test_score_document_walks_the_checkpoints_bptt(reference: SHARNN, tmp_path: 
     got = json.loads(capsys.readouterr().out)["logprob"]
     assert got == pytest.approx(score_stream(reference, BYTES, io.BytesIO(DOC), chunk=16).logprob, abs=1e-6)
     assert abs(got - score_stream(reference, BYTES, io.BytesIO(DOC)).logprob) > 1e-3  # 1024-token segments differ
+
+
+def test_a_model_that_knows_nothing_scores_eight_bits_a_byte(tiny_config: SHARNNConfig) -> None:
+    # Every byte equally likely: log2(256) = 8 bits each, by evaluation and by scoring alike (nats would say 5.55).
+    model = SHARNN(tiny_config).eval()
+    with torch.no_grad():
+        model.decoder.weight.zero_()
+        model.decoder.bias.zero_()
+    assert evaluate(model, np.frombuffer(DOC, dtype=np.uint8), 2, 16).bpc == pytest.approx(8.0, abs=1e-5)
+    assert score_stream(model, BYTES, io.BytesIO(DOC)).bpc == pytest.approx(8.0, abs=1e-5)

@@ -10,7 +10,7 @@ calls the library (the library does the work).
     sharnn collapse CKPT OUT
     sharnn export CKPT OUT.onnx [--segment N] [--check-bytes N]
     sharnn plot RUN [RUN ...] -o curves.png|svg
-    sharnn attention CKPT --text FILE -o attention.png|svg [--window N] [--at POS] [--max-bytes N]
+    sharnn attention CKPT --text FILE -o attention.png|svg [--heatmap N] [--at POS] [--max-bytes N]
     sharnn eval CKPT --dynamic | --dynamic-search  [--dynamic-lr ...]   dynamic evaluation
     sharnn compress CKPT IN OUT | --fresh PRESET IN OUT  [--adapt] [--streams N]
     sharnn decompress [CKPT] IN OUT
@@ -59,15 +59,15 @@ def _add_inference_flags(parser: argparse.ArgumentParser, device: bool = True) -
                              "for a model from import-reference) (default: the checkpoint's)")
 
 
-def _model(ckpt: Any, device: Any, args: argparse.Namespace, learns: bool = False) -> Any:
+def _model(ckpt: Any, device: Any, args: argparse.Namespace, dynamic: bool = False) -> Any:
     """The checkpoint's model under the --attn-window asked for (the checkpoint's by default), TF32 as asked (on
-    CUDA). Converted to --precision in eval mode, unless it `learns` (dynamic evaluation): then as trained."""
+    CUDA). Converted to --precision in eval mode, unless it is for `dynamic` evaluation (it learns): then as trained."""
     from .precision import for_inference
     from .runtime import set_tf32
 
     set_tf32(args.tf32)
     model = ckpt.model(device, attn_window=args.attn_window)
-    return model.eval() if learns else for_inference(model, args.precision)
+    return model.eval() if dynamic else for_inference(model, args.precision)
 
 
 DYNAMIC_FLAGS = {"lr": "--dynamic-lr", "decay": "--dynamic-decay", "bptt": "--dynamic-bptt",
@@ -257,7 +257,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     ckpt = Checkpoint.open(args.checkpoint, prefer="best")
     dynamic = args.dynamic or args.dynamic_search
     cfg = _dynamic_config(args, dynamic)
-    model = _model(ckpt, device, args, learns=dynamic)  # dynamic evaluation learns the weights as trained
+    model = _model(ckpt, device, args, dynamic=dynamic)  # dynamic evaluation learns the weights as trained
     corpus = load_corpus(args.data or ckpt.training_data, vocab=ckpt.vocab)
     split = "valid" if args.dynamic_search else args.split
     if warning := data_warning(ckpt.data, corpus, [split], str(ckpt.path)):
@@ -438,7 +438,7 @@ def cmd_score(args: argparse.Namespace) -> int:
     cfg = _dynamic_config(args, args.dynamic)
     device = resolve_device(args.device)
     ckpt = Checkpoint.open(args.checkpoint)
-    model, vocab = _model(ckpt, device, args, learns=args.dynamic), ckpt.vocab
+    model, vocab = _model(ckpt, device, args, dynamic=args.dynamic), ckpt.vocab
     score_document = score_stream
     if args.dynamic:  # the gradient statistics come from the training corpus
         train = load_corpus(args.data or ckpt.training_data, vocab=vocab).train
@@ -626,10 +626,10 @@ def add_attention(sub: Subparsers) -> None:
     at.add_argument("--text", required=True, metavar="FILE", help="the text to read (as bytes)")
     at.add_argument("-o", "--output", required=True, metavar="FILE", help="image to write: .png or .svg")
     at.add_argument("--overwrite", action="store_true", help="replace FILE if it exists")
-    at.add_argument("--window", type=int, default=48, metavar="N", dest="heatmap",
+    at.add_argument("--heatmap", "--window", type=int, default=48, metavar="N", dest="heatmap",
                     help="queries in the heat-map; it shows as many keys before them (default: 48)")
     at.add_argument("--at", type=int, default=None, metavar="POS",
-                    help="text position of the heat-map's first query (default: the last --window bytes read)")
+                    help="text position of the heat-map's first query (default: the last --heatmap bytes read)")
     at.add_argument("--max-bytes", type=int, default=20_000, metavar="N",
                     help="read at most the file's first N bytes (default: 20000)")
     at.add_argument("--device", default="auto", help="auto, cpu or cuda")
@@ -646,7 +646,7 @@ def cmd_attention(args: argparse.Namespace) -> int:
     image_format(args.output)
     check_new_file(args.output, args.overwrite)
     if args.heatmap < 1:
-        raise SharnnError(f"--window must be at least 1, got {args.heatmap}")
+        raise SharnnError(f"--heatmap must be at least 1, got {args.heatmap}")
     _require_at_least(args, 1, "max_bytes")
     device = resolve_device(args.device)
     ckpt = Checkpoint.open(args.checkpoint)

@@ -197,7 +197,7 @@ def quantise(probs: np.ndarray) -> np.ndarray:
     Integer arithmetic after one float multiply, so the encoder and decoder agree whenever the model's floats do;
     every byte keeps a nonzero share (a byte the model rules out, even with a float probability of exactly 0,
     still costs at most PRECISION bits). constriction takes the counts as floats (exactly representable) and
-    rescales them, the same way on both sides. Non-finite probabilities are refused (`_Stepper.predict` stops
+    rescales them, the same way on both sides. Non-finite probabilities are refused (`_Predictor.predict` stops
     before they get here).
     """
     if not np.isfinite(probs).all():
@@ -210,7 +210,7 @@ def quantise(probs: np.ndarray) -> np.ndarray:
     return q.astype(np.float64)
 
 
-class _Stepper:
+class _Predictor:
     """The model side of coding: one byte per stream per step, and the adaptation steps."""
 
     def __init__(self, model: SHARNN, streams: int, adapt: DynamicConfig | None):
@@ -392,7 +392,7 @@ def compress_file(model: SHARNN, src: str | os.PathLike, dst: str | os.PathLike,
             w = _HashingWriter(out.file)
             head = json.dumps(_header(length, original_sha, streams, n, settings, model, fresh)).encode()
             w.write(MAGIC + struct.pack("<HI", VERSION, len(head)) + head)
-            stepper = _Stepper(model, streams, settings.adapt) if streams else None
+            predictor = _Predictor(model, streams, settings.adapt) if streams else None
             lengths = _stream_lengths(length, streams, n)
             encoder = cs.stream.queue.RangeEncoder()
             family = cs.stream.model.Categorical(perfect=False)
@@ -407,11 +407,11 @@ def compress_file(model: SHARNN, src: str | os.PathLike, dst: str | os.PathLike,
                         block[s, : b - a] = data[a:b]
                 for t in range(t0, t1):
                     active = lengths > t
-                    p, lp = stepper.predict()  # type: ignore[union-attr]
+                    p, lp = predictor.predict()  # type: ignore[union-attr]
                     symbols = block[active, t - t0]
                     encoder.encode(symbols.astype(np.int32), family, quantise(p[active]))
                     bits -= float(lp[active][np.arange(len(symbols)), symbols].sum())
-                    stepper.advance(block[:, t - t0], active)  # type: ignore[union-attr]
+                    predictor.advance(block[:, t - t0], active)  # type: ignore[union-attr]
                     bar.update(len(symbols))
                 words = encoder.get_compressed().astype("<u4")
                 raw = _block_bytes(block, lengths, t0, t1)
@@ -592,7 +592,7 @@ def _decode_blocks(f: BinaryIO, out: BinaryIO, src: Path, info: Any, model: SHAR
     h = info.header
     length, streams, n = int(h["length"]), int(h["streams"]), int(h["stream_length"])
     cs = _constriction()
-    stepper = _Stepper(model, streams, settings.adapt) if streams else None
+    predictor = _Predictor(model, streams, settings.adapt) if streams else None
     lengths = _stream_lengths(length, streams, n)
     family = cs.stream.model.Categorical(perfect=False)
     bits, blocks, stored = 0.0, 0, 0
@@ -611,12 +611,12 @@ def _decode_blocks(f: BinaryIO, out: BinaryIO, src: Path, info: Any, model: SHAR
             decoder = _decoding(src, h, cs.stream.queue.RangeDecoder, words)
         for t in range(t0, t1):
             active = lengths > t
-            p, lp = stepper.predict()  # type: ignore[union-attr]
+            p, lp = predictor.predict()  # type: ignore[union-attr]
             if raw is None:
                 block[active, t - t0] = _decoding(src, h, decoder.decode, family, quantise(p[active]))
             symbols = block[active, t - t0]
             bits -= float(lp[active][np.arange(len(symbols)), symbols].sum())
-            stepper.advance(block[:, t - t0], active)  # type: ignore[union-attr]
+            predictor.advance(block[:, t - t0], active)  # type: ignore[union-attr]
             bar.update(len(symbols))
         for s in range(streams):
             a, b = s * n + t0, min(s * n + t1, length)

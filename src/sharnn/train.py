@@ -5,7 +5,7 @@ the best checkpoint on valid and test. Small helpers (`ar_tar`, ...) are importa
 
 What survives what (the README's "What we guarantee"):
 - Resume is exact: a checkpoint holds every RNG stream, the data position, the carried state and memory, the
-  optimizer, the gradients gathered so far in an unfinished `--accumulate` step and the log window, so N steps,
+  optimizer, the gradients gathered so far in an unfinished `--accumulate` step and the log's sums, so N steps,
   a stop and M more give the same weights and log lines as N+M straight (on CPU).
 - SIGINT/SIGTERM finish the current batch, save `last/` and raise `TrainingInterrupted` (the CLI exits 130 or
   143: 128 + the signal's number); a second signal stops at once. Handlers live only while the loop runs.
@@ -183,12 +183,7 @@ def _run(model_cfg: SHARNNConfig, cfg: TrainConfig, quiet: bool, ckpt: Checkpoin
     if device.type == "cuda":
         set_tf32(cfg.tf32)
 
-    # Fail on data that is too small before any training happens.
-    train_streams = Streams(corpus.train, cfg.batch_size, min_len=cfg.bptt + 1, what="train split",
-                            rank=ranks.rank, world=ranks.world)
-    eval_bsz = cfg.eval_batch_size or cfg.batch_size
-    Streams(_eval_ids(corpus.valid, cfg), eval_bsz, what="valid split")
-    Streams(_eval_ids(corpus.test, cfg), cfg.test_batch_size, what="test split")
+    train_streams = _streams(corpus, cfg, ranks)
     if cfg.precision == "fp16" and device.type == "cpu" and model.cfg.model == "LSTM":
         raise SharnnError("--precision fp16 with the LSTM core needs a GPU (PyTorch's CPU LSTM has no float16 "
                           "kernel); on a CPU use --precision bf16")
@@ -215,12 +210,21 @@ def _run(model_cfg: SHARNNConfig, cfg: TrainConfig, quiet: bool, ckpt: Checkpoin
         loop.run()
     loop.step.forward_model = model  # drop the DDP wrapper: it holds the process group
     ranks.finish()  # all ranks together, then the group goes: rank 0's final measurement needs no other rank
-    ts = loop.ts
-    result = TrainResult(run_dir, ts.step, loop.epochs_done, loop.seconds, loop.chars_per_s, ts.best_bpc, None, None,
-                         b"", ts.nonfinite_total)
+    state = loop.state
+    result = TrainResult(run_dir, state.step, loop.epochs_done, loop.seconds, loop.chars_per_s, state.best_bpc, None, None,
+                         b"", state.nonfinite_total)
     if not ranks.is_main:  # rank 0 measures the result
         return result
     return _final_measurement(result, model, corpus, cfg, device, log, quiet)
+
+
+def _streams(corpus: Corpus, cfg: TrainConfig, ranks: Dist) -> Streams:
+    """This rank's training streams; refused, as every split too small for its streams, before any training."""
+    train_streams = Streams(corpus.train, cfg.batch_size, min_len=cfg.bptt + 1, what="train split",
+                            rank=ranks.rank, world=ranks.world)
+    Streams(_eval_ids(corpus.valid, cfg), cfg.eval_batch_size or cfg.batch_size, what="valid split")
+    Streams(_eval_ids(corpus.test, cfg), cfg.test_batch_size, what="test split")
+    return train_streams
 
 
 def _resume_model(ckpt: Checkpoint, model_cfg: SHARNNConfig, corpus: Corpus, cfg: TrainConfig, ranks: Dist,
@@ -239,7 +243,7 @@ def _resume_model(ckpt: Checkpoint, model_cfg: SHARNNConfig, corpus: Corpus, cfg
         old_global = (ckpt.train_config or cfg).batch_size * saved.get("world", 1)
         log.line(f"global batch changed ({old_global} -> {cfg.batch_size * ranks.world} streams): "
                  "the epoch restarts at its start")
-        saved.update(position=0, carried=None, micro=0)
+        saved.update(position=0, carried=None, gathered=0)
     else:  # the same global streams, perhaps over another number of ranks: take this rank's share
         carried = ranks.shard_state(state_from_list(saved.get("carried")), cfg.batch_size)
         saved["carried"] = state_to_list(carried)
@@ -324,8 +328,8 @@ def _stop_on_signals(loop: Trainer) -> Iterator[None]:
             signal.signal(s, handler if handler is not None else signal.SIG_DFL)
 
 
-def new_window() -> dict[str, float]:
-    """The log window's sums since the last log line."""
+def new_log_sums() -> dict[str, float]:
+    """The sums of the training log since its last line (--log-interval)."""
     return {"loss": 0.0, "batches": 0, "finite": 0, "chars": 0}
 
 
@@ -341,48 +345,52 @@ class TrainState:
     position: int = 0  # where the next segment of this epoch starts
     best_bpc: float = math.inf
     carried: State | None = None  # the RNN state and attention memory the next segment starts from
-    micro: int = 0  # segments whose gradients are gathered for the next optimizer step (--accumulate)
+    gathered: int = 0  # segments whose gradients are gathered for the next optimizer step (--accumulate)
     bad_in_step: bool = False  # a non-finite loss among them
     nonfinite_run: int = 0  # skipped optimizer steps in a row
     nonfinite_total: int = 0
-    window: dict[str, float] = field(default_factory=new_window)  # since the last log line
+    log_sums: dict[str, float] = field(default_factory=new_log_sums)  # since the last log line
     val_history: list[float] = field(default_factory=list)  # end-of-epoch validation losses (SGD -> ASGD)
     asgd: bool = False  # switched to averaged SGD
 
     def to_dict(self) -> dict[str, Any]:
         d = {f.name: getattr(self, f.name) for f in fields(self)}
-        return d | {"carried": state_to_list(self.carried), "window": dict(self.window),
+        return d | {"carried": state_to_list(self.carried), "log_sums": dict(self.log_sums),
                     "val_history": list(self.val_history)}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainState:
+        d = {_OLD_NAMES.get(k, k): v for k, v in d.items()}  # files written before the renames
         kw = {f.name: d[f.name] for f in fields(cls) if f.name in d}
         return cls(**kw | {"carried": state_from_list(d.get("carried")),
-                           "window": new_window() | dict(d.get("window", {}))})
+                           "log_sums": new_log_sums() | dict(d.get("log_sums", {}))})
+
+
+_OLD_NAMES = {"micro": "gathered", "window": "log_sums"}  # train_state.pt's keys before they were renamed
 
 
 class NonFiniteLimit(Exception):
     """--nonfinite-limit optimizer steps in a row were skipped: the trainer saves what it can and stops."""
 
 
-class MetricsWindow:
-    """The log window (--log-interval): the sums since the last log line live in `TrainState.window`, so that a
+class MetricsLog:
+    """The training log (--log-interval): the sums since the last log line live in `TrainState.log_sums`, so that a
     resumed run goes on with the same lines; its speed counts only the batches this process timed."""
 
-    def __init__(self, ts: TrainState, cfg: TrainConfig, log: RunLog, world: int):
-        self.ts, self.cfg, self.log, self.world = ts, cfg, log, world
+    def __init__(self, state: TrainState, cfg: TrainConfig, log: RunLog, world: int):
+        self.state, self.cfg, self.log, self.world = state, cfg, log, world
         self.chars = 0  # tokens trained on by this process's run, all ranks together
         self.start_clock()
 
     def start_clock(self) -> None:
-        """Time the window from now. A window resumed from a checkpoint holds batches timed by the process that
+        """Time the log's sums from now. Sums resumed from a checkpoint hold batches timed by the process that
         saved it: the speed counts only the batches since this clock started."""
         self.started = time.perf_counter()
-        self.base = (self.ts.window["batches"], self.ts.window["chars"])
+        self.base = (self.state.log_sums["batches"], self.state.log_sums["chars"])
 
     def count(self, loss: float | None, tokens: int) -> None:
         """Add a segment (all ranks' tokens together); loss None: it was not finite."""
-        w = self.ts.window
+        w = self.state.log_sums
         w["batches"] += 1
         if loss is not None:
             w["loss"] += loss
@@ -391,24 +399,24 @@ class MetricsWindow:
         self.chars += tokens * self.world
 
     def due(self) -> bool:
-        return self.ts.window["batches"] >= self.cfg.log_interval  # >=: a resume may lower --log-interval
+        return self.state.log_sums["batches"] >= self.cfg.log_interval  # >=: a resume may lower --log-interval
 
     def emit(self, est_batches: int, lr: float, loss_scale: float | None, suffix: str = "") -> None:
-        """The log line (and log.jsonl record) of the window, which then starts again."""
-        w, ts = self.ts.window, self.ts
+        """The log line (and log.jsonl record) of the sums, which then start again."""
+        w, state = self.state.log_sums, self.state
         elapsed = max(time.perf_counter() - self.started, 1e-9)
         batches, chars = w["batches"] - self.base[0], w["chars"] - self.base[1]
         loss = w["loss"] / w["finite"] if w["finite"] else math.nan
-        batch = min(ts.position // self.cfg.bptt, est_batches)
+        batch = min(state.position // self.cfg.bptt, est_batches)
         self.log.line(
-            f"| epoch {ts.epoch:3d} | {batch:5d}/{est_batches:5d} batches | lr {lr:.3g} | "
+            f"| epoch {state.epoch:3d} | {batch:5d}/{est_batches:5d} batches | lr {lr:.3g} | "
             f"ms/batch {1000 * elapsed / batches:7.1f} | loss {loss:5.3f} | bpc {loss / LN2:6.3f} | "
             f"chars/s {chars / elapsed:8.0f}{suffix}"
         )
-        self.log.record("train", epoch=ts.epoch, step=ts.step, batch=batch, lr=lr,
+        self.log.record("train", epoch=state.epoch, step=state.step, batch=batch, lr=lr,
                         ms_per_batch=1000 * elapsed / batches, loss=loss, bpc=loss / LN2, chars_per_s=chars / elapsed,
                         **({"loss_scale": loss_scale} if loss_scale is not None else {}))
-        ts.window = new_window()
+        state.log_sums = new_log_sums()
         self.start_clock()
 
 
@@ -417,10 +425,10 @@ class TrainStep:
     optimizer step (gradients unscaled from the fp16 loss scale, clipped), or its skip when any rank saw a
     non-finite loss or gradient. `optimizer` is the trainer's (it changes when SGD switches to averaged SGD)."""
 
-    def __init__(self, model: SHARNN, cfg: TrainConfig, streams: Streams, ts: TrainState, ranks: Dist,
+    def __init__(self, model: SHARNN, cfg: TrainConfig, streams: Streams, state: TrainState, ranks: Dist,
                  device: torch.device, log: RunLog, saved: dict[str, Any] | None):
-        self.model, self.cfg, self.streams, self.ts, self.ranks, self.device, self.log = (
-            model, cfg, streams, ts, ranks, device, log)
+        self.model, self.cfg, self.streams, self.state, self.ranks, self.device, self.log = (
+            model, cfg, streams, state, ranks, device, log)
         self.optimizer: torch.optim.Optimizer | None = None
         # What the step calls: the model itself, or its DistributedDataParallel wrapper (which averages gradients
         # over the ranks during backward). Evaluation and saving use the model itself.
@@ -436,25 +444,25 @@ class TrainStep:
         if saved is not None and saved.get("scaler") and self.scaler.is_enabled():
             self.scaler.load_state_dict(saved["scaler"])
 
-    def segment(self, pos: int, seq_len: int, window: MetricsWindow) -> bool:
+    def segment(self, pos: int, seq_len: int, metrics: MetricsLog) -> bool:
         """Forward and backward on one segment, carrying the state; the optimizer step when the segment completes
-        one (`--accumulate`), counted in the log `window`. True if a step was applied."""
-        cfg, ts = self.cfg, self.ts
+        one (`--accumulate`), counted in the log's `metrics`. True if a step was applied."""
+        cfg, state = self.cfg, self.state
         x, y = self.streams.segment(pos, seq_len, self.device)
         # Under DDP, gradients are averaged over the ranks only on the segment that completes a step. The epoch's
         # last segment always does: a partial step at the epoch's end is applied too.
-        completes_step = ts.micro + 1 >= cfg.accumulate or pos + seq_len >= self.streams.n - 1
+        completes_step = state.gathered + 1 >= cfg.accumulate or pos + seq_len >= self.streams.n - 1
         no_sync = self.ranks.enabled and not completes_step
         with self.forward_model.no_sync() if no_sync else contextlib.nullcontext():  # type: ignore[operator]
             with autocast(self.device, cfg.precision):
-                out = self.forward_model(x, ts.carried, targets=y, recompute=cfg.checkpoint_activations)
+                out = self.forward_model(x, state.carried, targets=y, recompute=cfg.checkpoint_activations)
                 loss = (out.loss + ar_tar(out, cfg)) / cfg.accumulate  # accumulate = mean over segments
             self.scaler.scale(loss).backward()
-        state = detach_state(out.state)
-        ts.micro += 1
-        ts.position = pos + seq_len
+        carried = detach_state(out.state)
+        state.gathered += 1
+        state.position = pos + seq_len
         checks = [out.loss.detach(), loss.detach()]
-        completes = ts.micro >= cfg.accumulate
+        completes = state.gathered >= cfg.accumulate
         if completes:
             checks.append(self.unscaled_grad_norm())
         # The loop's one host sync per batch: the loss for the log, and whether anything is non-finite. Under fp16
@@ -462,17 +470,17 @@ class TrainStep:
         # lowers the scale), not trouble in the model.
         values = torch.stack([c.float() for c in checks]).tolist()
         finite = all(math.isfinite(v) for v in (values[:2] if self.scaler.is_enabled() else values))
-        ts.bad_in_step |= not finite
+        state.bad_in_step |= not finite
         stepped = completes and self.apply()
         # After a skipped step the state starts afresh: the one that produced non-finite values would poison the rest.
-        ts.carried = None if completes and not stepped else state
-        window.count(values[0] if finite else None, y.numel())
+        state.carried = None if completes and not stepped else carried
+        metrics.count(values[0] if finite else None, y.numel())
         return stepped
 
     def finish_epoch(self) -> bool:
         """An epoch that ends mid-accumulation still applies what it gathered, as a mean. True if applied."""
-        norm = self.unscaled_grad_norm(scale=self.cfg.accumulate / self.ts.micro)
-        self.ts.bad_in_step |= not math.isfinite(norm.item()) and not self.scaler.is_enabled()
+        norm = self.unscaled_grad_norm(scale=self.cfg.accumulate / self.state.gathered)
+        self.state.bad_in_step |= not math.isfinite(norm.item()) and not self.scaler.is_enabled()
         return self.apply()
 
     def unscaled_grad_norm(self, scale: float = 1.0) -> torch.Tensor:
@@ -492,35 +500,35 @@ class TrainStep:
 
     def apply(self) -> bool:
         """The optimizer step with the gathered gradients, or its skip when any rank saw something non-finite."""
-        self.ts.bad_in_step = self.ranks.any(self.ts.bad_in_step, device=self.device)[0]  # all skip, or none
+        self.state.bad_in_step = self.ranks.any(self.state.bad_in_step, device=self.device)[0]  # all skip, or none
         return self._finish()
 
     def _finish(self) -> bool:
         """Apply the gathered gradients, or skip them if any loss or gradient was non-finite. True if applied.
         Raises NonFiniteLimit on the --nonfinite-limit'th skipped step in a row."""
-        opt, ts = self.optimizer, self.ts
+        opt, state = self.optimizer, self.state
         assert opt is not None
-        ts.micro = 0
-        if not ts.bad_in_step:
+        state.gathered = 0
+        if not state.bad_in_step:
             self.scaler.step(opt)  # opt.step(), unless an fp16 gradient overflowed (then the scale drops)
             self.scaler.update()
             opt.zero_grad(set_to_none=True)
-            ts.step += 1
-            ts.nonfinite_run = 0
+            state.step += 1
+            state.nonfinite_run = 0
             return True
         self.scaler.update()  # closes this step's unscale_ (the next step may unscale again)
         opt.zero_grad(set_to_none=True)
-        ts.bad_in_step = False
-        ts.carried = None
-        ts.nonfinite_run += 1
-        ts.nonfinite_total += 1
+        state.bad_in_step = False
+        state.carried = None
+        state.nonfinite_run += 1
+        state.nonfinite_total += 1
         limit = self.cfg.nonfinite_limit
-        self.log.line(f"warning: non-finite loss or gradient at epoch {ts.epoch}, position {ts.position}: "
-                      f"update skipped, recurrent state reset ({ts.nonfinite_run} in a row of at most {limit}, "
-                      f"{ts.nonfinite_total} in all)")
-        self.log.record("nonfinite", epoch=ts.epoch, step=ts.step, position=ts.position,
-                        in_a_row=ts.nonfinite_run, total=ts.nonfinite_total)
-        if ts.nonfinite_run >= limit:
+        self.log.line(f"warning: non-finite loss or gradient at epoch {state.epoch}, position {state.position}: "
+                      f"update skipped, recurrent state reset ({state.nonfinite_run} in a row of at most {limit}, "
+                      f"{state.nonfinite_total} in all)")
+        self.log.record("nonfinite", epoch=state.epoch, step=state.step, position=state.position,
+                        in_a_row=state.nonfinite_run, total=state.nonfinite_total)
+        if state.nonfinite_run >= limit:
             raise NonFiniteLimit
         return False
 
@@ -539,9 +547,9 @@ class CheckpointPolicy:
     weights are never saved. Under torchrun every rank calls `save` (the carried state is gathered); rank 0 writes.
     `optimizer` is the trainer's (it changes when SGD switches to averaged SGD)."""
 
-    def __init__(self, model: SHARNN, cfg: TrainConfig, corpus: Corpus, ts: TrainState, rng: np.random.Generator,
+    def __init__(self, model: SHARNN, cfg: TrainConfig, corpus: Corpus, state: TrainState, rng: np.random.Generator,
                  scaler: torch.amp.GradScaler, ranks: Dist, run_dir: Path, log: RunLog):
-        self.model, self.cfg, self.corpus, self.ts, self.rng, self.scaler = model, cfg, corpus, ts, rng, scaler
+        self.model, self.cfg, self.corpus, self.state, self.rng, self.scaler = model, cfg, corpus, state, rng, scaler
         self.ranks, self.run_dir, self.log = ranks, run_dir, log
         self.optimizer: torch.optim.Optimizer | None = None
         self.last_save_time = time.perf_counter()
@@ -550,7 +558,7 @@ class CheckpointPolicy:
     def due(self) -> bool:
         """Whether a periodic save is due after this optimizer step."""
         cfg = self.cfg
-        if cfg.save_every and self.ts.step % cfg.save_every == 0:
+        if cfg.save_every and self.state.step % cfg.save_every == 0:
             return True
         return (cfg.save_every_minutes is not None
                 and time.perf_counter() - self.last_save_time >= 60 * cfg.save_every_minutes)
@@ -558,7 +566,7 @@ class CheckpointPolicy:
     def save_periodic(self) -> None:
         """`last/`, and with --keep K also `step-NNNNNN/` (last/ then shares its files), the newest K kept."""
         if self.cfg.keep:
-            name = step_name(self.ts.step)
+            name = step_name(self.state.step)
             if self.save(name) and self.ranks.is_main:
                 link_checkpoint(self.run_dir / name, self.run_dir / "last")
                 prune_checkpoints(self.run_dir, self.cfg.keep)
@@ -568,38 +576,38 @@ class CheckpointPolicy:
     def save(self, name: str) -> bool:
         """Write the checkpoint `name`; returns whether it was written (never with non-finite weights: every rank
         sees the same weights, so all skip together, and the checkpoint there stays as it was)."""
-        ts = self.ts
+        state = self.state
         if not bool(torch.stack([torch.isfinite(p).all() for p in self.model.parameters()]).all()):
-            self.log.line(f"warning: the weights are not finite at step {ts.step}: {name}/ not written "
+            self.log.line(f"warning: the weights are not finite at step {state.step}: {name}/ not written "
                           "(its previous contents stay)")
-            self.log.record("unsaved", name=name, epoch=ts.epoch, step=ts.step, reason="non-finite weights")
+            self.log.record("unsaved", name=name, epoch=state.epoch, step=state.step, reason="non-finite weights")
             return False
         if name == "last":
-            self.last_saved_at = ts.step  # on every rank: they decide together whether to save again
-        carried = self.ranks.gather_state(ts.carried)  # all ranks' streams: resumable on any number of ranks
+            self.last_saved_at = state.step  # on every rank: they decide together whether to save again
+        carried = self.ranks.gather_state(state.carried)  # all ranks' streams: resumable on any number of ranks
         # Inside an --accumulate step, the gradients gathered so far, averaged over the ranks (a collective too).
-        grads = self.ranks.mean_grads(list(self.model.parameters())) if ts.micro else None
+        grads = self.ranks.mean_grads(list(self.model.parameters())) if state.gathered else None
         if self.ranks.is_main:
             self._write(name, carried, grads)
         if name != "best":
             self.last_save_time = time.perf_counter()
             if self.ranks.is_main:
-                self.log.record("save", name=name, epoch=ts.epoch, step=ts.step, position=ts.position)
+                self.log.record("save", name=name, epoch=state.epoch, step=state.step, position=state.position)
         return True
 
     def _write(self, name: str, carried: State | None, grads: list[torch.Tensor | None] | None) -> None:
-        ts = self.ts
+        state = self.state
         assert self.optimizer is not None
-        progress = {"epoch": ts.epoch, "step": ts.step, "position": ts.position, "best_bpc": ts.best_bpc}
-        train_state = ts.to_dict() | {
+        summary = {"epoch": state.epoch, "step": state.step, "position": state.position, "best_bpc": state.best_bpc}
+        saved = state.to_dict() | {
             "carried": state_to_list(carried),
             "optimizer": self.optimizer.state_dict(),
             "rng": rng_state(self.rng),
             "world": self.ranks.world,
-            "grads": grads,  # inside an --accumulate step (micro > 0): the gradients gathered so far
+            "grads": grads,  # inside an --accumulate step (gathered > 0): the gradients gathered so far
             "scaler": self.scaler.state_dict(),  # {} unless fp16
         }
-        save_checkpoint(self.run_dir / name, self.model, self.cfg, progress, train_state, vocab=self.corpus.vocab,
+        save_checkpoint(self.run_dir / name, self.model, self.cfg, summary, saved, vocab=self.corpus.vocab,
                         data=self.corpus.identity)
 
     def last_saved(self) -> str:
@@ -616,15 +624,15 @@ class Validator:
     with the averaged weights once SGD has switched to averaged SGD; a new best is saved as best/. Whether to
     switch is a separate question (`asgd_due`), which the trainer asks at the end of an epoch."""
 
-    def __init__(self, model: SHARNN, cfg: TrainConfig, corpus: Corpus, ts: TrainState, ranks: Dist,
+    def __init__(self, model: SHARNN, cfg: TrainConfig, corpus: Corpus, state: TrainState, ranks: Dist,
                  device: torch.device, log: RunLog, checkpoints: CheckpointPolicy):
-        self.model, self.cfg, self.corpus, self.ts, self.ranks = model, cfg, corpus, ts, ranks
+        self.model, self.cfg, self.corpus, self.state, self.ranks = model, cfg, corpus, state, ranks
         self.device, self.log, self.checkpoints = device, log, checkpoints
         self.validated_at = -1  # the step of the latest validation
 
     def validate(self, label: str, optimizer: torch.optim.Optimizer) -> EvalResult:
-        cfg, ts, ranks = self.cfg, self.ts, self.ranks
-        self.validated_at = ts.step
+        cfg, state, ranks = self.cfg, self.state, self.ranks
+        self.validated_at = state.step
         # After the switch to averaged SGD, the averaged weights are the model: evaluate and keep those.
         with averaged_weights(self.model.parameters(), optimizer):
             if ranks.is_main:
@@ -633,32 +641,32 @@ class Validator:
             loss = ranks.from_main(res.loss if ranks.is_main else 0.0, self.device)
             if not ranks.is_main:
                 res = EvalResult(loss, 0, 0.0)
-            improved = res.bpc < ts.best_bpc
+            improved = res.bpc < state.best_bpc
             if improved:
-                ts.best_bpc = res.bpc
+                state.best_bpc = res.bpc
                 self.checkpoints.save("best")
         self.log.line("-" * 89)
         self.log.line(
-            f"| {label} | step {ts.step} | "
+            f"| {label} | step {state.step} | "
             f"time {res.seconds:5.1f}s | valid loss {res.loss:5.3f} | valid bpc {res.bpc:6.4f} | "
             f"valid ppl {res.ppl:8.3f}{' | new best, saved' if improved else ''}"
         )
         self.log.line("-" * 89)
-        self.log.record("valid", epoch=ts.epoch, step=ts.step, loss=res.loss, bpc=res.bpc, ppl=res.ppl, best=improved)
+        self.log.record("valid", epoch=state.epoch, step=state.step, loss=res.loss, bpc=res.bpc, ppl=res.ppl, best=improved)
         return res
 
     def asgd_due(self, loss: float) -> bool:
         """AWD-LSTM's switch from SGD to averaged SGD: an end-of-epoch validation `loss` no better than the best of
         the earlier ones but the last --nonmono."""
-        cfg, ts = self.cfg, self.ts
-        return cfg.optimizer == "sgd" and not ts.asgd and should_switch_to_asgd(ts.val_history, loss, cfg.nonmono)
+        cfg, state = self.cfg, self.state
+        return cfg.optimizer == "sgd" and not state.asgd and should_switch_to_asgd(state.val_history, loss, cfg.nonmono)
 
 
 class Trainer:
     """The epoch/step loop, which only orchestrates: `run` goes epoch by epoch, `_train_epoch` segment by segment
     through the training step (`TrainStep`), then takes the decisions all ranks take together (`_after_batch`):
-    log (`MetricsWindow`), validate (`Validator`), save (`CheckpointPolicy`), stop for the budget or a signal.
-    Where the run stands is `self.ts`, a `TrainState`, which the pieces share."""
+    log (`MetricsLog`), validate (`Validator`), save (`CheckpointPolicy`), stop for the budget or a signal.
+    Where the run stands is `self.state`, a `TrainState`, which the pieces share."""
 
     def __init__(self, model: SHARNN, optimizer: torch.optim.Optimizer, cfg: TrainConfig, corpus: Corpus,
                  streams: Streams, rng: np.random.Generator, device: torch.device, run_dir: Path, log: RunLog,
@@ -666,20 +674,20 @@ class Trainer:
         self.model, self.cfg, self.streams, self.rng, self.device, self.run_dir, self.log = (
             model, cfg, streams, rng, device, run_dir, log)  # rng: the generator of segment lengths
         self.ranks = ranks = ranks or Dist()
-        self.ts = ts = TrainState.from_dict(saved) if saved is not None else TrainState()
-        ts.asgd = isinstance(optimizer, torch.optim.ASGD)
-        self.step = TrainStep(model, cfg, streams, ts, ranks, device, log, saved)
-        self.window = MetricsWindow(ts, cfg, log, ranks.world)
-        self.checkpoints = CheckpointPolicy(model, cfg, corpus, ts, rng, self.step.scaler, ranks, run_dir, log)
-        self.validator = Validator(model, cfg, corpus, ts, ranks, device, log, self.checkpoints)
+        self.state = state = TrainState.from_dict(saved) if saved is not None else TrainState()
+        state.asgd = isinstance(optimizer, torch.optim.ASGD)
+        self.step = TrainStep(model, cfg, streams, state, ranks, device, log, saved)
+        self.metrics = MetricsLog(state, cfg, log, ranks.world)
+        self.checkpoints = CheckpointPolicy(model, cfg, corpus, state, rng, self.step.scaler, ranks, run_dir, log)
+        self.validator = Validator(model, cfg, corpus, state, ranks, device, log, self.checkpoints)
         self.use_optimizer(optimizer)
         # --decay runs to the step where the budget ends; all ranks agree on it (their clocks differ a little).
-        self.first_step = ts.step
+        self.first_step = state.step
         self.horizon = self._horizon(seconds=0.0)
-        if ts.micro:
+        if state.gathered:
             self.step.restore_grads(saved["grads"])  # type: ignore[index]
             # The rest of an unfinished step runs on this run's schedule: a --lr given on resume applies to it too.
-            set_lr(optimizer, lr_at(ts.step + 1, ts.epoch, cfg, self.horizon))
+            set_lr(optimizer, lr_at(state.step + 1, state.epoch, cfg, self.horizon))
         self.stop_signal: int | None = None  # set by the SIGINT/SIGTERM handler
         self.epochs_done = 0
         self.seconds = 0.0
@@ -692,19 +700,19 @@ class Trainer:
 
     @property
     def chars_per_s(self) -> float:
-        return self.window.chars / self.seconds if self.seconds > 0 else 0.0
+        return self.metrics.chars / self.seconds if self.seconds > 0 else 0.0
 
     def out_of_budget(self) -> bool:
         cfg = self.cfg
-        if cfg.max_steps is not None and self.ts.step >= cfg.max_steps:
+        if cfg.max_steps is not None and self.state.step >= cfg.max_steps:
             return True
         return cfg.max_time is not None and time.perf_counter() - self.start_time >= cfg.max_time
 
     def run(self) -> None:
-        ts = self.ts
+        state = self.state
         try:
             reason = None
-            while ts.epoch <= self.cfg.epochs:
+            while state.epoch <= self.cfg.epochs:
                 reason = self._stop_reason() or self._train_epoch()
                 if reason:
                     break
@@ -712,11 +720,11 @@ class Trainer:
         except NonFiniteLimit:
             self._stop_nonfinite()
         if reason == "budget":
-            self.log.line(f"stopping at step {ts.step}: budget reached (--max-steps/--max-time)")
+            self.log.line(f"stopping at step {state.step}: budget reached (--max-steps/--max-time)")
             if not self.saved_at_epoch_start:  # unless --eval-interval / --save-every just did it at this step
-                if self.validator.validated_at != ts.step:
-                    self.validator.validate(f"validation at epoch {ts.epoch:3d}", self.optimizer)
-                if self.checkpoints.last_saved_at != ts.step:
+                if self.validator.validated_at != state.step:
+                    self.validator.validate(f"validation at epoch {state.epoch:3d}", self.optimizer)
+                if self.checkpoints.last_saved_at != state.step:
                     self.checkpoints.save("last")
         if self.stop_signal is not None:  # also when it came during a validation after the last batch
             if reason == "signal" and not self.saved_at_epoch_start:  # else last/ was just saved
@@ -726,19 +734,19 @@ class Trainer:
     def _end_epoch(self) -> None:
         """Move to the next epoch first, so that checkpoints written now resume at its start; then validate (and
         perhaps switch to averaged SGD) and save."""
-        ts, cfg = self.ts, self.cfg
+        state, cfg = self.state, self.cfg
         self.epochs_done += 1
-        ts.epoch, ts.position, ts.carried, ts.window = ts.epoch + 1, 0, None, new_window()
-        res = self.validator.validate(f"end of epoch {ts.epoch - 1:3d}", self.optimizer)
+        state.epoch, state.position, state.carried, state.log_sums = state.epoch + 1, 0, None, new_log_sums()
+        res = self.validator.validate(f"end of epoch {state.epoch - 1:3d}", self.optimizer)
         if self.validator.asgd_due(res.loss):
             self.use_optimizer(build_asgd(self.model.parameters(), cfg, self.optimizer.param_groups[0]["lr"]))
-            ts.asgd = True
+            state.asgd = True
             self.log.line(f"switching to averaged SGD: validation has not improved for {cfg.nonmono} epochs")
-            self.log.record("asgd", epoch=ts.epoch, step=ts.step)
-        ts.val_history.append(res.loss)
+            self.log.record("asgd", epoch=state.epoch, step=state.step)
+        state.val_history.append(res.loss)
         self.checkpoints.save("last")
-        if ts.epoch - 1 in cfg.when:  # as the reference did: keep the model from before the LR drops
-            self.checkpoints.save(f"epoch-{ts.epoch - 1:03d}")
+        if state.epoch - 1 in cfg.when:  # as the reference did: keep the model from before the LR drops
+            self.checkpoints.save(f"epoch-{state.epoch - 1:03d}")
         self.saved_at_epoch_start = True
 
     def _train_epoch(self) -> str | None:
@@ -747,27 +755,27 @@ class Trainer:
         Returns None at the epoch's end, or why it stopped early: 'budget' (--max-steps/--max-time, checked
         after each optimizer step) or 'signal' (SIGINT/SIGTERM, checked after each batch).
         """
-        cfg, ts = self.cfg, self.ts
+        cfg, state = self.cfg, self.state
         self.model.train()
         est_batches = max(1, (self.streams.n - 1) // cfg.bptt)
-        bar = TrainProgress(cfg, ts.epoch, est_batches, min(ts.position // cfg.bptt, est_batches), ts.step,
+        bar = TrainProgress(cfg, state.epoch, est_batches, min(state.position // cfg.bptt, est_batches), state.step,
                             self.start_time, show=not self.log.quiet)
-        self.window.start_clock()
+        self.metrics.start_clock()
         try:
-            for pos, seq_len in train_segments(self.streams, cfg.bptt, self.rng, start=ts.position):
+            for pos, seq_len in train_segments(self.streams, cfg.bptt, self.rng, start=state.position):
                 self.saved_at_epoch_start = False
                 t0 = time.perf_counter()
-                if ts.micro == 0:
-                    set_lr(self.optimizer, lr_at(ts.step + 1, ts.epoch, cfg, self.horizon))
-                stepped = self.step.segment(pos, seq_len, self.window)
+                if state.gathered == 0:
+                    set_lr(self.optimizer, lr_at(state.step + 1, state.epoch, cfg, self.horizon))
+                stepped = self.step.segment(pos, seq_len, self.metrics)
                 self.seconds += time.perf_counter() - t0
-                bar.update(min(ts.position // cfg.bptt, est_batches), ts.step, ts.micro)
-                if self.window.due():
+                bar.update(min(state.position // cfg.bptt, est_batches), state.step, state.gathered)
+                if self.metrics.due():
                     scale = self.step.scaler.get_scale() if self.step.scaler.is_enabled() else None
-                    self.window.emit(est_batches, self.optimizer.param_groups[0]["lr"], scale, bar.log_suffix())
+                    self.metrics.emit(est_batches, self.optimizer.param_groups[0]["lr"], scale, bar.log_suffix())
                 if reason := self._after_batch(stepped):
                     return reason
-            if ts.micro:  # a step like any other: validate, save, budget
+            if state.gathered:  # a step like any other: validate, save, budget
                 return self._after_batch(self.step.finish_epoch())
             return None
         finally:
@@ -782,8 +790,8 @@ class Trainer:
         save_due, over, signalled = map(bool, flags)
         if stepped:
             self.horizon = self._horizon(seconds)
-            if self.cfg.eval_interval and self.ts.step % self.cfg.eval_interval == 0:
-                self.validator.validate(f"validation at epoch {self.ts.epoch:3d}", self.optimizer)
+            if self.cfg.eval_interval and self.state.step % self.cfg.eval_interval == 0:
+                self.validator.validate(f"validation at epoch {self.state.epoch:3d}", self.optimizer)
                 self.model.train()
             if save_due:
                 self.checkpoints.save_periodic()
@@ -796,14 +804,14 @@ class Trainer:
 
     def _horizon(self, seconds: float) -> float:
         """The step at which the budget ends (optim.budget_horizon), `seconds` into this process's run."""
-        cfg, ts = self.cfg, self.ts
+        cfg, state = self.cfg, self.state
         per_epoch = (self.streams.n - 1) / cfg.bptt / cfg.accumulate
-        to_end = (cfg.epochs - ts.epoch + 1) * per_epoch - ts.position / cfg.bptt / cfg.accumulate
-        return budget_horizon(ts.step, cfg, seconds=seconds, timed_steps=ts.step - self.first_step,
+        to_end = (cfg.epochs - state.epoch + 1) * per_epoch - state.position / cfg.bptt / cfg.accumulate
+        return budget_horizon(state.step, cfg, seconds=seconds, timed_steps=state.step - self.first_step,
                               steps_to_last_epoch_end=to_end)
 
     def _stop_reason(self) -> str | None:
-        signalled, over = self.ranks.any(self.stop_signal is not None, self.ts.micro == 0 and self.out_of_budget(),
+        signalled, over = self.ranks.any(self.stop_signal is not None, self.state.gathered == 0 and self.out_of_budget(),
                                          device=self.device)
         if signalled:
             self.stop_signal = self.stop_signal or signal.SIGTERM  # another rank got it
@@ -813,14 +821,14 @@ class Trainer:
     def _stop_nonfinite(self) -> None:
         """--nonfinite-limit skipped steps in a row: save the weights from before the trouble (if they are finite)
         and stop with a message saying what `last/` holds."""
-        ts, last = self.ts, self.run_dir / "last"
-        stopped = (f"stopped: {ts.nonfinite_run} optimizer steps in a row had a non-finite loss or gradient "
-                   f"(epoch {ts.epoch}, after step {ts.step}). ")
+        state, last = self.state, self.run_dir / "last"
+        stopped = (f"stopped: {state.nonfinite_run} optimizer steps in a row had a non-finite loss or gradient "
+                   f"(epoch {state.epoch}, after step {state.step}). ")
         # No bad update was applied, so these are the weights from before the trouble, unless an update with a
         # finite gradient made them non-finite (save refuses those).
         if self.checkpoints.save("last"):
             error = SharnnError(f"{stopped}None of them was applied: {last} holds the weights from step "
-                                f"{ts.step}, before the trouble, and resumes after the bad batches; try it with "
+                                f"{state.step}, before the trouble, and resumes after the bad batches; try it with "
                                 "a lower --lr or a smaller --clip")
         else:
             error = SharnnError(f"{stopped}The weights themselves are not finite (an update with a finite "
@@ -831,10 +839,10 @@ class Trainer:
 
     def _interrupted(self) -> None:
         name = signal.Signals(self.stop_signal).name  # type: ignore[arg-type]
-        ts = self.ts
-        where = f"epoch {ts.epoch}, step {ts.step}" + (f" (+{ts.micro} gathered segments)" if ts.micro else "")
+        state = self.state
+        where = f"epoch {state.epoch}, step {state.step}" + (f" (+{state.gathered} gathered segments)" if state.gathered else "")
         self.log.line(f"stopped by {name} at {where}; saved {self.run_dir / 'last'}")
-        self.log.record("interrupted", signal=name, epoch=ts.epoch, step=ts.step)
+        self.log.record("interrupted", signal=name, epoch=state.epoch, step=state.step)
         raise TrainingInterrupted(
             f"stopped by {name} at {where}; a resumable checkpoint is in {self.run_dir / 'last'}. "
             f"To continue, run the same command with --resume {self.run_dir}",
