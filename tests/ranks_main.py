@@ -35,32 +35,32 @@ def _fail_here(where: str) -> None:
 
         train_module.evaluate = evaluate
     elif where in ("step", "kill"):
-        finish_step = train_module._Loop._finish_step
+        finish_step = train_module.TrainStep._finish
 
-        def failing_step(loop):
-            if loop.ts.step == 2 and where == "kill":
+        def failing_step(step):
+            if step.state.step == 2 and where == "kill":
                 os.kill(os.getpid(), signal.SIGKILL)
-            if loop.ts.step == 2:
+            if step.state.step == 2:
                 raise SharnnError(f"rank {os.environ['RANK']} could not take step 3")
-            return finish_step(loop)
+            return finish_step(step)
 
-        train_module._Loop._finish_step = failing_step
+        train_module.TrainStep._finish = failing_step
 
 
 def _signal_mid_step() -> None:
     loops = []
-    init, detach_state = train_module._Loop.__init__, train_module.detach_state
+    init, detach_state = train_module.Trainer.__init__, train_module.detach_state
 
     def remember(loop, *args, **kwargs):
         init(loop, *args, **kwargs)
         loops.append(loop)
 
     def detach_and_signal(state):  # the loop calls it once a segment, before it counts the segment
-        if loops[0].ts.step == 2 and loops[0].ts.micro == 0:
+        if loops[0].state.step == 2 and loops[0].state.gathered == 0:
             loops[0].stop_signal = loops[0].ranks.signalled = signal.SIGTERM  # what the loop's handler records
         return detach_state(state)
 
-    train_module._Loop.__init__ = remember
+    train_module.Trainer.__init__ = remember
     train_module.detach_state = detach_and_signal
 
 

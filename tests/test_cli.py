@@ -191,7 +191,8 @@ def test_tiny_train_then_eval(tmp_path: Path, text_file: Path, capsys: pytest.Ca
 
 
 def settings(*argv: str):
-    return resolve_train_settings(build_parser().parse_args(["train", *argv]))
+    model, train, given, _ = resolve_train_settings(build_parser().parse_args(["train", *argv]))
+    return model, train, given
 
 
 def test_flags_override_preset() -> None:

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from sharnn.cli import main
 from sharnn.data import (
     Streams,
     eval_segments,
@@ -83,6 +84,35 @@ def test_prepare_enwik8_small_sizes(tmp_path: Path) -> None:
         "train": 900, "valid": 50, "test": 50}
     got = b"".join(p.read_bytes() for p in split_files(out))
     assert got == pattern(0, 1000).tobytes()
+
+
+def test_prepare_replaces_split_files_only_with_overwrite(tmp_path: Path, capsys) -> None:
+    # sharnn.outputs' rule: a file a command writes is replaced only with --overwrite (and a folder under its
+    # name, or the archive being read, never); other files in DIR are not its business.
+    zip_path = make_zip(tmp_path / "e.zip", 1000, method=zipfile.ZIP_STORED)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "test.bin").write_bytes(b"mine")
+    (out / "notes.txt").write_bytes(b"notes")
+    with pytest.raises(SharnnError, match=r"already holds test.bin; pass --overwrite"):
+        prepare_enwik8(out, zip_path=zip_path, expected_bytes=1000, heldout=50)
+    assert (out / "test.bin").read_bytes() == b"mine" and not (out / "train.bin").exists()
+    prepare_enwik8(out, zip_path=zip_path, expected_bytes=1000, heldout=50, overwrite=True)
+    assert (out / "test.bin").read_bytes() == pattern(950, 50).tobytes()
+    assert (out / "notes.txt").read_bytes() == b"notes"
+    with pytest.raises(SharnnError, match=r"already holds train.bin, valid.bin, test.bin, meta.json"):
+        prepare_enwik8(out, zip_path=zip_path, expected_bytes=1000, heldout=50)
+    (out / "meta.json").unlink()
+    (out / "meta.json").mkdir()
+    with pytest.raises(SharnnError, match="is a folder"):
+        prepare_enwik8(out, zip_path=zip_path, expected_bytes=1000, heldout=50, overwrite=True)
+    inside = out / "train.bin"
+    with pytest.raises(SharnnError, match="is the input"):
+        prepare_enwik8(out, zip_path=inside, expected_bytes=1000, heldout=50, overwrite=True)
+    # The command line: --overwrite is the flag that allows it.
+    (out / "meta.json").rmdir()
+    argv = ["data", "enwik8", str(out), "--from-zip", str(zip_path)]
+    assert main(argv) == 2 and "pass --overwrite" in capsys.readouterr().err
 
 
 def test_prepare_enwik8_accepts_member_in_a_folder(tmp_path: Path) -> None:

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from sharnn.checkpoint import save_checkpoint
+from sharnn.checkpoint import Checkpoint, save_checkpoint
 from sharnn.config import SHARNNConfig
 from sharnn.errors import SharnnError
 from sharnn.model import SHARNN
-from sharnn.train import _resumed_model_config
+from sharnn.resume import resumed_model_config
 
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "sharnn"
 
@@ -56,8 +56,21 @@ def test_resume_refuses_every_setting_that_shapes_the_weights(tmp_path: Path) ->
     assert set(changed) == SHARNNConfig.weight_settings() - {"vocab_size"}
     for name, value in changed.items():
         with pytest.raises(SharnnError, match=f"--{name.replace('_', '-')} .* conflicts with the checkpoint"):
-            _resumed_model_config(tmp_path / "ckpt", {name: value})
+            resumed_model_config(Checkpoint.open(tmp_path / "ckpt"), {name: value})
     # The run settings may change on resume: dropouts, the span, the window.
     run = {"dropout": 0.3, "dropouth": 0.2, "dropouti": 0.0, "dropoute": 0.1, "wdrop": 0.1, "attn_span": 12,
            "attn_window": "reference"}
-    assert _resumed_model_config(tmp_path / "ckpt", run) == replace(cfg, **run)
+    assert resumed_model_config(Checkpoint.open(tmp_path / "ckpt"), run) == replace(cfg, **run)
+
+
+def test_functions_and_classes_stay_readable() -> None:
+    # Each piece readable alone: no function (its nested functions included) over 70 lines, no class over 200.
+    long = []
+    for f in sorted(PACKAGE.rglob("*.py")):
+        for node in ast.walk(ast.parse(f.read_text())):
+            if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                continue
+            limit = 200 if isinstance(node, ast.ClassDef) else 70
+            if (lines := node.end_lineno - node.lineno + 1) > limit:  # type: ignore[operator]
+                long.append(f"{f.relative_to(PACKAGE)}:{node.lineno} {node.name}: {lines} lines (at most {limit})")
+    assert not long, long

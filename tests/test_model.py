@@ -10,7 +10,7 @@ import torch
 
 from sharnn.config import SHARNNConfig
 from sharnn.errors import SharnnError
-from sharnn.model import SHARNN, Attention, Boom, Overparam, count_parameters, detach_state, gelu
+from sharnn.model import SHARNN, Attention, Boom, count_parameters, detach_state, gelu
 
 
 def run_in_segments(model: SHARNN, x: torch.Tensor, sizes: list[int]) -> torch.Tensor:
@@ -98,10 +98,8 @@ def test_boom_overparam_gelu() -> None:
     u = gelu(boom.linear1(x))
     assert torch.allclose(boom(x), u[..., :4] + u[..., 4:8] + u[..., 8:])
     assert torch.allclose(gelu(torch.tensor(1.0)), torch.sigmoid(torch.tensor(1.702)))
-    op = Overparam(4)
-    z = torch.randn(4)
-    c, f = op.l1(z)[:4], op.l1(z)[4:]
-    assert torch.allclose(op(z), torch.sigmoid(f) * torch.tanh(c))
+    # Overparam's formula is held to the original code's outputs by tests/test_reference_golden.py (its value
+    # gate runs through it), not restated here.
 
 
 @pytest.mark.parametrize("vocab,attn,expected", [

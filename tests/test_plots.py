@@ -147,7 +147,7 @@ def peaked_model() -> SHARNN:
 def test_the_weights_drawn_are_the_models(monkeypatch) -> None:
     model = peaked_model()
     ids = torch.randint(0, 256, (300,), generator=torch.Generator().manual_seed(0))
-    maps, uses = attention_over_text(model, ids, start=200, window=16, chunk=50)
+    maps, uses = attention_over_text(model, ids, start=200, heatmap=16, chunk=50)
     fig = attention_figure(maps, uses, ids.tolist(), model.vocab, MODEL.attn_span)
     drawn = torch.tensor(fig.subfigs[0].axes[0].images[0].get_array())  # read back from the figure
 
@@ -180,7 +180,8 @@ def test_attention_command_writes_the_image_asked_for(tmp_path: Path, suffix: st
     text = tmp_path / "text.txt"
     text.write_bytes(b"Stop thinking with your head.\nOne head is enough. " * 20)
     out = tmp_path / f"attention{suffix}"
-    args = ["attention", str(tmp_path / "ckpt"), "--text", str(text), "-o", str(out), "--window", "12",
+    heatmap = "--heatmap" if suffix == ".svg" else "--window"  # the flag, and its older spelling
+    args = ["attention", str(tmp_path / "ckpt"), "--text", str(text), "-o", str(out), heatmap, "12",
             "--at", "100", "--max-bytes", "400", "--device", "cpu"]
     assert main(args) == 0
     data = out.read_bytes()

@@ -11,7 +11,7 @@ from sharnn.model import SHARNN, count_parameters
 
 
 def built(*argv: str) -> tuple[SHARNN, object]:
-    model_cfg, train_cfg, _ = resolve_train_settings(build_parser().parse_args(["train", *argv]))
+    model_cfg, train_cfg, *_ = resolve_train_settings(build_parser().parse_args(["train", *argv]))
     with torch.device("meta"):  # shapes only: no memory, no time
         return SHARNN(model_cfg), train_cfg
 

@@ -25,7 +25,6 @@ from safetensors.torch import load_file
 import sharnn.checkpoint as checkpoint_mod
 import sharnn.train as train_mod
 from sharnn.checkpoint import (
-    clean_run_folder,
     link_checkpoint,
     load_model,
     load_train_state,
@@ -42,6 +41,7 @@ from sharnn.evaluate import evaluate
 from sharnn.generate import generate_ids
 from sharnn.model import SHARNN
 from sharnn.optim import lr_at
+from sharnn.runfolder import clean_run_folder
 from sharnn.score import score_stream
 from sharnn.train import TrainingInterrupted, train
 from sharnn.vocab import BYTES
@@ -94,7 +94,8 @@ DRIVER = r"""
 import json, os, random, shutil, signal, sys, time
 from pathlib import Path
 import torch
-from sharnn.checkpoint import link_checkpoint, prune_checkpoints, save_checkpoint, step_name
+from sharnn.checkpoint import link_checkpoint, save_checkpoint, step_name
+from sharnn.runfolder import prune_checkpoints
 from sharnn.config import SHARNNConfig
 from sharnn.model import SHARNN
 
@@ -226,7 +227,7 @@ def test_resume_is_exact_in_weights_and_log_lines(text_file: Path, tmp_path: Pat
     train(MODEL, cfg_for(text_file, tmp_path / "straight", max_steps=22), quiet=True)
     split = tmp_path / "split"
     train(MODEL, cfg_for(text_file, split, max_steps=12), quiet=True)  # stops inside a 5-batch log window
-    assert load_train_state(split / "last")["window"]["batches"] == 2
+    assert load_train_state(split / "last")["log_sums"]["batches"] == 2
     train(MODEL, cfg_for(text_file, split, max_steps=22, resume=str(split)), quiet=True)
     assert_same_run(tmp_path / "straight", split)
 
@@ -252,7 +253,7 @@ def test_resume_mid_accumulation_after_sigterm(text_file: Path, tmp_path: Path, 
     assert e.value.exit_status == 143
     assert signal.getsignal(signal.SIGTERM) is before  # handlers only while training
     state = load_train_state(split / "last")
-    assert (state["step"], state["micro"]) == (2, 2) and state["grads"] is not None
+    assert (state["step"], state["gathered"]) == (2, 2) and state["grads"] is not None
     monkeypatch.setattr(train_mod, "ar_tar", real)
     train(MODEL, cfg_for(text_file, split, max_steps=6, resume=str(split), **kw), quiet=True)
     assert_same_run(tmp_path / "straight", split)
@@ -300,7 +301,7 @@ def test_the_first_log_line_after_a_resume_times_this_process_only(text_file: Pa
                                                                     monkeypatch) -> None:
     run = tmp_path / "run"
     train(MODEL, cfg_for(text_file, run, max_steps=9), quiet=True)  # --log-interval 5: the window holds 4 batches
-    assert load_train_state(run / "last")["window"]["batches"] == 4
+    assert load_train_state(run / "last")["log_sums"]["batches"] == 4
     real = train_mod.ar_tar
     monkeypatch.setattr(train_mod, "ar_tar", lambda out, cfg: (time.sleep(0.1), real(out, cfg))[1])
     train(MODEL, cfg_for(text_file, run, max_steps=10, resume=str(run)), quiet=True)

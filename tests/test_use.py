@@ -249,7 +249,6 @@ def test_score_lines_match_hand_computation(model: SHARNN) -> None:
         assert s.tokens == len(line) + 1
         assert s.logprob == pytest.approx(by_hand(model, b"\n", line + b"\n"), abs=1e-4)
         assert sum(lp for _, lp in s.token_logprobs) == pytest.approx(s.logprob, abs=1e-6)
-        assert s.bpc == pytest.approx(-s.logprob / math.log(2) / s.tokens)
     one_by_one = [next(iter(score_lines(model, BYTES, [line]))).logprob for line in lines]
     assert one_by_one == pytest.approx([s.logprob for s in scores], abs=1e-4)  # padding never leaks
     ctx = next(iter(score_lines(model, BYTES, [b"the end"], context=b"some context\n", eos=False)))

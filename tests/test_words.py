@@ -116,6 +116,9 @@ def test_prepare_ptb_and_ptb_char(tmp_path: Path) -> None:
     assert c.vocab.kind == "words" and c.vocab.level == "word"
     assert main(["data", "ptb-char", str(tmp_path / "pc"), "--from-archive", str(tgz)]) == 0
     assert load_corpus(tmp_path / "pc").vocab.level == "char"
+    with pytest.raises(SharnnError, match="already holds train.txt, valid.txt, test.txt, meta.json"):
+        prepare_awd("ptb", tmp_path / "ptb", archive=tgz)  # the splits are replaced only with --overwrite
+    assert prepare_awd("ptb", tmp_path / "ptb", archive=tgz, overwrite=True) == sizes
     # the download path, through a local file:// address
     prepare_awd("ptb", tmp_path / "dl", url=tgz.resolve().as_uri())
     assert (tmp_path / "dl" / "train.txt").read_bytes() == (tmp_path / "ptb" / "train.txt").read_bytes()

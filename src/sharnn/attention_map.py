@@ -8,18 +8,21 @@ there: up to attn_span positions back.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from .errors import SharnnError
 from .model import SHARNN
 from .runtime import attention_bytes, require_memory
+from .segments import Segment, walk
 
 
 class AttentionMap(NamedTuple):
-    """The weights of `window` consecutive queries on the keys just before and among them, for a heat-map."""
+    """The weights of `heatmap` consecutive queries on the keys just before and among them, for a heat-map."""
 
     block: int
     start: int  # text position of the first query
@@ -40,26 +43,39 @@ def attention_blocks(model: SHARNN) -> list[int]:
     return [i for i, b in enumerate(model.blocks) if b.attn is not None]
 
 
+def heatmap_start(tokens: int, heatmap: int, at: int | None, text: str = "the text") -> int:
+    """The text position of the heat-map's first query (`sharnn attention --at`; by default the last `heatmap`
+    tokens read), refused in one line when the heat-map's `heatmap` queries (--heatmap) do not fit."""
+    if tokens < heatmap:
+        raise SharnnError(f"{text} holds {tokens} tokens, fewer than --heatmap {heatmap}")
+    start = tokens - heatmap if at is None else at
+    if not 0 <= start <= tokens - heatmap:
+        raise SharnnError(f"--at {start} leaves no room for --heatmap {heatmap} in the {tokens} tokens read; "
+                          f"use 0 to {tokens - heatmap}")
+    return start
+
+
 @torch.no_grad()
-def attention_over_text(model: SHARNN, ids: Tensor, start: int, window: int,
-                        chunk: int = 256, before: int | None = None) -> tuple[list[AttentionMap], list[AttentionUse]]:
+def attention_over_text(model: SHARNN, ids: Tensor | list[int], start: int, heatmap: int, chunk: int = 256,
+                        before: int | None = None) -> tuple[list[AttentionMap], list[AttentionUse]]:
     """Run `ids` (L,) through the model and gather each attention block's weights.
 
     Args:
-        ids: (L,) token ids, on the model's device.
-        start, window: the heat-map's queries are positions start .. start + window - 1 (run as one segment);
-            its keys are the `before` (default: `window`) positions before them and the queries themselves.
+        ids: (L,) token ids.
+        start, heatmap: the heat-map's queries are positions start .. start + heatmap - 1 (run as one segment);
+            its keys are the `before` (default: `heatmap`) positions before them and the queries themselves.
         chunk: segment length for the rest of the text.
     Returns:
         one AttentionMap and one AttentionUse per attention block, in block order.
     """
+    ids = torch.as_tensor(ids, dtype=torch.long, device=model.encoder.weight.device)
     L, M = ids.shape[0], model.cfg.attn_span
-    assert 0 <= start and start + window <= L
-    require_memory(attention_bytes(model.cfg, 1, rows=2 * (M + chunk + window)),
+    assert 0 <= start and start + heatmap <= L
+    require_memory(attention_bytes(model.cfg, 1, rows=2 * (M + chunk + heatmap)),
                    f"attn_span {M:,}: the attention memory and its statistics", ids.device)
     blocks = attention_blocks(model)
     mean_distance = {i: torch.zeros(L) for i in blocks}
-    by_distance = {i: torch.zeros(M + chunk + window) for i in blocks}
+    by_distance = {i: torch.zeros(M + chunk + heatmap) for i in blocks}
     maps: dict[int, AttentionMap] = {}
     pos = 0  # text position of the current segment's first token
 
@@ -72,8 +88,8 @@ def attention_over_text(model: SHARNN, ids: Tensor, start: int, window: int,
             dist = (mem_len + torch.arange(T)[:, None]) - torch.arange(K)[None, :]  # (T, K) query - key position
             mean_distance[i][pos : pos + T] = (w * dist.clamp(min=0)).sum(-1)
             by_distance[i].scatter_add_(0, dist.clamp(min=0).reshape(-1), w.reshape(-1))  # future keys have w 0
-            if pos == start and T == window:
-                shown = min(window if before is None else before, mem_len)  # key columns before the first query
+            if pos == start and T == heatmap:
+                shown = min(heatmap if before is None else before, mem_len)  # key columns before the first query
                 first = mem_len - shown
                 maps[i] = AttentionMap(i, start, start - shown, w[:, first:].numpy(), w[:, :first].sum(-1).numpy())
         return record
@@ -83,10 +99,15 @@ def attention_over_text(model: SHARNN, ids: Tensor, start: int, window: int,
     model.eval()
     try:
         cuts = [(a, min(a + chunk, start) - a) for a in range(0, start, chunk)]
-        cuts += [(start, window)] + [(a, min(a + chunk, L) - a) for a in range(start + window, L, chunk)]
-        state = None
-        for pos, n in cuts:  # `pos` is read by the hooks
-            state = model(ids[pos : pos + n, None], state).state
+        cuts += [(start, heatmap)] + [(a, min(a + chunk, L) - a) for a in range(start + heatmap, L, chunk)]
+
+        def segments() -> Iterator[Segment]:
+            nonlocal pos  # read by the hooks while the model runs the segment
+            for pos, n in cuts:
+                yield ids[pos : pos + n, None], None
+
+        for _ in walk(model, segments(), loss=False):
+            pass
     finally:
         model.train(was_training)
         for handle in handles:

@@ -8,10 +8,10 @@
            train_state.pt     optimizer, RNG states, data position, carried RNN state and memory; written with
                               torch.save but only ever read with weights_only=True (no arbitrary unpickling)
 
-A run folder (`--save`) holds `best/` (best validation bpc, the paper's rule), `last/` (latest, for resume) and,
-with `--keep K`, the newest K periodic checkpoints `step-NNNNNN/` (`last/` is then hard links to the newest);
-`epoch-NNN/` with `--when`; `log.jsonl`; and `.lock`, which a trainer holds while it writes the folder
-(`RunLock`). Training writes and deletes only those names, and only what sharnn wrote under them.
+A checkpoint is opened once (`Checkpoint.open`): one object holding its settings, vocabulary and progress, which
+reads the weights and the training state when asked, each file once, checked against the manifest as it is read.
+Every command that reads a checkpoint takes that object. A run folder (`--save`; `runfolder.py`) holds `best/`,
+`last/`, `step-NNNNNN/` and `epoch-NNN/` checkpoints, `log.jsonl` and a lock.
 
 Crash safety. A checkpoint is built in `.NAME.tmp` (every file and the folder fsynced), then swapped in with two
 renames: NAME -> `.NAME.old`, `.NAME.tmp` -> NAME, and only then is `.NAME.old` deleted. Killed at any moment,
@@ -22,43 +22,35 @@ the folder therefore holds a complete NAME or, between the two renames, a comple
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import hashlib
+import io
 import json
 import os
 import pickle
 import random
 import re
 import shutil
-import socket
-import time
-from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import safetensors.torch
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_model as st_load_model
+from safetensors import SafetensorError
 from safetensors.torch import save_file as st_save_file
 
 from .config import SHARNNConfig, TrainConfig
-from .errors import SharnnError, require_writable_folder
+from .errors import SharnnError
 from .model import SHARNN, BlockState, State
-from .outputs import refuse_input_as_output
+from .outputs import sha256_file
 from .vocab import BYTES, Vocab
-
-try:
-    import fcntl
-except ImportError:  # pragma: no cover - Windows: no run-folder lock (see RunLock)
-    fcntl = None  # type: ignore[assignment]
 
 FORMAT = "sharnn-checkpoint"
 VERSION = 1
 STEP_DIR = re.compile(r"step-(\d+)")
 RUN_CHECKPOINT = re.compile(r"best|last|step-\d+|epoch-\d+")  # the checkpoint folders training writes in a run
-LOCK_FILE = ".lock"
 
 
 def step_name(step: int) -> str:
@@ -189,36 +181,6 @@ def step_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name.split("-")[1]))
 
 
-def prune_checkpoints(run_dir: str | os.PathLike, keep: int) -> None:
-    """Delete all but the newest `keep` periodic checkpoints (each renamed out of sight first)."""
-    steps = step_checkpoints(run_dir)
-    for p in steps[: max(0, len(steps) - keep)]:
-        trash = p.with_name(f".{p.name}.del")
-        _remove(trash)
-        os.replace(p, trash)
-        _remove(trash)
-
-
-def clean_run_folder(run_dir: str | os.PathLike) -> None:
-    """Tidy what a killed save left in a run folder: drop `.X.tmp`/`.X.del`, put a lone `.X.old` back as X
-    (X one of the checkpoint names training writes: nothing else in the folder is touched)."""
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        return
-    for p in sorted(run_dir.iterdir()):
-        m = re.fullmatch(r"\.(.+)\.(tmp|old|del)", p.name)
-        if not m or not p.is_dir() or p.is_symlink() or not RUN_CHECKPOINT.fullmatch(m.group(1)):
-            continue
-        name, kind = m.groups()
-        if kind == "old" and not (run_dir / name).exists():
-            try:
-                os.replace(p, run_dir / name)  # complete: a checkpoint is renamed to .old whole, deleted only later
-            except OSError:
-                pass  # resolve_checkpoint still finds it under its .old name
-        else:
-            _remove(p)
-
-
 def _remove(p: Path) -> None:
     shutil.rmtree(p, ignore_errors=True)
 
@@ -256,31 +218,8 @@ def _fsync(p: Path) -> None:
         os.close(fd)
 
 
-def _sha256(p: Path) -> str:
-    h = hashlib.sha256()
-    with open(p, "rb") as f:
-        while chunk := f.read(1 << 22):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _manifest(folder: Path) -> dict[str, dict[str, Any]]:
-    return {f.name: {"bytes": f.stat().st_size, "sha256": _sha256(f)} for f in sorted(folder.iterdir())}
-
-
-def _verify(ckpt: Path, name: str, meta: dict[str, Any]) -> None:
-    """Refuse a file whose size or SHA-256 differs from what config.json recorded when it was written."""
-    want = (meta.get("files") or {}).get(name)
-    if not isinstance(want, dict):
-        return  # written before checksums were recorded
-    p = ckpt / name
-    size = p.stat().st_size
-    if size != want.get("bytes"):
-        raise SharnnError(f"{p} is truncated or corrupt: {size:,} bytes, but {want.get('bytes')} were written; "
-                          "use another checkpoint (a run folder also has best/, last/ and step-*/)")
-    if _sha256(p) != want.get("sha256"):
-        raise SharnnError(f"{p} is corrupt: its SHA-256 differs from the one recorded when it was written; "
-                          "use another checkpoint (a run folder also has best/, last/ and step-*/)")
+    return {f.name: {"bytes": f.stat().st_size, "sha256": sha256_file(f)} for f in sorted(folder.iterdir())}
 
 
 def _unwrap(model: torch.nn.Module) -> SHARNN:
@@ -310,6 +249,12 @@ def resolve_checkpoint(path: str | os.PathLike, prefer: str = "best") -> Path:
         f"{p} is not a sharnn checkpoint (no config.json + model.safetensors); "
         "pass a folder written by `sharnn train --save`"
     )
+
+
+def run_folder_of(ckpt: Path) -> Path | None:
+    """The run folder a checkpoint sits in (`runs/A` for `runs/A/last`), or None for a checkpoint on its own."""
+    name = re.fullmatch(r"\.(.+)\.old", ckpt.name)
+    return ckpt.parent if RUN_CHECKPOINT.fullmatch(name.group(1) if name else ckpt.name) else None
 
 
 def missing_reason(p: Path) -> str:
@@ -358,47 +303,161 @@ def read_meta(ckpt: Path) -> dict[str, Any]:
     return meta
 
 
-def load_model(path: str | os.PathLike, device: torch.device | str = "cpu", prefer: str = "best",
-               model_class: type[SHARNN] = SHARNN) -> SHARNN:
-    """Rebuild the network from config.json and load the weights strictly."""
-    ckpt = resolve_checkpoint(path, prefer)
-    meta = read_meta(ckpt)
-    try:
-        cfg = SHARNNConfig.from_dict(meta["model"])
-    except (KeyError, TypeError) as e:
-        raise SharnnError(f"{ckpt}/config.json has no valid model section ({e})") from None
-    vocab = Vocab.from_dict(meta.get("vocab", {"type": "bytes"}))
-    if vocab.size != cfg.vocab_size:
-        raise SharnnError(f"{ckpt}/config.json is inconsistent: its vocabulary has {vocab.size} symbols but its "
-                          f"model {cfg.vocab_size}; the checkpoint is damaged")
-    weights = ckpt / "model.safetensors"
-    if not weights.is_file():
-        raise SharnnError(f"{ckpt} has no model.safetensors; the checkpoint is incomplete")
-    _verify(ckpt, "model.safetensors", meta)
-    check_weight_shapes(cfg, weights)  # before the model is built: a damaged config.json must not allocate
-    model = model_class(cfg)
-    model.vocab = vocab
-    try:
-        missing, unexpected = st_load_model(model, str(weights), strict=False, device="cpu")
-    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise SharnnError(f"{weights} is corrupt or does not match its config.json ({e})") from None
-    if missing or unexpected:
-        raise SharnnError(f"{weights} does not match its config.json (missing {missing[:3]}, unexpected {unexpected[:3]})")
-    return model.to(device)
+class Checkpoint:
+    """A checkpoint folder, opened once: what every command that reads a checkpoint takes.
 
-
-def check_weight_shapes(cfg: SHARNNConfig, weights: Path) -> None:
-    """Refuse a config.json that disagrees with the tensor shapes model.safetensors declares in its header.
-
-    Only the header is read (no tensor data), and the expected shapes come from the network built on PyTorch's
-    "meta" device, which allocates nothing. Once every shape matches, building the model needs no more memory
-    than the weights file holds, however a config.json was edited.
+    `Checkpoint.open` reads config.json (the model's settings, the vocabulary, the progress, the data's identity
+    and the manifest of the other files) and train_config.json (the run's settings), each checked once. The
+    weights (`model`) and the training state (`train_state`) are read when asked for, each file in one read
+    whose SHA-256 is checked against the manifest before anything is built from it.
     """
+
+    def __init__(self, path: Path, meta: dict[str, Any]):
+        self.path = path
+        self.meta = meta
+        try:
+            self.model_config = SHARNNConfig.from_dict(meta["model"])
+        except (KeyError, TypeError) as e:
+            raise SharnnError(f"{path}/config.json has no valid model section ({e})") from None
+        self.vocab = Vocab.from_dict(meta.get("vocab", {"type": "bytes"}))
+        if self.vocab.size != self.model_config.vocab_size:
+            raise SharnnError(f"{path}/config.json is inconsistent: its vocabulary has {self.vocab.size} symbols but "
+                              f"its model {self.model_config.vocab_size}; the checkpoint is damaged")
+        self.progress: dict[str, Any] = meta.get("progress") or {}
+        self.data: dict[str, Any] | None = meta.get("data")  # Corpus.identity of the training data, if recorded
+        self.train_config = self._read_train_config()
+
+    @classmethod
+    def open(cls, path: str | os.PathLike, prefer: str = "best") -> Checkpoint:
+        """The checkpoint at `path`: a checkpoint folder, or a run folder (its `prefer`red best/ or last/)."""
+        ckpt = resolve_checkpoint(path, prefer)
+        return cls(ckpt, read_meta(ckpt))
+
+    @property
+    def training_data(self) -> str:
+        """The --data the run trained on (the default's for a checkpoint without run settings)."""
+        return (self.train_config or TrainConfig()).data
+
+    @property
+    def run_folder(self) -> Path | None:
+        """The run folder this checkpoint sits in (`runs/A` for `runs/A/last`), or None for one on its own."""
+        return run_folder_of(self.path)
+
+    def _read(self, name: str) -> bytes:
+        """A file of the checkpoint, read once and checked against the size and SHA-256 config.json recorded."""
+        data = self._bytes(name)
+        self._check(name, data)
+        return data
+
+    def _bytes(self, name: str) -> bytes:
+        old = re.fullmatch(r"\.(.+)\.old", self.path.name)
+        if old and not self.path.exists() and (self.path.parent / old.group(1)).is_dir():
+            self.path = self.path.parent / old.group(1)  # clean_run_folder put it back under its name, whole
+        p = self.path / name
+        try:
+            return p.read_bytes()
+        except OSError as e:
+            raise SharnnError(f"cannot read {p}: {e.strerror}") from None
+
+    def _check(self, name: str, data: bytes) -> None:
+        """Refuse a file whose size or SHA-256 differs from what config.json recorded when it was written."""
+        p = self.path / name
+        want = (self.meta.get("files") or {}).get(name)
+        if not isinstance(want, dict):
+            return  # written before checksums were recorded
+        if len(data) != want.get("bytes"):
+            raise SharnnError(f"{p} is truncated or corrupt: {len(data):,} bytes, but {want.get('bytes')} were "
+                              "written; use another checkpoint (a run folder also has best/, last/ and step-*/)")
+        if hashlib.sha256(data).hexdigest() != want.get("sha256"):
+            raise SharnnError(f"{p} is corrupt: its SHA-256 differs from the one recorded when it was written; "
+                              "use another checkpoint (a run folder also has best/, last/ and step-*/)")
+
+    def _read_train_config(self) -> TrainConfig | None:
+        p = self.path / "train_config.json"
+        if not p.is_file():
+            return None
+        try:
+            return TrainConfig.from_dict(json.loads(self._read(p.name)))
+        except (ValueError, TypeError) as e:
+            raise SharnnError(f"{p} is corrupt ({e})") from None
+
+    def model(self, device: torch.device | str = "cpu", model_class: type[SHARNN] = SHARNN,
+              config: SHARNNConfig | None = None, attn_window: str | None = None) -> SHARNN:
+        """The network with the checkpoint's weights, loaded strictly.
+
+        `config`: build it with these settings instead of the saved ones: the same weights in a model run with
+        other dropouts, span or window (`resume.resumed_model_config` gives it; a setting that shapes the
+        weights must not differ). `attn_window`: the saved settings under this attention window rule (eval,
+        score and generate's --attn-window)."""
+        cfg = config or self.model_config
+        if attn_window is not None:
+            cfg = replace(cfg, attn_window=attn_window)
+        weights = self.path / "model.safetensors"
+        if not weights.is_file():
+            raise SharnnError(f"{self.path} has no model.safetensors; the checkpoint is incomplete")
+        data = self._read(weights.name)
+        check_weight_shapes(cfg, weights, _safetensors_shapes(data, weights))  # before a damaged config allocates
+        model = model_class(cfg)
+        model.vocab = self.vocab
+        try:
+            tensors = safetensors.torch.load(data)
+        except (SafetensorError, ValueError, RuntimeError) as e:
+            raise SharnnError(f"{weights} is corrupt or does not match its config.json ({e})") from None
+        del data
+        missing, unexpected = model.load_state_dict(tensors, strict=False)
+        tied = _tied_names(model)
+        missing = [n for n in missing if not any(m in tensors for m in tied.get(n, ()))]  # stored once
+        if missing or unexpected:
+            raise SharnnError(f"{weights} does not match its config.json (missing {missing[:3]}, unexpected "
+                              f"{unexpected[:3]})")
+        return model.to(device)
+
+    def train_state(self, device: torch.device | str = "cpu") -> dict[str, Any]:
+        """What train_state.pt holds (optimizer, RNG streams, data position, carried state, ...), read with
+        `weights_only` (nothing but tensors and plain values is ever unpickled)."""
+        p = self.path / "train_state.pt"
+        if not p.is_file():
+            raise SharnnError(f"{self.path} has no train_state.pt, so it cannot be resumed (it holds weights only)")
+        data = self._bytes(p.name)
+        try:
+            state = torch.load(io.BytesIO(data), map_location=device, weights_only=True)
+        except pickle.UnpicklingError as e:
+            raise SharnnError(refused_pickle(p, e)[0]) from None
+        except (RuntimeError, EOFError, OSError, ValueError, KeyError, IndexError, TypeError) as e:
+            raise SharnnError(f"{p} is truncated or corrupt ({_first_line(e)})") from None
+        self._check(p.name, data)  # after loading: a crafted pickle is reported as such
+        return state
+
+
+def _safetensors_shapes(data: bytes, weights: Path) -> dict[str, tuple[int, ...]]:
+    """{tensor name: shape} from a safetensors file's header, without touching its tensors: the format opens with
+    the header's length (8 bytes, little-endian) and then the header, JSON (safetensors' documented layout)."""
     try:
-        with safe_open(str(weights), framework="pt") as f:
-            stored = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}  # noqa: SIM118
-    except (SafetensorError, OSError, ValueError) as e:
+        n = int.from_bytes(data[:8], "little")
+        if len(data) < 8 + n:
+            raise ValueError("the header runs past the end of the file")
+        header = json.loads(data[8 : 8 + n])
+        return {name: tuple(int(d) for d in t["shape"]) for name, t in header.items() if name != "__metadata__"}
+    except (ValueError, TypeError, KeyError, AttributeError, UnicodeDecodeError) as e:
         raise SharnnError(f"{weights} is corrupt: its header cannot be read ({e})") from None
+
+
+def _tied_names(model: torch.nn.Module) -> dict[str, list[str]]:
+    """{name: the other names of the same tensor} for weights tied together (the decoder's and the embedding's)."""
+    names: dict[int, list[str]] = {}
+    for name, t in model.state_dict(keep_vars=True).items():
+        names.setdefault(id(t), []).append(name)
+    return {n: [m for m in group if m != n] for group in names.values() if len(group) > 1 for n in group}
+
+
+def check_weight_shapes(cfg: SHARNNConfig, weights: Path, stored: dict[str, tuple[int, ...]]) -> None:
+    """Refuse a config.json that disagrees with the tensor shapes `weights` (model.safetensors) declares in its
+    header (`stored`).
+
+    The expected shapes come from the network built on PyTorch's "meta" device, which allocates nothing. Once
+    every shape matches, building the model needs no more memory than the weights file holds, however a
+    config.json was edited.
+    """
     try:
         with torch.device("meta"):
             expected = SHARNN(cfg).state_dict(keep_vars=True)
@@ -433,35 +492,25 @@ def check_weight_shapes(cfg: SHARNNConfig, weights: Path) -> None:
                           "the checkpoint is damaged (use another one, or the config.json it was saved with)")
 
 
+def load_model(path: str | os.PathLike, device: torch.device | str = "cpu", prefer: str = "best",
+               model_class: type[SHARNN] = SHARNN) -> SHARNN:
+    """Rebuild the network from config.json and load the weights strictly (`Checkpoint.open(path).model()`)."""
+    return Checkpoint.open(path, prefer).model(device, model_class)
+
+
 def load_vocab(path: str | os.PathLike, prefer: str = "best") -> Vocab:
     """The vocabulary a checkpoint's model reads and writes."""
-    ckpt = resolve_checkpoint(path, prefer)
-    return Vocab.from_dict(read_meta(ckpt).get("vocab", {"type": "bytes"}))
+    return Checkpoint.open(path, prefer).vocab
 
 
-def load_train_config(ckpt: Path) -> TrainConfig | None:
-    p = ckpt / "train_config.json"
-    if not p.is_file():
-        return None
-    _verify(ckpt, p.name, read_meta(ckpt))
-    try:
-        return TrainConfig.from_dict(json.loads(p.read_text()))
-    except (ValueError, TypeError) as e:
-        raise SharnnError(f"{p} is corrupt ({e})") from None
+def load_train_config(path: str | os.PathLike, prefer: str = "best") -> TrainConfig | None:
+    """The settings of the run that wrote the checkpoint (None for one written outside training)."""
+    return Checkpoint.open(path, prefer).train_config
 
 
-def load_train_state(ckpt: Path, device: torch.device | str = "cpu") -> dict[str, Any]:
-    p = ckpt / "train_state.pt"
-    if not p.is_file():
-        raise SharnnError(f"{ckpt} has no train_state.pt, so it cannot be resumed (it holds weights only)")
-    try:
-        state = torch.load(p, map_location=device, weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise SharnnError(refused_pickle(p, e)[0]) from None
-    except (RuntimeError, EOFError, OSError, ValueError, KeyError, IndexError, TypeError) as e:
-        raise SharnnError(f"{p} is truncated or corrupt ({_first_line(e)})") from None
-    _verify(ckpt, p.name, read_meta(ckpt))  # after loading: a crafted pickle is reported as such
-    return state
+def load_train_state(path: str | os.PathLike, device: torch.device | str = "cpu") -> dict[str, Any]:
+    """What the checkpoint's train_state.pt holds (`Checkpoint.train_state`)."""
+    return Checkpoint.open(path, prefer="last").train_state(device)
 
 
 def load_pretrained(name_or_path: str | os.PathLike, device: torch.device | str = "cpu",
@@ -486,166 +535,6 @@ def load_pretrained(name_or_path: str | os.PathLike, device: torch.device | str 
     except Exception as e:  # noqa: BLE001 - the Hub client raises many kinds: offline, not found, gated, ...
         raise SharnnError(f"cannot fetch {name} from the Hugging Face Hub: {e}") from None
     return load_model(local, device, model_class=model_class)
-
-
-# --- the run folder -------------------------------------------------------------------------------------------
-
-
-def run_checkpoints(run_dir: Path) -> list[str]:
-    """The names of the checkpoints training wrote in `run_dir` (best, last, step-*, epoch-*)."""
-    if not run_dir.is_dir():
-        return []
-    return sorted(p.name for p in run_dir.iterdir() if RUN_CHECKPOINT.fullmatch(p.name) and is_checkpoint(p))
-
-
-def run_folder_of(ckpt: Path) -> Path | None:
-    """The run folder a checkpoint sits in (`runs/A` for `runs/A/last`), or None for a checkpoint on its own."""
-    name = re.fullmatch(r"\.(.+)\.old", ckpt.name)
-    return ckpt.parent if RUN_CHECKPOINT.fullmatch(name.group(1) if name else ckpt.name) else None
-
-
-def _is_run_log(p: Path) -> bool:
-    """A log.jsonl that training wrote: empty, or its first line a JSON object with an "event"."""
-    try:
-        with open(p, "rb") as f:
-            first = f.readline()
-        return not first or "event" in json.loads(first)
-    except (OSError, ValueError, TypeError):
-        return False
-
-
-def claim_run_folder(run_dir: Path, cfg: TrainConfig, resuming_here: bool = False) -> None:
-    """Make sure training writes only what it may in its --save folder.
-
-    An entry under a name training writes (best/, last/, step-*/, epoch-*/, log.jsonl) that sharnn did not write
-    is refused, even with --overwrite. A new run (or a resume into another run's folder) never silently replaces
-    the checkpoints of an earlier one: with --overwrite it deletes those checkpoints and the log, nothing else.
-    `resuming_here`: the run continues from a checkpoint of this folder.
-    """
-    for p in sorted(run_dir.iterdir()):
-        ours = is_checkpoint(p) if RUN_CHECKPOINT.fullmatch(p.name) else _is_run_log(p) if p.name == "log.jsonl" else True
-        if not ours:
-            raise SharnnError(f"{p} is in the way: training writes there, but sharnn did not write it; move it "
-                              "away or pass another --save (--overwrite replaces only what sharnn wrote)")
-    old = run_checkpoints(run_dir)
-    if resuming_here or not old:
-        return
-    if not cfg.overwrite:
-        raise SharnnError(
-            f"{run_dir} already holds a run ({', '.join(old)}); continue it with --resume {run_dir}, start over "
-            "with --overwrite, or pass another --save"
-        )
-    for name in old:
-        trash = run_dir / f".{name}.del"  # out of sight first: a half-deleted checkpoint is never seen as one
-        _remove(trash)
-        os.replace(run_dir / name, trash)
-        _remove(trash)
-    (run_dir / "log.jsonl").unlink(missing_ok=True)
-
-
-def check_checkpoint_output(out: str | os.PathLike, overwrite: bool, *inputs: str | os.PathLike) -> None:
-    """A command that writes the checkpoint folder `out` (collapse, import-reference) may create it, fill an
-    empty folder, or with --overwrite replace a checkpoint sharnn wrote; never an input, a run folder or a
-    folder of anything else."""
-    out = Path(out)
-    refuse_input_as_output(out, *inputs)
-    if not (out.exists() or out.is_symlink()) or (out.is_dir() and not out.is_symlink() and not any(out.iterdir())):
-        return
-    if run_checkpoints(out):
-        raise SharnnError(f"{out} is a run folder ({', '.join(run_checkpoints(out))}), which a checkpoint never "
-                          "replaces; give a new folder name")
-    if not is_checkpoint(out) or out.is_symlink():
-        raise SharnnError(f"{out} exists and is not a sharnn checkpoint, so it is never replaced (not even with "
-                          "--overwrite); give a new folder name")
-    if not overwrite:
-        raise SharnnError(f"{out} already holds a checkpoint; pass --overwrite to replace it, or give another name")
-
-
-class RunLock:
-    """While a trainer writes a run folder it holds an exclusive lock on `<run>/.lock` (fcntl.flock), so a second
-    trainer of the same folder is refused at once; the file names the holder (pid, host, start time). The
-    operating system releases the lock when the process ends, however it ends (SIGKILL too), so a killed run
-    never leaves the folder locked (only the file, which the next trainer takes over). On systems without
-    fcntl (Windows) no lock is taken (`held` stays False)."""
-
-    def __init__(self, run_dir: Path):
-        self.path = run_dir / LOCK_FILE
-        self.fd: int | None = None
-
-    @property
-    def held(self) -> bool:
-        return self.fd is not None
-
-    def acquire(self) -> None:
-        if fcntl is None:  # pragma: no cover - Windows
-            return
-        while True:
-            try:
-                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-            except OSError as e:
-                raise SharnnError(f"cannot create {self.path}: {e.strerror}; pass a writable --save") from None
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError as e:
-                os.close(fd)
-                if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                    raise SharnnError(f"cannot lock {self.path}: {e.strerror}") from None
-                raise SharnnError(f"{self.path.parent} is in use by another training ({self._holder()}); wait "
-                                  "for it to end, stop it, or pass another --save") from None
-            # The holder deletes the file as it lets go: a lock on a file that is no longer (or no longer this)
-            # .lock locks nothing, so take the new one.
-            try:
-                if os.path.samestat(os.fstat(fd), os.stat(self.path)):
-                    break
-            except FileNotFoundError:
-                pass
-            os.close(fd)
-        holder = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%d %H:%M:%S")}
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, (json.dumps(holder) + "\n").encode(), 0)
-        self.fd = fd
-
-    def _holder(self) -> str:
-        try:
-            h = json.loads(self.path.read_text())
-            return f"pid {h['pid']} on host {h['host']}, since {h['since']}"
-        except (OSError, ValueError, KeyError, TypeError):
-            return "a process that has not yet said which"
-
-    def release(self) -> None:
-        """Delete the file, then let go of the lock (closing the only descriptor releases it)."""
-        if self.fd is not None:
-            with contextlib.suppress(OSError):
-                self.path.unlink()
-            os.close(self.fd)
-            self.fd = None
-
-
-@contextlib.contextmanager
-def hold_run_folder(run_dir: Path) -> Iterator[RunLock]:
-    """Create the run folder if needed (proving it writable) and hold its lock for the block.
-
-    A folder this call created is removed again if the block leaves it empty (a run that failed before writing
-    anything), its new parent folders too."""
-    first_new = next((p for p in reversed([run_dir, *run_dir.parents]) if not p.exists()), None)
-    require_writable_folder(run_dir, "pass a writable --save")  # now, not after hours of training
-    lock = RunLock(run_dir)
-    lock.acquire()
-    try:
-        yield lock
-    finally:
-        lock.release()
-        with contextlib.suppress(OSError):  # rmdir fails on a folder that is not empty
-            for p in (run_dir, *run_dir.parents) if first_new is not None else ():
-                p.rmdir()
-                if p == first_new:
-                    break
-
-
-def checkpoint_bytes_needed(n_params: int, cfg: TrainConfig) -> int:
-    """About how much disk the run's checkpoints take at once: best, last, one being written, the kept step-*."""
-    moments = 2 if cfg.optimizer in ("lamb", "adam", "adamw") else 0
-    return 4 * n_params * (1 + moments) * (3 + cfg.keep)  # float32 weights and optimizer moments
 
 
 # --- what train_state.pt holds besides tensors of the model: RNG streams and the carried state ----------------

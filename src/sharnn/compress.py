@@ -64,7 +64,8 @@ from .config import SHARNNConfig, load_config_file, load_preset, preset_names, s
 from .dynamic import DynamicConfig, DynamicEval
 from .errors import SharnnError
 from .model import SHARNN, State, parameter_count
-from .outputs import refuse_input_as_output
+from .optim import WeightSnapshot
+from .outputs import refuse_input_as_output, sha256_file
 from .runtime import attention_bytes, require_memory
 from .vocab import BYTES
 
@@ -196,7 +197,7 @@ def quantise(probs: np.ndarray) -> np.ndarray:
     Integer arithmetic after one float multiply, so the encoder and decoder agree whenever the model's floats do;
     every byte keeps a nonzero share (a byte the model rules out, even with a float probability of exactly 0,
     still costs at most PRECISION bits). constriction takes the counts as floats (exactly representable) and
-    rescales them, the same way on both sides. Non-finite probabilities are refused (`_Stepper.predict` stops
+    rescales them, the same way on both sides. Non-finite probabilities are refused (`_Predictor.predict` stops
     before they get here).
     """
     if not np.isfinite(probs).all():
@@ -209,7 +210,7 @@ def quantise(probs: np.ndarray) -> np.ndarray:
     return q.astype(np.float64)
 
 
-class _Stepper:
+class _Predictor:
     """The model side of coding: one byte per stream per step, and the adaptation steps."""
 
     def __init__(self, model: SHARNN, streams: int, adapt: DynamicConfig | None):
@@ -337,20 +338,6 @@ def _open_input(path: Path) -> tuple[np.ndarray, int]:
     return data, length
 
 
-def _sha256_file(f: BinaryIO, end: int | None = None) -> str:
-    h = hashlib.sha256()
-    f.seek(0)
-    left = end
-    while left is None or left > 0:
-        buf = f.read(1 << 22 if left is None else min(left, 1 << 22))
-        if not buf:
-            break
-        h.update(buf)
-        if left is not None:
-            left -= len(buf)
-    return h.hexdigest()
-
-
 class _HashingWriter:
     """Writes to a file and hashes what it wrote (for the trailer)."""
 
@@ -397,7 +384,7 @@ def compress_file(model: SHARNN, src: str | os.PathLike, dst: str | os.PathLike,
     data, length = _open_input(src)
     cs = _constriction()
     streams, n = _stream_layout(length, settings.streams)
-    original_sha = _sha256_path(src)
+    original_sha = sha256_file(src)
     out = _Output(dst, overwrite)
     try:
         with _threads(settings.threads), _restored(model):
@@ -405,7 +392,7 @@ def compress_file(model: SHARNN, src: str | os.PathLike, dst: str | os.PathLike,
             w = _HashingWriter(out.file)
             head = json.dumps(_header(length, original_sha, streams, n, settings, model, fresh)).encode()
             w.write(MAGIC + struct.pack("<HI", VERSION, len(head)) + head)
-            stepper = _Stepper(model, streams, settings.adapt) if streams else None
+            predictor = _Predictor(model, streams, settings.adapt) if streams else None
             lengths = _stream_lengths(length, streams, n)
             encoder = cs.stream.queue.RangeEncoder()
             family = cs.stream.model.Categorical(perfect=False)
@@ -420,11 +407,11 @@ def compress_file(model: SHARNN, src: str | os.PathLike, dst: str | os.PathLike,
                         block[s, : b - a] = data[a:b]
                 for t in range(t0, t1):
                     active = lengths > t
-                    p, lp = stepper.predict()  # type: ignore[union-attr]
+                    p, lp = predictor.predict()  # type: ignore[union-attr]
                     symbols = block[active, t - t0]
                     encoder.encode(symbols.astype(np.int32), family, quantise(p[active]))
                     bits -= float(lp[active][np.arange(len(symbols)), symbols].sum())
-                    stepper.advance(block[:, t - t0], active)  # type: ignore[union-attr]
+                    predictor.advance(block[:, t - t0], active)  # type: ignore[union-attr]
                     bar.update(len(symbols))
                 words = encoder.get_compressed().astype("<u4")
                 raw = _block_bytes(block, lengths, t0, t1)
@@ -457,11 +444,6 @@ def _check_model(model: SHARNN) -> None:
         raise SharnnError("compression runs the model in float32 on the CPU (so that the decoder can repeat it)")
 
 
-def _sha256_path(path: Path) -> str:
-    with open(path, "rb") as f:
-        return _sha256_file(f)
-
-
 @contextlib.contextmanager
 def _threads(n: int) -> Iterator[None]:
     """Run with `n` torch threads, then put the previous number back."""
@@ -477,13 +459,11 @@ def _threads(n: int) -> Iterator[None]:
 def _restored(model: SHARNN) -> Iterator[None]:
     """The model's weights (and train/eval mode) as they were on entry, whatever adaptation did meanwhile."""
     was_training = model.training
-    saved = [p.detach().clone() for p in model.parameters()]
+    saved = WeightSnapshot(model.parameters())
     try:
         yield
     finally:
-        with torch.no_grad():
-            for p, p0 in zip(model.parameters(), saved):
-                p.copy_(p0)
+        saved.restore()
         model.train(was_training)
 
 
@@ -515,7 +495,7 @@ def read_header(path: str | os.PathLike) -> Compressed:
         if version not in READS:
             raise SharnnError(f"{path} is in compressed-file format version {version}; this sharnn reads versions "
                               f"{', '.join(map(str, READS))} only: decompress it with the sharnn that wrote it")
-        if size < 14 + hlen + 32 or _sha256_file(f, size - 32) != f.read(32).hex():
+        if size < 14 + hlen + 32 or sha256_file(f, size - 32) != f.read(32).hex():
             raise SharnnError(f"{path} is damaged: its checksum does not match its contents")
         f.seek(14)
         try:
@@ -534,17 +514,56 @@ def decompress_file(src: str | os.PathLike, dst: str | os.PathLike, model: SHARN
     refuse_input_as_output(dst, src)  # --overwrite replaces OUT, never the compressed file being read
     info = read_header(src)
     h = info.header
+    settings = _header_settings(src, h)
+    model = _decoding_model(src, dst, h, model, checkpoint_name)
+    here = machine()
+    if h["machine"] != here and not ignore_machine:
+        diff = ", ".join(f"{k} {h['machine'].get(k)} there, {here[k]} here" for k in here
+                         if h["machine"].get(k) != here[k])
+        raise SharnnError(f"{src} was compressed on another kind of machine or by another sharnn ({diff}; "
+                          f"{h.get('cpu')}): the model's arithmetic may differ, so it decodes only where these match "
+                          "(--ignore-machine tries anyway; a wrong result is still never written)")
+    length, streams = int(h["length"]), int(h["streams"])
+    out = _Output(dst, overwrite)
     try:
-        length, streams, n = int(h["length"]), int(h["streams"]), int(h["stream_length"])
-        settings = CoderSettings(streams=max(streams, 1), threads=int(h["threads"]), block_steps=int(h["block_steps"]),
+        with _threads(settings.threads), _restored(model), open(src, "rb") as f:
+            start = time.perf_counter()
+            f.seek(info.body_start)
+            bits, blocks, stored = _decode_blocks(f, out.file, src, info, model, settings, progress)
+            seconds = time.perf_counter() - start
+        out.file.flush()
+        if out.file.seek(0, os.SEEK_END) != length or sha256_file(out.file) != h["sha256"]:
+            raise SharnnError(_not_the_original(src, h, "its SHA-256 differs"))
+        out.commit()
+    except BaseException as e:
+        out.discard()
+        if isinstance(e, OSError):
+            raise SharnnError(f"cannot write {dst}: {e.strerror or e}") from None
+        raise
+    return CodingResult(length, info.body_end + 32, bits, streams, seconds, blocks, stored)
+
+
+def _header_settings(src: Path, h: dict[str, Any]) -> CoderSettings:
+    """The coder settings a compressed file's header records, refused in one line when damaged or foreign."""
+    try:
+        settings = CoderSettings(streams=max(int(h["streams"]), 1), threads=int(h["threads"]),
+                                 block_steps=int(h["block_steps"]),
                                  adapt=None if h["adapt"] is None else DynamicConfig(
                                      **{k: v for k, v in h["adapt"].items() if k != "beta"}))
-        fresh, want_weights = h["model"]["fresh"], h["model"]["weights_sha256"]
+        _ = int(h["length"]), int(h["stream_length"]), h["model"]["fresh"], h["model"]["weights_sha256"]
         if h["precision"] != PRECISION or h["start"] != START or (h["adapt"] and h["adapt"]["beta"] != BETA):
             raise SharnnError(f"{src} was written with coder settings this sharnn does not have; decompress it with "
                               "the sharnn that wrote it")
     except (KeyError, TypeError, ValueError):
         raise SharnnError(f"{src} is damaged or from an incompatible sharnn: its header lacks required fields") from None
+    return settings
+
+
+def _decoding_model(src: Path, dst: Path, h: dict[str, Any], model: SHARNN | None,
+                    checkpoint_name: str) -> SHARNN:
+    """The model the file was compressed with: `model` (a checkpoint's), or the fresh one its header describes;
+    refused in one line when it is not the one whose weights the header names."""
+    fresh, want_weights = h["model"]["fresh"], h["model"]["weights_sha256"]
     if fresh is not None and model is not None:
         raise SharnnError(f"{src} was compressed from a fresh model ({fresh.get('spec', 'untrained')}); decompress it "
                           f"without a checkpoint: sharnn decompress {src} {dst}")
@@ -563,62 +582,49 @@ def decompress_file(src: str | os.PathLike, dst: str | os.PathLike, model: SHARN
     if weights_sha256(model) != want_weights:
         raise SharnnError(f"{src} was compressed with another model (weights SHA-256 {want_weights[:12]}...), not "
                           f"{checkpoint_name} ({weights_sha256(model)[:12]}...); decompress it with the same model")
-    here = machine()
-    if h["machine"] != here and not ignore_machine:
-        diff = ", ".join(f"{k} {h['machine'].get(k)} there, {here[k]} here" for k in here
-                         if h["machine"].get(k) != here[k])
-        raise SharnnError(f"{src} was compressed on another kind of machine or by another sharnn ({diff}; "
-                          f"{h.get('cpu')}): the model's arithmetic may differ, so it decodes only where these match (--ignore-machine tries "
-                          "anyway; a wrong result is still never written)")
+    return model
+
+
+def _decode_blocks(f: BinaryIO, out: BinaryIO, src: Path, info: Any, model: SHARNN, settings: CoderSettings,
+                   progress: bool) -> tuple[float, int, int]:
+    """Decode the body's blocks from `f` (at the body's start) into `out`, each stream at its place; returns the
+    model's cross-entropy of the bytes (bits), the blocks read and how many of them were stored."""
+    h = info.header
+    length, streams, n = int(h["length"]), int(h["streams"]), int(h["stream_length"])
     cs = _constriction()
-    out = _Output(dst, overwrite)
-    try:
-        with _threads(settings.threads), _restored(model), open(src, "rb") as f:
-            start = time.perf_counter()
-            f.seek(info.body_start)
-            stepper = _Stepper(model, streams, settings.adapt) if streams else None
-            lengths = _stream_lengths(length, streams, n)
-            family = cs.stream.model.Categorical(perfect=False)
-            bits, blocks, stored = 0.0, 0, 0
-            bar = _bar(length, "decompress", progress)
-            for t0 in range(0, n, settings.block_steps):
-                t1 = min(n, t0 + settings.block_steps)
-                block = np.zeros((streams, t1 - t0), dtype=np.int64)
-                ends = np.clip(lengths - t0, 0, t1 - t0)
-                words, raw = _read_block(f, info.body_end, src, int(ends.sum()) if info.version >= 2 else None)
-                blocks += 1
-                if raw is not None:  # a stored block: its bytes as they are; the model still reads them all
-                    stored += 1
-                    for s, part in enumerate(np.split(np.frombuffer(raw, dtype=np.uint8), np.cumsum(ends)[:-1])):
-                        block[s, : len(part)] = part
-                else:
-                    decoder = _decoding(src, h, cs.stream.queue.RangeDecoder, words)
-                for t in range(t0, t1):
-                    active = lengths > t
-                    p, lp = stepper.predict()  # type: ignore[union-attr]
-                    if raw is None:
-                        block[active, t - t0] = _decoding(src, h, decoder.decode, family, quantise(p[active]))
-                    symbols = block[active, t - t0]
-                    bits -= float(lp[active][np.arange(len(symbols)), symbols].sum())
-                    stepper.advance(block[:, t - t0], active)  # type: ignore[union-attr]
-                    bar.update(len(symbols))
-                for s in range(streams):
-                    a, b = s * n + t0, min(s * n + t1, length)
-                    if b > a:
-                        out.file.seek(a)
-                        out.file.write(block[s, : b - a].astype(np.uint8).tobytes())
-            bar.close()
-            seconds = time.perf_counter() - start
-        out.file.flush()
-        if out.file.seek(0, os.SEEK_END) != length or _sha256_file(out.file) != h["sha256"]:
-            raise SharnnError(_not_the_original(src, h, "its SHA-256 differs"))
-        out.commit()
-    except BaseException as e:
-        out.discard()
-        if isinstance(e, OSError):
-            raise SharnnError(f"cannot write {dst}: {e.strerror or e}") from None
-        raise
-    return CodingResult(length, info.body_end + 32, bits, streams, seconds, blocks, stored)
+    predictor = _Predictor(model, streams, settings.adapt) if streams else None
+    lengths = _stream_lengths(length, streams, n)
+    family = cs.stream.model.Categorical(perfect=False)
+    bits, blocks, stored = 0.0, 0, 0
+    bar = _bar(length, "decompress", progress)
+    for t0 in range(0, n, settings.block_steps):
+        t1 = min(n, t0 + settings.block_steps)
+        block = np.zeros((streams, t1 - t0), dtype=np.int64)
+        ends = np.clip(lengths - t0, 0, t1 - t0)
+        words, raw = _read_block(f, info.body_end, src, int(ends.sum()) if info.version >= 2 else None)
+        blocks += 1
+        if raw is not None:  # a stored block: its bytes as they are; the model still reads them all
+            stored += 1
+            for s, part in enumerate(np.split(np.frombuffer(raw, dtype=np.uint8), np.cumsum(ends)[:-1])):
+                block[s, : len(part)] = part
+        else:
+            decoder = _decoding(src, h, cs.stream.queue.RangeDecoder, words)
+        for t in range(t0, t1):
+            active = lengths > t
+            p, lp = predictor.predict()  # type: ignore[union-attr]
+            if raw is None:
+                block[active, t - t0] = _decoding(src, h, decoder.decode, family, quantise(p[active]))
+            symbols = block[active, t - t0]
+            bits -= float(lp[active][np.arange(len(symbols)), symbols].sum())
+            predictor.advance(block[:, t - t0], active)  # type: ignore[union-attr]
+            bar.update(len(symbols))
+        for s in range(streams):
+            a, b = s * n + t0, min(s * n + t1, length)
+            if b > a:
+                out.seek(a)
+                out.write(block[s, : b - a].astype(np.uint8).tobytes())
+    bar.close()
+    return bits, blocks, stored
 
 
 def _not_the_original(src: Path, h: dict[str, Any], why: str) -> str:

@@ -21,11 +21,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .checkpoint import check_checkpoint_output, refused_pickle, save_checkpoint
+from .checkpoint import refused_pickle, save_checkpoint
 from .config import SHARNNConfig
 from .data import load_corpus
 from .errors import SharnnError
 from .model import SHARNN
+from .runfolder import check_checkpoint_output
 from .vocab import BYTES, Vocab
 
 UNUSED = re.compile(r"blocks\.\d+\.(attn\.qkvs|attn\.r_gate|lnout\.(weight|bias))$")

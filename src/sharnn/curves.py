@@ -97,3 +97,16 @@ def read_curves(run: str | os.PathLike, name: str | None = None) -> Curves:
         elif isinstance(value, (int, float)) and math.isfinite(value):
             valid.append(Point(step, seconds, float(value)))
     return Curves(name or str(run), train, valid, lr, processes, interrupted, final, unreadable)
+
+
+def curve_unit(runs: list[str]) -> str:
+    """bpc for byte and character runs, "bits per token" when any run is word-level (from its checkpoints)."""
+    from .checkpoint import load_vocab
+
+    for run in runs:
+        try:
+            if load_vocab(run).kind == "words":
+                return "bits per token"
+        except SharnnError:  # no checkpoint yet (or a bare log.jsonl): bytes
+            pass
+    return "bpc"

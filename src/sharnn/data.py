@@ -36,6 +36,7 @@ import torch
 from tqdm import tqdm
 
 from .errors import SharnnError, require_writable_folder
+from .outputs import check_new_file, refuse_input_as_output
 from .vocab import BYTES, Vocab, text_lines
 
 ENWIK8_URL = "http://mattmahoney.net/dc/enwik8.zip"
@@ -70,7 +71,14 @@ class Corpus:
     def identity(self) -> dict[str, Any]:
         """What a run records of its data (config.json "data"): the corpus name and each split's `split_identity`.
         Computed once (a cached_property writes the instance __dict__, which a frozen dataclass allows)."""
-        return {"name": self.name, "splits": {name: split_identity(self.split(name)) for name in SPLIT_NAMES}}
+        return {"name": self.name, "splits": {name: self.split_identity(name) for name in SPLIT_NAMES}}
+
+    def split_identity(self, name: str) -> dict[str, Any]:
+        """`split_identity` of one split, hashed at most once per corpus."""
+        known = self.__dict__.setdefault("_split_identities", {})
+        if name not in known:
+            known[name] = split_identity(self.split(name))
+        return known[name]
 
 
 def split_identity(ids: np.ndarray) -> dict[str, Any]:
@@ -96,7 +104,7 @@ def data_warning(recorded: dict[str, Any] | None, corpus: Corpus, splits: Iterab
     saved = recorded.get("splits") or {}
     changed = []
     for name in splits:
-        then, now = saved.get(name), split_identity(corpus.split(name))
+        then, now = saved.get(name), corpus.split_identity(name)  # hashed once per corpus
         if isinstance(then, dict) and then.get("sha256") != now["sha256"]:
             changed.append(f"{name} {now['tokens']:,} tokens, SHA-256 {now['sha256'][:12]} (then "
                            f"{then.get('tokens', 0):,}, {str(then.get('sha256'))[:12]})")
@@ -370,13 +378,16 @@ def prepare_enwik8(
     url: str = ENWIK8_URL,
     expected_bytes: int = ENWIK8_BYTES,
     heldout: int = ENWIK8_HELDOUT,
+    overwrite: bool = False,
 ) -> dict[str, int]:
     """Fetch (unless `zip_path`), check and unpack enwik8.zip into train.bin, valid.bin, test.bin.
 
     The zip's own CRC-32 and the exact unpacked size are checked, so a truncated or wrong file is refused.
-    Returns the split sizes in bytes.
+    Split files (and meta.json) already in `out_dir` are replaced only with `overwrite`. Returns the split sizes
+    in bytes.
     """
     out = Path(out_dir)
+    _check_outputs(out, [f"{name}.bin" for name in SPLIT_NAMES], overwrite, zip_path)
     zip_path = _archive_in(out, zip_path, url, "enwik8.zip")
     sizes = {"train": expected_bytes - 2 * heldout, "valid": heldout, "test": heldout}
     sha = hashlib.sha256()
@@ -432,14 +443,16 @@ AWD_CORPORA = {
 
 
 def prepare_awd(name: str, out_dir: str | os.PathLike, archive: str | os.PathLike | None = None,
-                url: str | None = None) -> dict[str, int]:
+                url: str | None = None, overwrite: bool = False) -> dict[str, int]:
     """Fetch (unless `archive`) a word or character corpus and write train.txt, valid.txt, test.txt, meta.json.
 
     Like the awd-lstm getdata script; only the three split files are read out of the archive (nothing is
-    extracted to disk under the archive's own paths). Returns the split sizes in bytes.
+    extracted to disk under the archive's own paths). Split files (and meta.json) already in `out_dir` are
+    replaced only with `overwrite`. Returns the split sizes in bytes.
     """
     default_url, tokens, members = AWD_CORPORA[name]
     out = Path(out_dir)
+    _check_outputs(out, [f"{split}.txt" for split in SPLIT_NAMES], overwrite, archive)
     archive = _archive_in(out, archive, url or default_url, Path(url or default_url).name)
     wanted = {v: k for k, v in members.items()}
     found: dict[str, bytes] = {}
@@ -467,6 +480,21 @@ def prepare_awd(name: str, out_dir: str | os.PathLike, archive: str | os.PathLik
         sizes[split] = len(data)
     (out / "meta.json").write_text(json.dumps({"source": name, "tokens": tokens, "sizes": sizes}, indent=2) + "\n")
     return {k: sizes[k] for k in SPLIT_NAMES}
+
+
+def _check_outputs(out: Path, splits: list[str], overwrite: bool, archive: str | os.PathLike | None) -> None:
+    """The files `sharnn data` writes in `out` (the splits and meta.json): replaced only with `overwrite` (the
+    rule of sharnn.outputs), never the archive being read; checked before anything is fetched."""
+    targets = [out / name for name in [*splits, "meta.json"]]
+    if archive is not None:
+        for t in targets:
+            refuse_input_as_output(t, archive)
+    if out.is_dir():
+        for t in targets:
+            check_new_file(t, overwrite=True)  # a folder under a split's name is never replaced
+        if (there := [t.name for t in targets if t.exists() or t.is_symlink()]) and not overwrite:
+            raise SharnnError(f"{out} already holds {', '.join(there)}; pass --overwrite to replace them, or give "
+                              "another folder")
 
 
 def _archive_in(out: Path, given: str | os.PathLike | None, url: str, name: str) -> Path:

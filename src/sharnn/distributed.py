@@ -214,6 +214,12 @@ class Dist:
         os._exit(1)
 
 
+def launched_rank() -> int:
+    """This process's rank as torchrun started it (RANK; 0 without torchrun), before any process group exists:
+    what decides who prints the settings a run starts with."""
+    return int(os.environ.get("RANK", "0"))
+
+
 def _under_torchrun() -> bool:
     return "TORCHELASTIC_RUN_ID" in os.environ
 

@@ -34,6 +34,7 @@ from .data import Streams, eval_segments
 from .errors import SharnnError
 from .evaluate import EvalResult, evaluate
 from .model import SHARNN, detach_state
+from .optim import WeightSnapshot
 from .score import SCORE_CHUNK, Score, score_stream
 
 if TYPE_CHECKING:
@@ -89,7 +90,7 @@ class DynamicEval:
         self.model = model
         self.cfg = cfg
         self.params = [p for p in model.parameters() if p.requires_grad]  # tied weights appear once
-        self.start = [p.detach().clone() for p in self.params]
+        self.start = WeightSnapshot(self.params)  # theta_0: put back on exit, and pulled toward meanwhile
         if rms is not None and [r.shape for r in rms] != [p.shape for p in self.params]:
             raise SharnnError("the gradient statistics do not match this model's parameters")
         self.rms = rms
@@ -121,7 +122,7 @@ class DynamicEval:
                 # gradients were tiny in training would otherwise take huge normalised steps on text unlike the
                 # training data and can diverge (the tiny preset did, scoring one stream of Python modules).
                 rms, rates = [torch.maximum(r, q) for r, q in zip(self.rms, running)], self.decay_rates
-            for i, (p, g, r, p0) in enumerate(zip(self.params, grads, rms, self.start)):
+            for i, (p, g, r, p0) in enumerate(zip(self.params, grads, rms, self.start.values)):
                 if g is not None and self.cfg.lr:
                     p.sub_(self.cfg.lr * g / (r + self.cfg.eps))
                 if rates is not None and self.cfg.decay:
@@ -129,9 +130,7 @@ class DynamicEval:
 
     def restore(self) -> None:
         """Put the weights the model had when this object was made back in place."""
-        with torch.no_grad():
-            for p, p0 in zip(self.params, self.start):
-                p.copy_(p0)
+        self.start.restore()
 
     def __enter__(self) -> DynamicEval:  # noqa: PYI034 - typing.Self needs Python 3.11
         return self
@@ -273,6 +272,48 @@ def dynamic_search(
     return sorted(points, key=lambda p: p.result.loss if math.isfinite(p.result.loss) else math.inf)  # diverged last
 
 
+class SearchResult(NamedTuple):
+    static: EvalResult  # static evaluation of the same streams and segments
+    points: list[SearchPoint]  # every setting tried, best first
+
+
+def search_around(
+    model: SHARNN,
+    train_ids: np.ndarray,
+    ids: np.ndarray,
+    batch_size: int,
+    bptt: int,
+    cfg: DynamicConfig,
+    device: torch.device | str = "cpu",
+    progress: bool = False,
+    report: Callable[[EvalResult | SearchPoint], None] | None = None,
+) -> SearchResult:
+    """`sharnn eval --dynamic-search`: static evaluation of `ids`, then dynamic evaluation under every setting of
+    `search_grid(cfg)`, gradient statistics from `train_ids` (once per segment length). `report` sees the
+    static result, then each point, as soon as they are measured."""
+    static = evaluate(model, ids, batch_size, bptt, device, progress=progress, what="valid split")
+    if report is not None:
+        report(static)
+    points = dynamic_search(
+        model, ids, batch_size, search_grid(cfg),
+        lambda b: gradient_stats(model, train_ids, batch_size, b, cfg.stats_tokens, device, progress),
+        device, progress=progress, report=report, bptt=bptt)
+    return SearchResult(static, points)
+
+
+def document_scorer(model: SHARNN, train_ids: np.ndarray, cfg: DynamicConfig, device: torch.device | str = "cpu",
+                    progress: bool = False) -> Callable[..., Score]:
+    """`score_stream`'s signature, scoring with dynamic evaluation (`sharnn score --document --dynamic`); the
+    gradient statistics come from `train_ids`, the training corpus, read as one stream."""
+    rms = gradient_stats(model, train_ids, 1, cfg.bptt, cfg.stats_tokens, device, progress=progress)
+
+    def score(model: SHARNN, vocab: Vocab, f: BinaryIO, context: bytes = b"\n", per_token: bool = False,
+              chunk: int = SCORE_CHUNK) -> Score:
+        return dynamic_score_stream(model, vocab, f, cfg, rms, context, per_token, chunk)
+
+    return score
+
+
 def dynamic_score_stream(
     model: SHARNN,
     vocab: Vocab,
@@ -281,15 +322,16 @@ def dynamic_score_stream(
     rms: list[Tensor],
     context: bytes = b"\n",
     per_token: bool = False,
+    chunk: int = SCORE_CHUNK,
 ) -> Score:
     """`score_stream` (one document, read in pieces) with a gradient step after every `cfg.bptt` tokens.
 
     The document is cut into the segments `score_stream` cuts it into, each scored in pieces of `cfg.bptt` (see
     `dynamic_evaluate`): with lr 0 this is `score_stream`'s result under either attention window."""
-    if not pieces_reproduce(model, SCORE_CHUNK, cfg.bptt):
+    if not pieces_reproduce(model, chunk, cfg.bptt):
         raise SharnnError(f"under the reference attention window a document is read in segments of "
-                          f"{SCORE_CHUNK} tokens, and this model's attn_span is {model.cfg.attn_span}: pieces of "
-                          f"--dynamic-bptt {cfg.bptt} cannot reproduce them; use --dynamic-bptt {SCORE_CHUNK} or "
+                          f"{chunk} tokens, and this model's attn_span is {model.cfg.attn_span}: pieces of "
+                          f"--dynamic-bptt {cfg.bptt} cannot reproduce them; use --dynamic-bptt {chunk} or "
                           "--attn-window sliding")
     with DynamicEval(model, cfg, rms) as dyn:
-        return score_stream(model, vocab, stream, context, per_token, adapt=dyn.learn, adapt_every=cfg.bptt)
+        return score_stream(model, vocab, stream, context, per_token, chunk, adapt=dyn.learn, adapt_every=cfg.bptt)

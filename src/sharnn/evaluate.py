@@ -12,8 +12,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from .config import TrainConfig
 from .data import Streams, eval_segments
-from .model import SHARNN, State
+from .model import SHARNN
+from .segments import walk
 
 LN2 = math.log(2)  # nats per bit
 
@@ -54,6 +56,14 @@ def training_precision(device: torch.device, precision: str) -> str:
     return "bf16" if native_bf16(device) else "fp32"
 
 
+def split_defaults(run: TrainConfig | None, split: str) -> tuple[int, int]:
+    """(streams, segment length) a run measured `split` with, and so `sharnn eval`'s defaults: the paper's 8
+    streams on test, the validation streams (--eval-batch-size, else --batch_size) otherwise; the run's bptt.
+    A checkpoint without run settings (imported, say) gets the defaults' run."""
+    run = run or TrainConfig()
+    return (run.test_batch_size if split == "test" else run.eval_batch_size or run.batch_size), run.bptt
+
+
 def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
     """bf16 or fp16 autocast on the device (matmuls in 16 bits, reductions and the loss in float32), or nothing.
 
@@ -87,55 +97,26 @@ def evaluate(
     whole segment when None), and after a piece has been scored `adapt` is given its loss again, computed with
     autograd from the same state, to learn from before the next piece is scored. The segments are the ones
     static evaluation walks, and each piece sees what one pass over its segment would show it
-    (`_score_and_learn`), so with lr 0 the result is static evaluation's under either window: exactly when
+    (`segments.walk`), so with lr 0 the result is static evaluation's under either window: exactly when
     pieces are whole segments, else up to float rounding.
     """
     was_training = model.training
     model.eval()
     streams = Streams(ids, batch_size, what=what)
-    state = None
-    total, count, losses = 0.0, 0, []
+    cuts = tqdm(list(eval_segments(streams, bptt)), desc=f"eval {what}", disable=None if progress else True,
+                leave=False, unit="seg")
+    pieces: list[list[tuple[float, int]]] = []  # per segment: (mean loss, predictions) of each piece
     start = time.perf_counter()
-    segments = list(eval_segments(streams, bptt))
     try:
-        for i, seq_len in tqdm(segments, desc=f"eval {what}", disable=None if progress else True, leave=False,
-                               unit="seg"):
-            x, y = streams.segment(i, seq_len, device)
-            with autocast(torch.device(device), precision):
-                if adapt is None:
-                    with torch.no_grad():
-                        out = model(x, state, targets=y)
-                    loss, state = out.loss.item(), out.state
-                else:
-                    loss, state = _score_and_learn(model, x, y, state, adapt, adapt_every or x.shape[0])
-            losses.append(loss)
-            total += loss * y.numel()
-            count += y.numel()
+        with autocast(torch.device(device), precision):
+            for step in walk(model, (streams.segment(i, n, device) for i, n in cuts), learn=adapt,
+                             learn_every=adapt_every):
+                if step.segment == len(pieces):
+                    pieces.append([])
+                pieces[-1].append((step.out.loss.item(), step.y.numel()))
     finally:
         model.train(was_training)
-    return EvalResult(total / count, count, time.perf_counter() - start, tuple(losses))
-
-
-def _score_and_learn(model: SHARNN, x: torch.Tensor, y: torch.Tensor, state: State | None,
-                     adapt: Callable[[torch.Tensor], None], every: int) -> tuple[float, State]:
-    """One segment, (T, B) inputs and targets, scored in pieces of `every` tokens, each learned from once scored.
-
-    The pieces start from `SHARNN.segment_start(state, T)`: under the reference window the memory is cut as one
-    pass over the whole segment would cut it, so a query sees the same positions as in static evaluation (for
-    T <= attn_span; `dynamic_evaluate` checks). Returns the segment's mean loss (nats) and the state after it.
-    """
-    T = x.shape[0]
-    if state is not None and every < T:
-        state = model.segment_start(state, T)
-    losses = []
-    for a in range(0, T, every):
-        xp, yp = x[a : a + every], y[a : a + every]
-        with torch.no_grad():
-            out = model(xp, state, targets=yp)
-        losses.append((out.loss.item(), yp.numel()))
-        with torch.enable_grad():  # only now, the piece scored, learn from it: the same pass again, with a graph
-            adapt(model(xp, state, targets=yp).loss)
-        state = out.state
-    if len(losses) == 1:
-        return losses[0][0], state
-    return sum(loss * n for loss, n in losses) / y.numel(), state
+    losses = [p[0][0] if len(p) == 1 else sum(loss * n for loss, n in p) / sum(n for _, n in p) for p in pieces]
+    counts = [sum(n for _, n in p) for p in pieces]
+    total = sum(loss * n for loss, n in zip(losses, counts))
+    return EvalResult(total / sum(counts), sum(counts), time.perf_counter() - start, tuple(losses))

@@ -1,8 +1,8 @@
 """Training flags, derived from the fields of `SHARNNConfig` and `TrainConfig`, and settings resolved from them.
 
 Each field is a flag spelled as in the seed's parameter table (`--batch_size`, `--log-interval`), also accepted in
-the other spelling (`--batch-size`); its help and default come from the field. Precedence when a run is set up:
-dataclass defaults < `--preset NAME` < `--config FILE` < flags.
+the other spelling (`--batch-size`); its help and default come from the field. How they are layered with a
+preset, a config file and a resumed run's settings is `resume.py`'s business.
 """
 
 from __future__ import annotations
@@ -11,17 +11,8 @@ import argparse
 from dataclasses import fields
 from typing import Any
 
-from .config import (
-    DECAYS,
-    OPTIMIZERS,
-    TRAIN_PRECISIONS,
-    SHARNNConfig,
-    TrainConfig,
-    load_config_file,
-    load_preset,
-    split_settings,
-)
-from .errors import SharnnError
+from .config import DECAYS, OPTIMIZERS, TRAIN_PRECISIONS, SHARNNConfig, TrainConfig
+from .resume import RunSettings, run_settings
 
 
 def _none_or(kind: type) -> Any:
@@ -60,7 +51,7 @@ def add_field_flags(parser: argparse.ArgumentParser, cls: type, title: str) -> N
             kw["type"] = type(default)
             if f.name in CHOICES:
                 kw["choices"] = list(CHOICES[f.name])
-        group.add_argument(*names, help=help_text, **kw)
+        group.add_argument(*names, help=help_text.replace("%", "%%"), **kw)  # argparse formats help with %
 
 
 def show(v: Any) -> str:
@@ -72,45 +63,11 @@ def show(v: Any) -> str:
 
 
 
-def resolve_train_settings(args: argparse.Namespace) -> tuple[SHARNNConfig, TrainConfig, dict[str, Any]]:
-    """Defaults < preset < config file < flags. Returns the configs and the model settings the user gave.
+def resolve_train_settings(args: argparse.Namespace) -> RunSettings:
+    """Defaults < preset < config file < flags (`resume.run_settings`), from `sharnn train`'s parsed flags.
 
-    With --resume, the run's saved settings take the defaults' place: its train_config.json and its model's
-    config, then --preset, --config and the flags typed (every flag's argparse default is SUPPRESS, so `args`
-    holds only those). `--save` defaults to the run folder the checkpoint sits in; `--overwrite` is never
-    inherited."""
+    With --resume, the run's saved settings take the defaults' place. Every flag's argparse default is SUPPRESS,
+    so `args` holds only the flags typed."""
     flag_names = {f.name for f in fields(SHARNNConfig)} | {f.name for f in fields(TrainConfig)}
     typed = {k: v for k, v in vars(args).items() if k in flag_names}
-    given: dict[str, Any] = {}
-    if args.preset:
-        given.update(load_preset(args.preset))
-    if args.config:
-        given.update(load_config_file(args.config))
-    given.update(typed)
-    settings = _saved_run_settings(given["resume"], "save" in given) if given.get("resume") else {}
-    settings.update(given)
-    model_kw, train_kw = split_settings(settings)
-    try:
-        model_cfg = SHARNNConfig.from_dict(model_kw)
-        train_cfg = TrainConfig.from_dict(train_kw)
-    except TypeError as e:  # a config file value of the wrong kind
-        raise SharnnError(f"bad setting: {e}") from None
-    return model_cfg, train_cfg, split_settings(given)[0]
-
-
-def _saved_run_settings(resume: str, save_given: bool) -> dict[str, Any]:
-    """The settings a resumed run starts from: its model's and its run's, saved with the checkpoint."""
-    from .checkpoint import load_train_config, read_meta, resolve_checkpoint, run_folder_of
-
-    ckpt = resolve_checkpoint(resume, prefer="last")
-    settings = dict(read_meta(ckpt).get("model") or {})
-    saved = load_train_config(ckpt)
-    if saved is not None:
-        settings.update({k: v for k, v in saved.to_dict().items() if k not in ("resume", "overwrite")})
-    folder = run_folder_of(ckpt)
-    if folder is not None:
-        settings["save"] = str(folder)
-    elif not save_given:
-        raise SharnnError(f"{ckpt} is not inside a run folder (best/, last/, step-*/ of a --save folder); "
-                          "pass --save DIR for the resumed run")
-    return settings
+    return run_settings(args.preset, args.config, typed)

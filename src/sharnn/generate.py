@@ -20,6 +20,7 @@ from torch import Tensor
 from .errors import SharnnError
 from .model import SHARNN, BlockState, MemoryRing, State
 from .runtime import attention_bytes, require_memory
+from .segments import cut, walk
 
 if TYPE_CHECKING:
     from .vocab import Vocab
@@ -80,11 +81,10 @@ def prime_prompt(model: SHARNN, prompt: list[int], state: State | None = None,
     the scores of the token after it. The model must be in eval mode, under no_grad.
     """
     ids = torch.tensor(prompt, dtype=torch.long, device=model.encoder.weight.device).unsqueeze(1)  # (T, 1)
-    for i in range(0, len(prompt), chunk):
-        out = model(ids[i : i + chunk], state)
-        state = out.state
+    for step in walk(model, cut(ids, chunk, targets=False), state, loss=False):
+        state, logits = step.out.state, step.out.logits
     assert state is not None
-    return state, out.logits[-1, 0]
+    return state, logits[-1, 0]
 
 
 def first_rows(state: State, n: int) -> State:

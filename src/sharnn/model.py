@@ -278,33 +278,33 @@ class Attention(nn.Module):
         """Whether the key and value gates can be applied outside the attention (no dropout on the values)."""
         return not (self.training and self.dropout_p > 0)
 
-    def project(self, h: Tensor, big: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
-        """Queries, keys and values from the segment h (T, B, E) and memory + segment `big` (K, B, E).
+    def project(self, h: Tensor, kv_in: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+        """Queries, keys and values from the segment h (T, B, E) and memory + segment `kv_in` (K, B, E).
 
         Returns q, k, v and the value gate still to apply to the output (None when already in v).
         """
         q = self.drop(torch.sigmoid(self.qs) * self.qln(self.q(h)))  # (T, B, E)
         if not self.folds_gates:
-            return q, torch.sigmoid(self.ks) * big, self.drop(self.value_gate() * big), None
+            return q, torch.sigmoid(self.ks) * kv_in, self.drop(self.value_gate() * kv_in), None
         # Without dropout on v, both gates are per-channel scalings that fold out of the attention:
-        # q . (g_k * big) = (q * g_k) . big, and w @ (g_v * big) = g_v * (w @ big). The (m + T)-row memory
+        # q . (g_k * kv_in) = (q * g_k) . kv_in, and w @ (g_v * kv_in) = g_v * (w @ kv_in). The (m + T)-row memory
         # is then read once, never rescaled into new tensors: what makes a generated token cheap.
-        return q * torch.sigmoid(self.ks), big, big, self.value_gate()
+        return q * torch.sigmoid(self.ks), kv_in, kv_in, self.value_gate()
 
-    def forward(self, h: Tensor, big: Tensor, mem_len: int, visible: Tensor | None = None) -> Tensor:
+    def forward(self, h: Tensor, kv_in: Tensor, mem_len: int, visible: Tensor | None = None) -> Tensor:
         """Attend from the segment to memory + segment.
 
         Args:
             h: (T, B, E) queries' input (after lnmid).
-            big: (m + T, B, E) keys' and values' input: memory then the segment (after lnmem).
-            mem_len: m, the number of memory rows at the front of `big`.
+            kv_in: (m + T, B, E) keys' and values' input: memory then the segment (after lnmem).
+            mem_len: m, the number of memory rows at the front of `kv_in`.
             visible: which keys each query sees, when the caller knows better than the window rule (a ring's
                 filled slots); by default `visible_keys` of the window.
         Returns:
             (T, B, E) the attention mix.
         """
-        T, K = h.shape[0], big.shape[0]
-        q, k, v, out_gate = self.project(h, big)
+        T, K = h.shape[0], kv_in.shape[0]
+        q, k, v, out_gate = self.project(h, kv_in)
         if visible is None:
             visible = visible_keys(T, K, mem_len, self.span, self.window, h.device)
         fused = self.kernel == "fused" or (
@@ -315,10 +315,10 @@ class Attention(nn.Module):
             mix = attend(q, k, v, visible, self.drop)
         return mix if out_gate is None else mix * out_gate
 
-    def weights(self, h: Tensor, big: Tensor, mem_len: int) -> Tensor:
+    def weights(self, h: Tensor, kv_in: Tensor, mem_len: int) -> Tensor:
         """(B, T, K) the attention weights `forward` mixes the values with (before any dropout on them)."""
-        q, k, _, _ = self.project(h, big)
-        return attention_weights(q, k, visible_keys(h.shape[0], big.shape[0], mem_len, self.span, self.window,
+        q, k, _, _ = self.project(h, kv_in)
+        return attention_weights(q, k, visible_keys(h.shape[0], kv_in.shape[0], mem_len, self.span, self.window,
                                                     h.device))
 
 

@@ -205,6 +205,21 @@ def build_asgd(params: Iterable[Tensor], cfg: TrainConfig, lr: float) -> torch.o
     return torch.optim.ASGD(params, lr=lr, t0=0, lambd=0.0, weight_decay=cfg.wdecay)
 
 
+class WeightSnapshot:
+    """The values some parameters hold at one moment, kept to put back later: what the averaged-SGD swap, dynamic
+    evaluation (its pull toward the trained weights, and their return) and the compressor's adaptation use."""
+
+    def __init__(self, params: Iterable[Tensor]):
+        self.params = list(params)
+        self.values = [p.detach().clone() for p in self.params]
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        """Put the values back into the parameters, in place."""
+        for p, v in zip(self.params, self.values):
+            p.copy_(v)
+
+
 class averaged_weights:
     """Context manager: inside it the model holds ASGD's averaged weights ('ax'); outside, the live ones.
 
@@ -217,17 +232,16 @@ class averaged_weights:
         self.pairs = []
         if isinstance(optimizer, torch.optim.ASGD):
             self.pairs = [(p, optimizer.state[p]["ax"]) for p in params if "ax" in optimizer.state.get(p, {})]
-        self.live: list[Tensor] = []
+        self.live: WeightSnapshot | None = None
 
     @torch.no_grad()
     def __enter__(self) -> averaged_weights:  # noqa: PYI034
-        self.live = [p.detach().clone() for p, _ in self.pairs]
+        self.live = WeightSnapshot(p for p, _ in self.pairs)
         for p, ax in self.pairs:
             p.copy_(ax)
         return self
 
-    @torch.no_grad()
     def __exit__(self, *exc: object) -> None:
-        for (p, _), live in zip(self.pairs, self.live):
-            p.copy_(live)
-        self.live = []
+        if self.live is not None:
+            self.live.restore()
+        self.live = None

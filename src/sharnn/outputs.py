@@ -2,17 +2,20 @@
 its own inputs, whatever path names it (a symbolic link, a hard link, `..`).
 
 Files appear whole: a command writes under a temporary name beside the target and renames into place at the
-end, so a failure leaves nothing half-written (checkpoint folders do the same, see checkpoint.py).
+end, so a failure leaves nothing half-written (checkpoint folders do the same, see checkpoint.py). And the one
+way a file's contents are hashed (`sha256_file`: checkpoints' manifests, compressed files' checksums).
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 from .errors import SharnnError
 
@@ -73,3 +76,24 @@ def staged_files(folder: str | os.PathLike) -> Iterator[Path]:
         raise SharnnError(f"cannot write to {folder}: {e.strerror}") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def sha256_file(file: str | os.PathLike | BinaryIO, end: int | None = None) -> str:
+    """The SHA-256 (hex) of a file's first `end` bytes (all of them when None), read 4 MB at a time.
+
+    `file`: a path, or a file opened in binary mode (read from its start; its position is left after the bytes
+    read)."""
+    if not hasattr(file, "read"):
+        with open(file, "rb") as f:  # type: ignore[arg-type]
+            return sha256_file(f, end)
+    h = hashlib.sha256()
+    file.seek(0)  # type: ignore[union-attr]
+    left = end
+    while left is None or left > 0:
+        buf = file.read(1 << 22 if left is None else min(left, 1 << 22))  # type: ignore[union-attr]
+        if not buf:
+            break
+        h.update(buf)
+        if left is not None:
+            left -= len(buf)
+    return h.hexdigest()

@@ -8,7 +8,8 @@
 
 Both cost some accuracy; `sharnn eval --precision ...` on a validation split measures how much for a given
 model (benchmarks/README.md has our numbers). Training, checkpoints and `collapse` work in fp32 only: these
-models are for inference and are never saved.
+models are for inference and are never saved. `collapse_checkpoint` (`sharnn collapse`) writes the one inference
+form that is exact, the value gates stored as constants, as a checkpoint.
 """
 
 from __future__ import annotations
@@ -19,8 +20,10 @@ import warnings
 import torch
 from torch import nn
 
+from .checkpoint import Checkpoint, save_checkpoint
 from .errors import SharnnError
 from .model import SHARNN
+from .runfolder import check_checkpoint_output
 
 PRECISIONS = ("fp32", "bf16", "int8")
 
@@ -51,3 +54,17 @@ def for_inference(model: SHARNN, precision: str = "fp32") -> SHARNN:
             out = torch.ao.quantization.quantize_dynamic(out, {nn.Linear, nn.LSTM, nn.GRU}, dtype=torch.qint8)
         out.vocab = vocab
     return out
+
+
+def collapse_checkpoint(ckpt: Checkpoint, out: str, overwrite: bool = False,
+                        name: str | None = None) -> tuple[SHARNN, SHARNN]:
+    """Write `ckpt`'s model with its attention value gates stored as constants (same outputs, fewer parameters)
+    as the checkpoint `out`, with the run's settings (eval's defaults), vocabulary and data identity. `out` may
+    be new or empty, or with `overwrite` a sharnn checkpoint (never the input, a run folder or anything else).
+    Returns the model and its collapsed form."""
+    check_checkpoint_output(out, overwrite, ckpt.path)
+    model = ckpt.model()
+    small = model.collapse()
+    save_checkpoint(out, small, ckpt.train_config, vocab=ckpt.vocab, data=ckpt.data,
+                    progress={"collapsed_from": str(name or ckpt.path)})
+    return model, small

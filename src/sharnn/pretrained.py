@@ -16,8 +16,9 @@ from typing import Any
 import torch
 
 from . import model
-from .checkpoint import check_checkpoint_output, load_pretrained, save_checkpoint
+from .checkpoint import load_pretrained, save_checkpoint
 from .generate import Generation, generate
+from .runfolder import check_checkpoint_output
 
 
 class SHARNN(model.SHARNN):

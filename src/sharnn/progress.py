@@ -26,13 +26,13 @@ class Eta(NamedTuple):
     seconds: float | None  # time left; None before the pace is known
 
 
-def time_left(cfg: TrainConfig, batch: int, batches: int, step: int, micro: int, elapsed: float,
+def time_left(cfg: TrainConfig, batch: int, batches: int, step: int, gathered: int, elapsed: float,
               seconds_per_batch: float | None) -> Eta:
     """The nearest stop and the time left until it.
 
     Args:
         batch, batches: batches done in this epoch, and its (estimated) number of batches.
-        step, micro: optimizer steps so far (the run's, across resumes: what --max-steps counts), and segments
+        step, gathered: optimizer steps so far (the run's, across resumes: what --max-steps counts), and segments
             gathered towards the next one (--accumulate).
         elapsed: seconds since this process started training (what --max-time counts).
         seconds_per_batch: the pace so far, None before the first batch.
@@ -41,7 +41,7 @@ def time_left(cfg: TrainConfig, batch: int, batches: int, step: int, micro: int,
     stops = [Eta("the epoch's end", batch / max(batches, 1),
                  None if pace is None else max(batches - batch, 0) * pace)]
     if cfg.max_steps is not None:
-        left = max((cfg.max_steps - step) * cfg.accumulate - micro, 0)  # batches
+        left = max((cfg.max_steps - step) * cfg.accumulate - gathered, 0)  # batches
         stops.append(Eta(f"--max-steps {cfg.max_steps}", min(step / max(cfg.max_steps, 1), 1.0),
                          None if pace is None else left * pace))
     if cfg.max_time is not None:
@@ -72,12 +72,12 @@ class TrainProgress:
     def shown(self) -> bool:
         return not self.bar.disable
 
-    def update(self, batch: int, step: int, micro: int) -> None:
-        """After a batch: `batch` of this epoch's batches done, `step` optimizer steps, `micro` gathered."""
+    def update(self, batch: int, step: int, gathered: int) -> None:
+        """After a batch: `batch` of this epoch's batches done, `step` optimizer steps, `gathered` gathered."""
         now = time.perf_counter()
         done = batch - self.first_batch
         pace = (now - self.t0) / done if done > 0 else None
-        self.eta = time_left(self.cfg, batch, self.batches, step, micro, now - self.started, pace)
+        self.eta = time_left(self.cfg, batch, self.batches, step, gathered, now - self.started, pace)
         if self.shown:
             self.bar.set_description_str(self._status(batch, step), refresh=False)
             self.bar.update(round(1000 * self.eta.done) - self.bar.n)  # tqdm redraws at most ~10 times a second

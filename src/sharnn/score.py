@@ -9,7 +9,7 @@ same bits per character as `sharnn eval` over the same bytes.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, BinaryIO, NamedTuple
 
 import numpy as np
@@ -20,6 +20,7 @@ from torch import Tensor
 from .errors import SharnnError
 from .evaluate import LN2
 from .model import SHARNN, BlockState, State
+from .segments import Segment, cut, cut_stream, walk
 
 if TYPE_CHECKING:
     from .vocab import Vocab
@@ -43,37 +44,14 @@ class Score(NamedTuple):
         return -self.bits / self.tokens if self.tokens else float("nan")
 
 
-def _logprobs(model: SHARNN, ids: Tensor, state: State | None, chunk: int,
+def _logprobs(model: SHARNN, segments: Iterable[Segment], state: State | None,
               adapt: Callable[[Tensor], None] | None = None,
-              adapt_every: int | None = None) -> tuple[Tensor, State | None]:
-    """Run (T, B) ids in chunks of `chunk` steps; returns (T-1, B) log P(ids[t+1] | ids[..t]) and the state.
-
-    `adapt` (dynamic evaluation): each chunk is scored in pieces of `adapt_every` steps (the whole chunk when
-    None), and once a piece is scored its mean negative log-probability, computed again with autograd from the
-    same state, is handed to `adapt` to learn from before the next piece. The pieces start from the memory one
-    pass over their chunk would see (`SHARNN.segment_start`), so with lr 0 the scores are the static ones.
-    """
-    out_lp = []
-    for i in range(0, ids.shape[0] - 1, chunk):
-        x = ids[i : i + chunk]
-        y = ids[i + 1 : i + chunk + 1]
-        x = x[: y.shape[0]]
-        if adapt is None:
-            out = model(x, state)
-            out_lp.append(_gather(out.logits, y))  # (t, B)
-            state = out.state
-            continue
-        every = adapt_every or y.shape[0]
-        if state is not None and every < y.shape[0]:
-            state = model.segment_start(state, y.shape[0])
-        for a in range(0, y.shape[0], every):
-            xp, yp = x[a : a + every], y[a : a + every]
-            out = model(xp, state)
-            out_lp.append(_gather(out.logits, yp))
-            with torch.enable_grad():  # the piece scored, learn from it: the same pass again, with a graph
-                adapt(-_gather(model(xp, state).logits, yp).mean())
-            state = out.state
-    return torch.cat(out_lp) if out_lp else ids.new_zeros((0, ids.shape[1]), dtype=torch.float), state
+              adapt_every: int | None = None) -> Iterator[tuple[Tensor, Tensor]]:
+    """Walk `segments` (`segments.walk`); per piece, (t, B) log P(target | ids before it) and the (t, B) targets.
+    `adapt`, `adapt_every`: dynamic evaluation, a gradient step after each piece of `adapt_every` tokens."""
+    for step in walk(model, segments, state, loss=False, learn=adapt, learn_every=adapt_every):
+        assert step.y is not None
+        yield _gather(step.out.logits, step.y), step.y
 
 
 def _gather(logits: Tensor, y: Tensor) -> Tensor:
@@ -99,8 +77,8 @@ def prime(model: SHARNN, context_ids: np.ndarray, chunk: int = SCORE_CHUNK) -> t
     device = model.encoder.weight.device
     ids = torch.as_tensor(np.asarray(context_ids, dtype=np.int64), device=device).unsqueeze(1)  # (T, 1)
     state = None
-    for i in range(0, ids.shape[0] - 1, chunk):
-        state = model(ids[i : min(i + chunk, ids.shape[0] - 1)], state).state
+    for step in walk(model, cut(ids[:-1], chunk, targets=False), loss=False):
+        state = step.out.state
     return state, int(ids[-1, 0])
 
 
@@ -134,8 +112,7 @@ def score_lines(
         for j, b in enumerate(batch):
             ids[1 : 1 + len(b), j] = torch.from_numpy(b.astype(np.int64))
         state = None if ctx_state is None else _expand(ctx_state, B)
-        lp, _ = _logprobs(model, ids.to(device), state, chunk)  # (T-1, B)
-        lp = lp.cpu()
+        lp = torch.cat([p for p, _ in _logprobs(model, cut(ids.to(device), chunk), state)]).cpu()  # (T-1, B)
         for j, b in enumerate(batch):
             vals = lp[: len(b), j]
             toks = [(int(t), float(v)) for t, v in zip(b, vals)] if per_token else None
@@ -188,27 +165,30 @@ def score_stream(
     state, last = prime(model, vocab.encode(context), chunk)
     total, count = 0.0, 0
     toks: list[tuple[int, float]] | None = [] if per_token else None
+    segments = cut_stream(_read_ids(stream, vocab, read_bytes), last, chunk, device)
+    for lp, y in _logprobs(model, segments, state, adapt, adapt_every):
+        lp = lp[:, 0].double().cpu()
+        total += float(lp.sum())
+        if toks is not None:
+            toks.extend(zip(y[:, 0].tolist(), lp.tolist()))
+        count += lp.shape[0]
+    if count == 0:
+        raise SharnnError("the document is empty: nothing to score")
+    return Score(total, count, toks)
+
+
+def _read_ids(stream: BinaryIO, vocab: Vocab, read_bytes: int) -> Iterator[Tensor]:
+    """The (n,) ids of each part of `read_bytes` of a text as it is read; a word corpus's at whole lines (a word
+    cut by a read waits for the next one)."""
     pending = b""
     while True:
         piece = stream.read(read_bytes)
         data, pending = pending + piece, b""
-        if piece and vocab.kind == "words":  # whole lines only: a word cut by the read waits for the next one
-            cut = data.rfind(b"\n") + 1
-            data, pending = data[:cut], data[cut:]
-        ids = vocab.encode(data) if data else []
-        if len(ids):
-            seq = torch.empty(len(ids) + 1, 1, dtype=torch.long)
-            seq[0, 0] = last
-            seq[1:, 0] = torch.from_numpy(np.asarray(ids, dtype=np.int64))
-            lp, state = _logprobs(model, seq.to(device), state, chunk, adapt, adapt_every)
-            lp = lp[:, 0].double().cpu()
-            total += float(lp.sum())
-            count += len(ids)
-            if toks is not None:
-                toks.extend((int(t), float(v)) for t, v in zip(ids, lp))
-            last = int(ids[-1])
+        if piece and vocab.kind == "words":
+            cut_at = data.rfind(b"\n") + 1
+            data, pending = data[:cut_at], data[cut_at:]
+        if data and len(ids := vocab.encode(data)):
+            yield torch.tensor(ids, dtype=torch.long)  # torch's memory, not a second NumPy copy
+        del data
         if not piece:
-            break
-    if count == 0:
-        raise SharnnError("the document is empty: nothing to score")
-    return Score(total, count, toks)
+            return

@@ -1,11 +1,11 @@
 """The training loop: build, train epoch by epoch with the paper's variable BPTT, validate, keep the best.
 
-Reads top to bottom: `train()` sets up (data, model, optimizer, resume), runs `_Loop.run`, then measures
+Reads top to bottom: `train()` sets up (data, model, optimizer, resume), runs `Trainer.run`, then measures
 the best checkpoint on valid and test. Small helpers (`ar_tar`, ...) are importable by tests.
 
 What survives what (the README's "What we guarantee"):
 - Resume is exact: a checkpoint holds every RNG stream, the data position, the carried state and memory, the
-  optimizer, the gradients gathered so far in an unfinished `--accumulate` step and the log window, so N steps,
+  optimizer, the gradients gathered so far in an unfinished `--accumulate` step and the log's sums, so N steps,
   a stop and M more give the same weights and log lines as N+M straight (on CPU).
 - SIGINT/SIGTERM finish the current batch, save `last/` and raise `TrainingInterrupted` (the CLI exits 130 or
   143: 128 + the signal's number); a second signal stops at once. Handlers live only while the loop runs.
@@ -33,20 +33,11 @@ import numpy as np
 import torch
 
 from .checkpoint import (
-    checkpoint_bytes_needed,
-    claim_run_folder,
-    clean_run_folder,
-    hold_run_folder,
+    Checkpoint,
     link_checkpoint,
     load_model,
-    load_train_config,
-    load_train_state,
-    load_vocab,
-    prune_checkpoints,
     read_meta,
-    resolve_checkpoint,
     rng_state,
-    run_folder_of,
     save_checkpoint,
     set_rng_state,
     state_from_list,
@@ -69,8 +60,15 @@ from .optim import (
     set_lr,
     should_switch_to_asgd,
 )
-from .outputs import same_file
 from .progress import RunLog, TrainProgress
+from .resume import check_resumable, plan_resume, resumed_model_config
+from .runfolder import (
+    checkpoint_bytes_needed,
+    claim_run_folder,
+    clean_run_folder,
+    hold_run_folder,
+    prune_checkpoints,
+)
 from .runtime import resolve_device, seed_everything, set_tf32
 
 
@@ -98,6 +96,7 @@ class TrainResult:
     test: EvalResult | None
     sample: bytes = b""
     skipped_steps: int = 0  # optimizer steps skipped for a non-finite loss or gradient
+    metric: str = "bpc"  # what the corpus's results are reported in: bpc, or ppl for word-level corpora
 
 
 def ar_tar(out: SHARNNOutput, cfg: TrainConfig) -> torch.Tensor | float:
@@ -115,14 +114,15 @@ def ar_tar(out: SHARNNOutput, cfg: TrainConfig) -> torch.Tensor | float:
 
 
 def train(model_cfg: SHARNNConfig, cfg: TrainConfig, quiet: bool = False,
-          model_overrides: dict[str, Any] | None = None) -> TrainResult:
+          model_overrides: dict[str, Any] | None = None, checkpoint: Checkpoint | None = None) -> TrainResult:
     """Train as `cfg` says; returns where the run went and its final valid/test numbers.
 
     With `cfg.resume`, the architecture, weights, optimizer, schedule position, RNG streams, data position and
-    carried state come from the checkpoint; run settings (lr, budgets, ...) come from `cfg`, and so do the
-    non-architecture model settings in `model_overrides` (dropouts, attention span) when given. (The CLI builds
-    `cfg` from the run's saved settings with the typed flags on top: `flags.resolve_train_settings`.) Every
-    setting that differs from the run's is logged in one line and in the log's start event.
+    carried state come from the checkpoint (`checkpoint`, when the caller has opened it already); run settings
+    (lr, budgets, ...) come from `cfg`, and so do the non-architecture model settings in `model_overrides`
+    (dropouts, attention span) when given. (The CLI builds `cfg` from the run's saved settings with the typed
+    flags on top: `resume.run_settings`; `resume.py` holds the rules.) Every setting that differs from the
+    run's is logged in one line and in the log's start event.
 
     The --save folder is locked for the run (`RunLock`): a second trainer of it is refused.
 
@@ -134,7 +134,10 @@ def train(model_cfg: SHARNNConfig, cfg: TrainConfig, quiet: bool = False,
         torch.set_num_threads(cfg.threads)
     ranks, device_name = init_from_env(cfg.device)  # under torchrun: join its process group
     try:
-        return _train(model_cfg, cfg, quiet, model_overrides, ranks, resolve_device(device_name))
+        if cfg.resume and checkpoint is None:
+            checkpoint = Checkpoint.open(cfg.resume, prefer="last")
+        return _train(model_cfg, cfg, quiet, model_overrides, ranks, resolve_device(device_name),
+                      checkpoint if cfg.resume else None)
     except BaseException as e:
         if ranks.enabled:
             release_frames(e)  # the model and its DDP wrapper hold the process group: let them go with the frames
@@ -148,23 +151,21 @@ def train(model_cfg: SHARNNConfig, cfg: TrainConfig, quiet: bool = False,
 
 
 def _train(model_cfg: SHARNNConfig, cfg: TrainConfig, quiet: bool, model_overrides: dict[str, Any] | None,
-           ranks: Dist, device: torch.device) -> TrainResult:
+           ranks: Dist, device: torch.device, ckpt: Checkpoint | None) -> TrainResult:
     run_dir = Path(cfg.save)
-    ckpt = resolve_checkpoint(cfg.resume, prefer="last") if cfg.resume else None
     if ckpt is not None:  # refuse an architecture change before any work
-        model_cfg = _resumed_model_config(ckpt, model_overrides or {})
+        model_cfg = resumed_model_config(ckpt, model_overrides or {})
     # Rank 0 holds the run folder's lock while the run lasts; a folder made for a run that fails before writing
     # anything goes again.
     with hold_run_folder(run_dir) if ranks.is_main else contextlib.nullcontext():
         if ranks.is_main:
             clean_run_folder(run_dir)  # what a killed save may have left
-            folder = run_folder_of(ckpt) if ckpt is not None else None
-            claim_run_folder(run_dir, cfg, resuming_here=folder is not None and same_file(folder, run_dir))
+            claim_run_folder(run_dir, cfg, resumed=ckpt)
         ranks.barrier()
         return _run(model_cfg, cfg, quiet, ckpt, ranks, device, run_dir)
 
 
-def _run(model_cfg: SHARNNConfig, cfg: TrainConfig, quiet: bool, ckpt: Path | None, ranks: Dist,
+def _run(model_cfg: SHARNNConfig, cfg: TrainConfig, quiet: bool, ckpt: Checkpoint | None, ranks: Dist,
          device: torch.device, run_dir: Path) -> TrainResult:
     corpus = load_corpus(cfg.data, tokens=cfg.tokens)
     log = RunLog(run_dir, quiet or not ranks.is_main, write=ranks.is_main)
@@ -174,21 +175,15 @@ def _run(model_cfg: SHARNNConfig, cfg: TrainConfig, quiet: bool, ckpt: Path | No
         model, saved, resumed = _resume_model(ckpt, model_cfg, corpus, cfg, ranks, device, log)
     else:
         model, saved = _new_model(model_cfg, corpus, device, log), None
-    if ranks.is_main:  # the data's identity, hashed once now (rank 0 saves it with every checkpoint)
-        recorded = read_meta(ckpt).get("data") if ckpt is not None else None
-        if warning := data_warning(recorded, corpus, SPLIT_NAMES, str(ckpt)):
-            log.line(f"warning: {warning}")
-            log.record("warning", message=warning)
+    # The data's identity is hashed once (rank 0 saves it with every checkpoint); a resume compares it with the run's.
+    if ranks.is_main and ckpt is not None and (warning := data_warning(ckpt.data, corpus, SPLIT_NAMES, str(ckpt.path))):
+        log.line(f"warning: {warning}")
+        log.record("warning", message=warning)
     model.keep_fp32(cfg.fp32_part_set)
     if device.type == "cuda":
         set_tf32(cfg.tf32)
 
-    # Fail on data that is too small before any training happens.
-    train_streams = Streams(corpus.train, cfg.batch_size, min_len=cfg.bptt + 1, what="train split",
-                            rank=ranks.rank, world=ranks.world)
-    eval_bsz = cfg.eval_batch_size or cfg.batch_size
-    Streams(_eval_ids(corpus.valid, cfg), eval_bsz, what="valid split")
-    Streams(_eval_ids(corpus.test, cfg), cfg.test_batch_size, what="test split")
+    train_streams = _streams(corpus, cfg, ranks)
     if cfg.precision == "fp16" and device.type == "cpu" and model.cfg.model == "LSTM":
         raise SharnnError("--precision fp16 with the LSTM core needs a GPU (PyTorch's CPU LSTM has no float16 "
                           "kernel); on a CPU use --precision bf16")
@@ -212,105 +207,49 @@ def _run(model_cfg: SHARNNConfig, cfg: TrainConfig, quiet: bool, ckpt: Path | No
         log.line(f"warning: {run_dir} has {free / 1e9:.2f} GB free, but this run's checkpoints may need about "
                  f"{need / 1e9:.2f} GB; a save that finds the disk full stops training (the last good one stays)")
 
-    loop = _Loop(model, optimizer, cfg, corpus, train_streams, rng, device, run_dir, log, saved, ranks)
+    loop = Trainer(model, optimizer, cfg, corpus, train_streams, rng, device, run_dir, log, saved, ranks)
     with _stop_on_signals(loop):
         loop.run()
-    loop.forward_model = model  # drop the DDP wrapper: it holds the process group
+    loop.step.forward_model = model  # drop the DDP wrapper: it holds the process group
     ranks.finish()  # all ranks together, then the group goes: rank 0's final measurement needs no other rank
-    ts = loop.ts
-    result = TrainResult(run_dir, ts.step, loop.epochs_done, loop.seconds, loop.chars_per_s, ts.best_bpc, None, None,
-                         b"", ts.nonfinite_total)
+    state = loop.state
+    result = TrainResult(run_dir, state.step, loop.epochs_done, loop.seconds, loop.chars_per_s, state.best_bpc, None, None,
+                         b"", state.nonfinite_total)
     if not ranks.is_main:  # rank 0 measures the result
         return result
     return _final_measurement(result, model, corpus, cfg, device, log, quiet)
 
 
-def _resumed_model_config(ckpt: Path, overrides: dict[str, Any]) -> SHARNNConfig:
-    """The checkpoint's model settings with the run settings the user gave (dropouts, span, window).
-
-    A setting that shapes the weights (`SHARNNConfig.weight_settings`) comes from the checkpoint: one that
-    disagrees is refused."""
-    try:
-        saved = SHARNNConfig.from_dict(read_meta(ckpt)["model"])
-    except (KeyError, TypeError) as e:
-        raise SharnnError(f"{ckpt}/config.json has no valid model section ({e})") from None
-    names = {f.name for f in fields(SHARNNConfig)} - {"vocab_size"}
-    wanted = {k: v for k, v in overrides.items() if k in names}
-    new_cfg = SHARNNConfig.from_dict(saved.to_dict() | wanted)
-    clash = sorted(k for k in wanted if k in SHARNNConfig.weight_settings() and getattr(new_cfg, k) != getattr(saved, k))
-    if clash:
-        k = clash[0]
-        raise SharnnError(f"--{k.replace('_', '-')} {_shown(getattr(new_cfg, k))} conflicts with the checkpoint {ckpt} "
-                          f"({_shown(getattr(saved, k))}): on --resume the architecture comes from the checkpoint; "
-                          "drop the setting")
-    return new_cfg
+def _streams(corpus: Corpus, cfg: TrainConfig, ranks: Dist) -> Streams:
+    """This rank's training streams; refused, as every split too small for its streams, before any training."""
+    train_streams = Streams(corpus.train, cfg.batch_size, min_len=cfg.bptt + 1, what="train split",
+                            rank=ranks.rank, world=ranks.world)
+    Streams(_eval_ids(corpus.valid, cfg), cfg.eval_batch_size or cfg.batch_size, what="valid split")
+    Streams(_eval_ids(corpus.test, cfg), cfg.test_batch_size, what="test split")
+    return train_streams
 
 
-def _resume_model(ckpt: Path, model_cfg: SHARNNConfig, corpus: Corpus, cfg: TrainConfig, ranks: Dist,
+def _resume_model(ckpt: Checkpoint, model_cfg: SHARNNConfig, corpus: Corpus, cfg: TrainConfig, ranks: Dist,
                   device: torch.device, log: RunLog) -> tuple[SHARNN, dict[str, Any], dict[str, Any]]:
-    """The checkpoint's model (with the run's settings), its saved training state fitted to this run, and what
-    the log's start event records about the resume: where from, and every setting that differs from the run's."""
-    model = load_model(ckpt, device)
-    saved_model_cfg = model.cfg
-    if model_cfg != model.cfg:  # dropouts, span, window asked for: the same weights in a model built with them
-        rebuilt = SHARNN(model_cfg).to(device)
-        rebuilt.load_state_dict(model.state_dict())
-        rebuilt.vocab, model = model.vocab, rebuilt
-    if load_vocab(ckpt) != corpus.vocab:
-        raise SharnnError(
-            f"checkpoint {ckpt} was trained with another vocabulary ({model.cfg.vocab_size} symbols) than the "
-            f"corpus {corpus.name} ({corpus.vocab_size}); resume on the same kind of corpus"
-        )
-    saved = load_train_state(ckpt, device)
-    if saved["epoch"] > cfg.epochs:
-        raise SharnnError(f"{ckpt} has finished epoch {saved['epoch'] - 1}, so --epochs {cfg.epochs} leaves nothing "
-                          "to train; to go on, pass a larger --epochs (it counts from the run's start)")
-    if cfg.max_steps is not None and saved["step"] >= cfg.max_steps:
-        raise SharnnError(f"{ckpt} is at step {saved['step']}, so --max-steps {cfg.max_steps} leaves nothing to "
-                          "train; to go on, pass a larger --max-steps (it counts from the run's start)")
-    old_cfg = load_train_config(ckpt)
-    if old_cfg is not None and old_cfg.optimizer != cfg.optimizer:
-        raise SharnnError(f"cannot resume a run trained with --optimizer {old_cfg.optimizer} using "
-                          f"--optimizer {cfg.optimizer}: its saved moments belong to the former; keep it")
-    changed = changed_settings(old_cfg, cfg, saved_model_cfg, model.cfg)
-    said = [f"{k} {_shown(a)} -> {_shown(b)}" for k, (a, b) in changed.items()]
-    if "seed" in changed:
+    """The checkpoint's weights in a model built with the run's settings, its saved training state fitted to this
+    run (the rules: `resume.py`), and what the log's start event records about the resume."""
+    model = ckpt.model(device, config=model_cfg)
+    saved = ckpt.train_state(device)
+    check_resumable(ckpt, cfg, corpus, saved)
+    plan = plan_resume(ckpt, cfg, model.cfg, saved, ranks.world)
+    if plan.fresh_rng:
         saved.pop("rng", None)  # a new --seed on resume asks for fresh randomness (the paper's second pass)
-        said[list(changed).index("seed")] += " (fresh random streams: the saved ones are not used)"
-    log.line(f"resuming from {ckpt} at epoch {saved['epoch']}, step {saved['step']}; "
-             + ("the checkpoint records no run settings: all come from this command" if old_cfg is None
-                else f"changed: {', '.join(said)}" if said else "settings as the run saved them"))
-    resumed = {"checkpoint": str(ckpt), "epoch": saved["epoch"], "step": saved["step"],
-               "changed": {k: [_jsonable(a), _jsonable(b)] for k, (a, b) in changed.items()}}
-    old_global = (old_cfg.batch_size if old_cfg else cfg.batch_size) * saved.get("world", 1)
-    if old_global != cfg.batch_size * ranks.world:
+    log.line(plan.line)
+    if not plan.same_streams:
         # Stream boundaries move with the global batch: the saved position and carried state mean nothing now.
+        old_global = (ckpt.train_config or cfg).batch_size * saved.get("world", 1)
         log.line(f"global batch changed ({old_global} -> {cfg.batch_size * ranks.world} streams): "
                  "the epoch restarts at its start")
-        saved.update(position=0, carried=None, micro=0)
+        saved.update(position=0, carried=None, gathered=0)
     else:  # the same global streams, perhaps over another number of ranks: take this rank's share
         carried = ranks.shard_state(state_from_list(saved.get("carried")), cfg.batch_size)
         saved["carried"] = state_to_list(carried)
-    return model, saved, resumed
-
-
-def changed_settings(old_cfg: TrainConfig | None, cfg: TrainConfig, old_model: SHARNNConfig,
-                     model_cfg: SHARNNConfig) -> dict[str, tuple[Any, Any]]:
-    """{setting: (the run's value, this run's)} for every model and run setting a resume changes. `resume` and
-    `overwrite` say how this command starts, not what the run is; paths that name the same file are the same."""
-    changed = {}
-    pairs = [(f.name, getattr(old_model, f.name), getattr(model_cfg, f.name)) for f in fields(SHARNNConfig)]
-    if old_cfg is not None:
-        pairs += [(f.name, getattr(old_cfg, f.name), getattr(cfg, f.name)) for f in fields(TrainConfig)
-                  if f.name not in ("resume", "overwrite")]
-    for name, a, b in pairs:
-        if a != b and not (name in ("data", "save") and same_file(a, b)):
-            changed[name] = (a, b)
-    return changed
-
-
-def _jsonable(v: Any) -> Any:
-    return list(v) if isinstance(v, tuple) else v
+    return model, saved, plan.record
 
 
 def _new_model(model_cfg: SHARNNConfig, corpus: Corpus, device: torch.device, log: RunLog) -> SHARNN:
@@ -360,11 +299,7 @@ def _final_measurement(result: TrainResult, model: SHARNN, corpus: Corpus, cfg: 
         prompt = corpus.vocab.decode(corpus.test[:64])
         text = prompt + generate(final_model, prompt, cfg.sample, temperature=0.8, seed=cfg.seed,
                                  vocab=corpus.vocab).data
-    return replace(result, valid=valid, test=test, sample=text)
-
-
-def _shown(value: Any) -> str:
-    return " ".join(map(str, value)) if isinstance(value, tuple) else str(value)
+    return replace(result, valid=valid, test=test, sample=text, metric=corpus.vocab.metric)
 
 
 def _eval_ids(ids: np.ndarray, cfg: TrainConfig) -> np.ndarray:
@@ -372,7 +307,7 @@ def _eval_ids(ids: np.ndarray, cfg: TrainConfig) -> np.ndarray:
 
 
 @contextlib.contextmanager
-def _stop_on_signals(loop: _Loop) -> Iterator[None]:
+def _stop_on_signals(loop: Trainer) -> Iterator[None]:
     """While the loop runs, SIGINT/SIGTERM ask it to stop after the current batch and save; a second signal
     stops at once (KeyboardInterrupt). The previous handlers come back afterwards."""
     if threading.current_thread() is not threading.main_thread():
@@ -395,8 +330,8 @@ def _stop_on_signals(loop: _Loop) -> Iterator[None]:
             signal.signal(s, handler if handler is not None else signal.SIG_DFL)
 
 
-def new_window() -> dict[str, float]:
-    """The log window's sums since the last log line."""
+def new_log_sums() -> dict[str, float]:
+    """The sums of the training log since its last line (--log-interval)."""
     return {"loss": 0.0, "batches": 0, "finite": 0, "chars": 0}
 
 
@@ -412,193 +347,145 @@ class TrainState:
     position: int = 0  # where the next segment of this epoch starts
     best_bpc: float = math.inf
     carried: State | None = None  # the RNN state and attention memory the next segment starts from
-    micro: int = 0  # segments whose gradients are gathered for the next optimizer step (--accumulate)
+    gathered: int = 0  # segments whose gradients are gathered for the next optimizer step (--accumulate)
     bad_in_step: bool = False  # a non-finite loss among them
     nonfinite_run: int = 0  # skipped optimizer steps in a row
     nonfinite_total: int = 0
-    window: dict[str, float] = field(default_factory=new_window)  # since the last log line
+    log_sums: dict[str, float] = field(default_factory=new_log_sums)  # since the last log line
     val_history: list[float] = field(default_factory=list)  # end-of-epoch validation losses (SGD -> ASGD)
     asgd: bool = False  # switched to averaged SGD
 
     def to_dict(self) -> dict[str, Any]:
         d = {f.name: getattr(self, f.name) for f in fields(self)}
-        return d | {"carried": state_to_list(self.carried), "window": dict(self.window),
+        return d | {"carried": state_to_list(self.carried), "log_sums": dict(self.log_sums),
                     "val_history": list(self.val_history)}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainState:
+        d = {_OLD_NAMES.get(k, k): v for k, v in d.items()}  # files written before the renames
         kw = {f.name: d[f.name] for f in fields(cls) if f.name in d}
         return cls(**kw | {"carried": state_from_list(d.get("carried")),
-                           "window": new_window() | dict(d.get("window", {}))})
+                           "log_sums": new_log_sums() | dict(d.get("log_sums", {}))})
 
 
-class _Loop:
-    """The epoch/step loop: `run` goes epoch by epoch, `_train_epoch` segment by segment (`_train_segment`), an
-    optimizer step every --accumulate segments (`_take_step`), then the decisions all ranks take together
-    (`_after_batch`: validate, save, stop). Where the run stands is `self.ts`, a `TrainState`."""
+_OLD_NAMES = {"micro": "gathered", "window": "log_sums"}  # train_state.pt's keys before they were renamed
 
-    def __init__(self, model: SHARNN, optimizer: torch.optim.Optimizer, cfg: TrainConfig, corpus: Corpus,
-                 streams: Streams, rng: np.random.Generator, device: torch.device, run_dir: Path, log: RunLog,
-                 saved: dict[str, Any] | None, ranks: Dist | None = None):
-        self.model, self.optimizer, self.cfg, self.corpus = model, optimizer, cfg, corpus
-        self.ranks = ranks or Dist()
-        # What the training step calls: the model itself, or its DistributedDataParallel wrapper (which averages
-        # gradients over the ranks during backward). Evaluation and saving use the model itself.
+
+class NonFiniteLimit(Exception):
+    """--nonfinite-limit optimizer steps in a row were skipped: the trainer saves what it can and stops."""
+
+
+class MetricsLog:
+    """The training log (--log-interval): the sums since the last log line live in `TrainState.log_sums`, so that a
+    resumed run goes on with the same lines; its speed counts only the batches this process timed."""
+
+    def __init__(self, state: TrainState, cfg: TrainConfig, log: RunLog, world: int):
+        self.state, self.cfg, self.log, self.world = state, cfg, log, world
+        self.chars = 0  # tokens trained on by this process's run, all ranks together
+        self.start_clock()
+
+    def start_clock(self) -> None:
+        """Time the log's sums from now. Sums resumed from a checkpoint hold batches timed by the process that
+        saved it: the speed counts only the batches since this clock started."""
+        self.started = time.perf_counter()
+        self.base = (self.state.log_sums["batches"], self.state.log_sums["chars"])
+
+    def count(self, loss: float | None, tokens: int) -> None:
+        """Add a segment (all ranks' tokens together); loss None: it was not finite."""
+        w = self.state.log_sums
+        w["batches"] += 1
+        if loss is not None:
+            w["loss"] += loss
+            w["finite"] += 1
+        w["chars"] += tokens * self.world
+        self.chars += tokens * self.world
+
+    def due(self) -> bool:
+        return self.state.log_sums["batches"] >= self.cfg.log_interval  # >=: a resume may lower --log-interval
+
+    def emit(self, est_batches: int, lr: float, loss_scale: float | None, suffix: str = "") -> None:
+        """The log line (and log.jsonl record) of the sums, which then start again."""
+        w, state = self.state.log_sums, self.state
+        elapsed = max(time.perf_counter() - self.started, 1e-9)
+        batches, chars = w["batches"] - self.base[0], w["chars"] - self.base[1]
+        loss = w["loss"] / w["finite"] if w["finite"] else math.nan
+        batch = min(state.position // self.cfg.bptt, est_batches)
+        self.log.line(
+            f"| epoch {state.epoch:3d} | {batch:5d}/{est_batches:5d} batches | lr {lr:.3g} | "
+            f"ms/batch {1000 * elapsed / batches:7.1f} | loss {loss:5.3f} | bpc {loss / LN2:6.3f} | "
+            f"chars/s {chars / elapsed:8.0f}{suffix}"
+        )
+        self.log.record("train", epoch=state.epoch, step=state.step, batch=batch, lr=lr,
+                        ms_per_batch=1000 * elapsed / batches, loss=loss, bpc=loss / LN2, chars_per_s=chars / elapsed,
+                        **({"loss_scale": loss_scale} if loss_scale is not None else {}))
+        state.log_sums = new_log_sums()
+        self.start_clock()
+
+
+class TrainStep:
+    """The training step: forward and backward on a segment, state carried, and every --accumulate segments the
+    optimizer step (gradients unscaled from the fp16 loss scale, clipped), or its skip when any rank saw a
+    non-finite loss or gradient. `optimizer` is the trainer's (it changes when SGD switches to averaged SGD)."""
+
+    def __init__(self, model: SHARNN, cfg: TrainConfig, streams: Streams, state: TrainState, ranks: Dist,
+                 device: torch.device, log: RunLog, saved: dict[str, Any] | None):
+        self.model, self.cfg, self.streams, self.state, self.ranks, self.device, self.log = (
+            model, cfg, streams, state, ranks, device, log)
+        self.optimizer: torch.optim.Optimizer | None = None
+        # What the step calls: the model itself, or its DistributedDataParallel wrapper (which averages gradients
+        # over the ranks during backward). Evaluation and saving use the model itself.
         self.forward_model: torch.nn.Module = model
-        if self.ranks.enabled:
+        if ranks.enabled:
             ids = [device.index] if device.type == "cuda" else None
             # An adaptive softmax skips the clusters that a batch has no targets in.
             self.forward_model = torch.nn.parallel.DistributedDataParallel(
                 model, device_ids=ids, find_unused_parameters=model.cfg.uses_adaptive_softmax)
-        self.streams, self.rng, self.device, self.run_dir, self.log = streams, rng, device, run_dir, log
-        self.ts = TrainState.from_dict(saved) if saved is not None else TrainState()
-        self.ts.asgd = isinstance(optimizer, torch.optim.ASGD)
         # fp16 gradients underflow without a loss scale; the scaler grows it while steps are finite and halves it
         # (skipping that step) when a scaled gradient overflows. Disabled, it passes everything through.
         self.scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
         if saved is not None and saved.get("scaler") and self.scaler.is_enabled():
             self.scaler.load_state_dict(saved["scaler"])
-        # --decay runs to the step where the budget ends; all ranks agree on it (their clocks differ a little).
-        self.first_step = self.ts.step
-        self.horizon = self._horizon(seconds=0.0)
-        if self.ts.micro:
-            self._restore_grads(saved["grads"])  # type: ignore[index]
-            # The rest of an unfinished step runs on this run's schedule: a --lr given on resume applies to it too.
-            set_lr(self.optimizer, lr_at(self.ts.step + 1, self.ts.epoch, cfg, self.horizon))
-        self.stop_signal: int | None = None  # set by the SIGINT/SIGTERM handler
-        self.epochs_done = 0
-        self.seconds = 0.0
-        self.chars = 0
-        self.start_time = self.last_save_time = time.perf_counter()
-        self._start_window_clock()
-        self.saved_at_epoch_start = False  # the epoch-end validation and save just happened, nothing since
-        self.validated_at = self.last_saved_at = -1  # the step of the latest validation and save of last/
 
-    @property
-    def chars_per_s(self) -> float:
-        return self.chars / self.seconds if self.seconds > 0 else 0.0
-
-    def out_of_budget(self) -> bool:
-        cfg = self.cfg
-        if cfg.max_steps is not None and self.ts.step >= cfg.max_steps:
-            return True
-        return cfg.max_time is not None and time.perf_counter() - self.start_time >= cfg.max_time
-
-    def run(self) -> None:
-        cfg, ts = self.cfg, self.ts
-        reason = None
-        while ts.epoch <= cfg.epochs:
-            reason = self._stop_reason() or self._train_epoch()
-            if reason:
-                break
-            # Move to the next epoch first, so that checkpoints written now resume at its start.
-            self.epochs_done += 1
-            ts.epoch, ts.position, ts.carried, ts.window = ts.epoch + 1, 0, None, new_window()
-            self.validate(f"end of epoch {ts.epoch - 1:3d}", end_of_epoch=True)
-            self.save("last")
-            if ts.epoch - 1 in cfg.when:  # as the reference did: keep the model from before the LR drops
-                self.save(f"epoch-{ts.epoch - 1:03d}")
-            self.saved_at_epoch_start = True
-        if reason == "budget":
-            self.log.line(f"stopping at step {ts.step}: budget reached (--max-steps/--max-time)")
-            if not self.saved_at_epoch_start:  # unless --eval-interval / --save-every just did it at this step
-                if self.validated_at != ts.step:
-                    self.validate(f"validation at epoch {ts.epoch:3d}")
-                if self.last_saved_at != ts.step:
-                    self.save("last")
-        if self.stop_signal is not None:  # also when it came during a validation after the last batch
-            if reason == "signal" and not self.saved_at_epoch_start:  # else last/ was just saved
-                self.save("last")
-            self._interrupted()
-
-    def _stop_reason(self) -> str | None:
-        signalled, over = self.ranks.any(self.stop_signal is not None, self.ts.micro == 0 and self.out_of_budget(),
-                                         device=self.device)
-        if signalled:
-            self.stop_signal = self.stop_signal or signal.SIGTERM  # another rank got it
-            return "signal"
-        return "budget" if over else None
-
-    def _interrupted(self) -> None:
-        name = signal.Signals(self.stop_signal).name  # type: ignore[arg-type]
-        ts = self.ts
-        where = f"epoch {ts.epoch}, step {ts.step}" + (f" (+{ts.micro} gathered segments)" if ts.micro else "")
-        self.log.line(f"stopped by {name} at {where}; saved {self.run_dir / 'last'}")
-        self.log.record("interrupted", signal=name, epoch=ts.epoch, step=ts.step)
-        raise TrainingInterrupted(
-            f"stopped by {name} at {where}; a resumable checkpoint is in {self.run_dir / 'last'}. "
-            f"To continue, run the same command with --resume {self.run_dir}",
-            self.stop_signal,  # type: ignore[arg-type]
-        )
-
-    def _train_epoch(self) -> str | None:
-        """Train from the current position to the end of the epoch.
-
-        Returns None at the epoch's end, or why it stopped early: 'budget' (--max-steps/--max-time, checked
-        after each optimizer step) or 'signal' (SIGINT/SIGTERM, checked after each batch).
-        """
-        cfg, ts = self.cfg, self.ts
-        self.model.train()
-        est_batches = max(1, (self.streams.n - 1) // cfg.bptt)
-        bar = TrainProgress(cfg, ts.epoch, est_batches, min(ts.position // cfg.bptt, est_batches), ts.step,
-                            self.start_time, show=not self.log.quiet)
-        self._start_window_clock()
-        try:
-            for pos, seq_len in train_segments(self.streams, cfg.bptt, self.rng, start=ts.position):
-                self.saved_at_epoch_start = False
-                t0 = time.perf_counter()
-                stepped = self._train_segment(pos, seq_len)
-                self.seconds += time.perf_counter() - t0
-                bar.update(min(ts.position // cfg.bptt, est_batches), ts.step, ts.micro)
-                if ts.window["batches"] >= cfg.log_interval:  # >=: a resume may lower --log-interval
-                    self._log_window(est_batches, bar.log_suffix())
-                reason = self._after_batch(stepped)
-                if reason:
-                    return reason
-            if ts.micro:  # an epoch that ends mid-accumulation still applies what it gathered, as a mean
-                norm = self._unscaled_grad_norm(scale=cfg.accumulate / ts.micro)
-                ts.bad_in_step |= not math.isfinite(norm.item()) and not self.scaler.is_enabled()
-                return self._after_batch(self._apply_step())  # a step like any other: validate, save, budget
-            return None
-        finally:
-            bar.close()
-
-    def _train_segment(self, pos: int, seq_len: int) -> bool:
+    def segment(self, pos: int, seq_len: int, metrics: MetricsLog) -> bool:
         """Forward and backward on one segment, carrying the state; the optimizer step when the segment completes
-        one (`--accumulate`). True if a step was applied."""
-        cfg, ts = self.cfg, self.ts
-        if ts.micro == 0:
-            set_lr(self.optimizer, lr_at(ts.step + 1, ts.epoch, cfg, self.horizon))
+        one (`--accumulate`), counted in the log's `metrics`. True if a step was applied."""
+        cfg, state = self.cfg, self.state
         x, y = self.streams.segment(pos, seq_len, self.device)
         # Under DDP, gradients are averaged over the ranks only on the segment that completes a step. The epoch's
         # last segment always does: a partial step at the epoch's end is applied too.
-        syncs = ts.micro + 1 >= cfg.accumulate or pos + seq_len >= self.streams.n - 1
-        sync = self.forward_model.no_sync() if self.ranks.enabled and not syncs else contextlib.nullcontext()
-        with sync:
+        completes_step = state.gathered + 1 >= cfg.accumulate or pos + seq_len >= self.streams.n - 1
+        no_sync = self.ranks.enabled and not completes_step
+        with self.forward_model.no_sync() if no_sync else contextlib.nullcontext():  # type: ignore[operator]
             with autocast(self.device, cfg.precision):
-                out = self.forward_model(x, ts.carried, targets=y, recompute=cfg.checkpoint_activations)
+                out = self.forward_model(x, state.carried, targets=y, recompute=cfg.checkpoint_activations)
                 loss = (out.loss + ar_tar(out, cfg)) / cfg.accumulate  # accumulate = mean over segments
             self.scaler.scale(loss).backward()
-        state = detach_state(out.state)
-        ts.micro += 1
-        ts.position = pos + seq_len
+        carried = detach_state(out.state)
+        state.gathered += 1
+        state.position = pos + seq_len
         checks = [out.loss.detach(), loss.detach()]
-        completes = ts.micro >= cfg.accumulate
+        completes = state.gathered >= cfg.accumulate
         if completes:
-            checks.append(self._unscaled_grad_norm())
+            checks.append(self.unscaled_grad_norm())
         # The loop's one host sync per batch: the loss for the log, and whether anything is non-finite. Under fp16
         # an overflowing gradient with finite losses is the loss scaler's business (it skips that update and
         # lowers the scale), not trouble in the model.
         values = torch.stack([c.float() for c in checks]).tolist()
         finite = all(math.isfinite(v) for v in (values[:2] if self.scaler.is_enabled() else values))
-        ts.bad_in_step |= not finite
-        stepped = completes and self._apply_step()
+        state.bad_in_step |= not finite
+        stepped = completes and self.apply()
         # After a skipped step the state starts afresh: the one that produced non-finite values would poison the rest.
-        ts.carried = None if completes and not stepped else state
-        self._count(values[0] if finite else None, y.numel())
+        state.carried = None if completes and not stepped else carried
+        metrics.count(values[0] if finite else None, y.numel())
         return stepped
 
-    def _unscaled_grad_norm(self, scale: float = 1.0) -> torch.Tensor:
+    def finish_epoch(self) -> bool:
+        """An epoch that ends mid-accumulation still applies what it gathered, as a mean. True if applied."""
+        norm = self.unscaled_grad_norm(scale=self.cfg.accumulate / self.state.gathered)
+        self.state.bad_in_step |= not math.isfinite(norm.item()) and not self.scaler.is_enabled()
+        return self.apply()
+
+    def unscaled_grad_norm(self, scale: float = 1.0) -> torch.Tensor:
         """The gathered gradients' global norm (clipped to --clip when set), after undoing the fp16 loss scale and
         multiplying them by `scale`; non-finite when any gradient is."""
         self.scaler.unscale_(self.optimizer)
@@ -606,37 +493,310 @@ class _Loop:
             for p in self.model.parameters():
                 if p.grad is not None:
                     p.grad.mul_(scale)
-        return self._grad_norm()
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        if self.cfg.clip:
+            return torch.nn.utils.clip_grad_norm_(params, self.cfg.clip)
+        if not params:
+            return torch.zeros((), device=self.device)
+        return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad.detach()) for p in params]))
 
-    def _apply_step(self) -> bool:
+    def apply(self) -> bool:
         """The optimizer step with the gathered gradients, or its skip when any rank saw something non-finite."""
-        self.ts.bad_in_step = self.ranks.any(self.ts.bad_in_step, device=self.device)[0]  # all skip, or none
-        return self._finish_step()
+        self.state.bad_in_step = self.ranks.any(self.state.bad_in_step, device=self.device)[0]  # all skip, or none
+        return self._finish()
 
-    def _count(self, loss: float | None, tokens: int) -> None:
-        """Add a segment to the log window and the throughput (all ranks' tokens together); loss None: not finite."""
-        w = self.ts.window
-        w["batches"] += 1
-        if loss is not None:
-            w["loss"] += loss
-            w["finite"] += 1
-        w["chars"] += tokens * self.ranks.world
-        self.chars += tokens * self.ranks.world
+    def _finish(self) -> bool:
+        """Apply the gathered gradients, or skip them if any loss or gradient was non-finite. True if applied.
+        Raises NonFiniteLimit on the --nonfinite-limit'th skipped step in a row."""
+        opt, state = self.optimizer, self.state
+        assert opt is not None
+        state.gathered = 0
+        if not state.bad_in_step:
+            self.scaler.step(opt)  # opt.step(), unless an fp16 gradient overflowed (then the scale drops)
+            self.scaler.update()
+            opt.zero_grad(set_to_none=True)
+            state.step += 1
+            state.nonfinite_run = 0
+            return True
+        self.scaler.update()  # closes this step's unscale_ (the next step may unscale again)
+        opt.zero_grad(set_to_none=True)
+        state.bad_in_step = False
+        state.carried = None
+        state.nonfinite_run += 1
+        state.nonfinite_total += 1
+        limit = self.cfg.nonfinite_limit
+        self.log.line(f"warning: non-finite loss or gradient at epoch {state.epoch}, position {state.position}: "
+                      f"update skipped, recurrent state reset ({state.nonfinite_run} in a row of at most {limit}, "
+                      f"{state.nonfinite_total} in all)")
+        self.log.record("nonfinite", epoch=state.epoch, step=state.step, position=state.position,
+                        in_a_row=state.nonfinite_run, total=state.nonfinite_total)
+        if state.nonfinite_run >= limit:
+            raise NonFiniteLimit
+        return False
+
+    def restore_grads(self, grads: list[torch.Tensor | None] | None) -> None:
+        """The gradients gathered in an unfinished --accumulate step, as a checkpoint saved them."""
+        params = list(self.model.parameters())
+        if grads is None or len(grads) != len(params):
+            raise SharnnError("cannot resume: the checkpoint's gathered gradients do not fit the model")
+        for p, g in zip(params, grads):
+            p.grad = None if g is None else g.to(p.device)
+
+
+class CheckpointPolicy:
+    """When and what to save: `last/` on the schedule (--save-every, --save-every-minutes; with --keep K as
+    `step-NNNNNN/` too, the newest K kept), and whatever the trainer asks for (best/, last/, epoch-N/). Non-finite
+    weights are never saved. Under torchrun every rank calls `save` (the carried state is gathered); rank 0 writes.
+    `optimizer` is the trainer's (it changes when SGD switches to averaged SGD)."""
+
+    def __init__(self, model: SHARNN, cfg: TrainConfig, corpus: Corpus, state: TrainState, rng: np.random.Generator,
+                 scaler: torch.amp.GradScaler, ranks: Dist, run_dir: Path, log: RunLog):
+        self.model, self.cfg, self.corpus, self.state, self.rng, self.scaler = model, cfg, corpus, state, rng, scaler
+        self.ranks, self.run_dir, self.log = ranks, run_dir, log
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.last_save_time = time.perf_counter()
+        self.last_saved_at = -1  # the step of the latest save of last/
+
+    def due(self) -> bool:
+        """Whether a periodic save is due after this optimizer step."""
+        cfg = self.cfg
+        if cfg.save_every and self.state.step % cfg.save_every == 0:
+            return True
+        return (cfg.save_every_minutes is not None
+                and time.perf_counter() - self.last_save_time >= 60 * cfg.save_every_minutes)
+
+    def save_periodic(self) -> None:
+        """`last/`, and with --keep K also `step-NNNNNN/` (last/ then shares its files), the newest K kept."""
+        if self.cfg.keep:
+            name = step_name(self.state.step)
+            if self.save(name) and self.ranks.is_main:
+                link_checkpoint(self.run_dir / name, self.run_dir / "last")
+                prune_checkpoints(self.run_dir, self.cfg.keep)
+        else:
+            self.save("last")
+
+    def save(self, name: str) -> bool:
+        """Write the checkpoint `name`; returns whether it was written (never with non-finite weights: every rank
+        sees the same weights, so all skip together, and the checkpoint there stays as it was)."""
+        state = self.state
+        if not bool(torch.stack([torch.isfinite(p).all() for p in self.model.parameters()]).all()):
+            self.log.line(f"warning: the weights are not finite at step {state.step}: {name}/ not written "
+                          "(its previous contents stay)")
+            self.log.record("unsaved", name=name, epoch=state.epoch, step=state.step, reason="non-finite weights")
+            return False
+        if name == "last":
+            self.last_saved_at = state.step  # on every rank: they decide together whether to save again
+        carried = self.ranks.gather_state(state.carried)  # all ranks' streams: resumable on any number of ranks
+        # Inside an --accumulate step, the gradients gathered so far, averaged over the ranks (a collective too).
+        grads = self.ranks.mean_grads(list(self.model.parameters())) if state.gathered else None
+        if self.ranks.is_main:
+            self._write(name, carried, grads)
+        if name != "best":
+            self.last_save_time = time.perf_counter()
+            if self.ranks.is_main:
+                self.log.record("save", name=name, epoch=state.epoch, step=state.step, position=state.position)
+        return True
+
+    def _write(self, name: str, carried: State | None, grads: list[torch.Tensor | None] | None) -> None:
+        state = self.state
+        assert self.optimizer is not None
+        summary = {"epoch": state.epoch, "step": state.step, "position": state.position, "best_bpc": state.best_bpc}
+        saved = state.to_dict() | {
+            "carried": state_to_list(carried),
+            "optimizer": self.optimizer.state_dict(),
+            "rng": rng_state(self.rng),
+            "world": self.ranks.world,
+            "grads": grads,  # inside an --accumulate step (gathered > 0): the gradients gathered so far
+            "scaler": self.scaler.state_dict(),  # {} unless fp16
+        }
+        save_checkpoint(self.run_dir / name, self.model, self.cfg, summary, saved, vocab=self.corpus.vocab,
+                        data=self.corpus.identity)
+
+    def last_saved(self) -> str:
+        """What `last/` holds, in words."""
+        try:
+            return f"it holds the weights from step {read_meta(self.run_dir / 'last')['progress']['step']}"
+        except (SharnnError, KeyError, TypeError):
+            return "no checkpoint of this run was saved"
+
+
+class Validator:
+    """Validation: the valid split's bpc, in float32 whatever --precision trains in (the number that picks best/
+    is the one `sharnn eval` gives), measured by rank 0 (the others take its number: all must agree on "best"),
+    with the averaged weights once SGD has switched to averaged SGD; a new best is saved as best/. Whether to
+    switch is a separate question (`asgd_due`), which the trainer asks at the end of an epoch."""
+
+    def __init__(self, model: SHARNN, cfg: TrainConfig, corpus: Corpus, state: TrainState, ranks: Dist,
+                 device: torch.device, log: RunLog, checkpoints: CheckpointPolicy):
+        self.model, self.cfg, self.corpus, self.state, self.ranks = model, cfg, corpus, state, ranks
+        self.device, self.log, self.checkpoints = device, log, checkpoints
+        self.validated_at = -1  # the step of the latest validation
+
+    def validate(self, label: str, optimizer: torch.optim.Optimizer) -> EvalResult:
+        cfg, state, ranks = self.cfg, self.state, self.ranks
+        self.validated_at = state.step
+        # After the switch to averaged SGD, the averaged weights are the model: evaluate and keep those.
+        with averaged_weights(self.model.parameters(), optimizer):
+            if ranks.is_main:
+                res = evaluate(self.model, _eval_ids(self.corpus.valid, cfg), cfg.eval_batch_size or cfg.batch_size,
+                               cfg.bptt, self.device, progress=not self.log.quiet, what="valid")
+            loss = ranks.from_main(res.loss if ranks.is_main else 0.0, self.device)
+            if not ranks.is_main:
+                res = EvalResult(loss, 0, 0.0)
+            improved = res.bpc < state.best_bpc
+            if improved:
+                state.best_bpc = res.bpc
+                self.checkpoints.save("best")
+        self.log.line("-" * 89)
+        self.log.line(
+            f"| {label} | step {state.step} | "
+            f"time {res.seconds:5.1f}s | valid loss {res.loss:5.3f} | valid bpc {res.bpc:6.4f} | "
+            f"valid ppl {res.ppl:8.3f}{' | new best, saved' if improved else ''}"
+        )
+        self.log.line("-" * 89)
+        self.log.record("valid", epoch=state.epoch, step=state.step, loss=res.loss, bpc=res.bpc, ppl=res.ppl, best=improved)
+        return res
+
+    def asgd_due(self, loss: float) -> bool:
+        """AWD-LSTM's switch from SGD to averaged SGD: an end-of-epoch validation `loss` no better than the best of
+        the earlier ones but the last --nonmono."""
+        cfg, state = self.cfg, self.state
+        return cfg.optimizer == "sgd" and not state.asgd and should_switch_to_asgd(state.val_history, loss, cfg.nonmono)
+
+
+class Trainer:
+    """The epoch/step loop, which only orchestrates: `run` goes epoch by epoch, `_train_epoch` segment by segment
+    through the training step (`TrainStep`), then takes the decisions all ranks take together (`_after_batch`):
+    log (`MetricsLog`), validate (`Validator`), save (`CheckpointPolicy`), stop for the budget or a signal.
+    Where the run stands is `self.state`, a `TrainState`, which the pieces share."""
+
+    def __init__(self, model: SHARNN, optimizer: torch.optim.Optimizer, cfg: TrainConfig, corpus: Corpus,
+                 streams: Streams, rng: np.random.Generator, device: torch.device, run_dir: Path, log: RunLog,
+                 saved: dict[str, Any] | None, ranks: Dist | None = None):
+        self.model, self.cfg, self.streams, self.rng, self.device, self.run_dir, self.log = (
+            model, cfg, streams, rng, device, run_dir, log)  # rng: the generator of segment lengths
+        self.ranks = ranks = ranks or Dist()
+        self.state = state = TrainState.from_dict(saved) if saved is not None else TrainState()
+        state.asgd = isinstance(optimizer, torch.optim.ASGD)
+        self.step = TrainStep(model, cfg, streams, state, ranks, device, log, saved)
+        self.metrics = MetricsLog(state, cfg, log, ranks.world)
+        self.checkpoints = CheckpointPolicy(model, cfg, corpus, state, rng, self.step.scaler, ranks, run_dir, log)
+        self.validator = Validator(model, cfg, corpus, state, ranks, device, log, self.checkpoints)
+        self.use_optimizer(optimizer)
+        # --decay runs to the step where the budget ends; all ranks agree on it (their clocks differ a little).
+        self.first_step = state.step
+        self.horizon = self._horizon(seconds=0.0)
+        if state.gathered:
+            self.step.restore_grads(saved["grads"])  # type: ignore[index]
+            # The rest of an unfinished step runs on this run's schedule: a --lr given on resume applies to it too.
+            set_lr(optimizer, lr_at(state.step + 1, state.epoch, cfg, self.horizon))
+        self.stop_signal: int | None = None  # set by the SIGINT/SIGTERM handler
+        self.epochs_done = 0
+        self.seconds = 0.0
+        self.start_time = time.perf_counter()
+        self.saved_at_epoch_start = False  # the epoch-end validation and save just happened, nothing since
+
+    def use_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
+        """The optimizer the step takes and the checkpoints save (a new one when SGD switches to averaged SGD)."""
+        self.optimizer = self.step.optimizer = self.checkpoints.optimizer = optimizer
+
+    @property
+    def chars_per_s(self) -> float:
+        return self.metrics.chars / self.seconds if self.seconds > 0 else 0.0
+
+    def out_of_budget(self) -> bool:
+        cfg = self.cfg
+        if cfg.max_steps is not None and self.state.step >= cfg.max_steps:
+            return True
+        return cfg.max_time is not None and time.perf_counter() - self.start_time >= cfg.max_time
+
+    def run(self) -> None:
+        state = self.state
+        try:
+            reason = None
+            while state.epoch <= self.cfg.epochs:
+                reason = self._stop_reason() or self._train_epoch()
+                if reason:
+                    break
+                self._end_epoch()
+        except NonFiniteLimit:
+            self._stop_nonfinite()
+        if reason == "budget":
+            self.log.line(f"stopping at step {state.step}: budget reached (--max-steps/--max-time)")
+            if not self.saved_at_epoch_start:  # unless --eval-interval / --save-every just did it at this step
+                if self.validator.validated_at != state.step:
+                    self.validator.validate(f"validation at epoch {state.epoch:3d}", self.optimizer)
+                if self.checkpoints.last_saved_at != state.step:
+                    self.checkpoints.save("last")
+        if self.stop_signal is not None:  # also when it came during a validation after the last batch
+            if reason == "signal" and not self.saved_at_epoch_start:  # else last/ was just saved
+                self.checkpoints.save("last")
+            self._interrupted()
+
+    def _end_epoch(self) -> None:
+        """Move to the next epoch first, so that checkpoints written now resume at its start; then validate (and
+        perhaps switch to averaged SGD) and save."""
+        state, cfg = self.state, self.cfg
+        self.epochs_done += 1
+        state.epoch, state.position, state.carried, state.log_sums = state.epoch + 1, 0, None, new_log_sums()
+        res = self.validator.validate(f"end of epoch {state.epoch - 1:3d}", self.optimizer)
+        if self.validator.asgd_due(res.loss):
+            self.use_optimizer(build_asgd(self.model.parameters(), cfg, self.optimizer.param_groups[0]["lr"]))
+            state.asgd = True
+            self.log.line(f"switching to averaged SGD: validation has not improved for {cfg.nonmono} epochs")
+            self.log.record("asgd", epoch=state.epoch, step=state.step)
+        state.val_history.append(res.loss)
+        self.checkpoints.save("last")
+        if state.epoch - 1 in cfg.when:  # as the reference did: keep the model from before the LR drops
+            self.checkpoints.save(f"epoch-{state.epoch - 1:03d}")
+        self.saved_at_epoch_start = True
+
+    def _train_epoch(self) -> str | None:
+        """Train from the current position to the end of the epoch.
+
+        Returns None at the epoch's end, or why it stopped early: 'budget' (--max-steps/--max-time, checked
+        after each optimizer step) or 'signal' (SIGINT/SIGTERM, checked after each batch).
+        """
+        cfg, state = self.cfg, self.state
+        self.model.train()
+        est_batches = max(1, (self.streams.n - 1) // cfg.bptt)
+        bar = TrainProgress(cfg, state.epoch, est_batches, min(state.position // cfg.bptt, est_batches), state.step,
+                            self.start_time, show=not self.log.quiet)
+        self.metrics.start_clock()
+        try:
+            for pos, seq_len in train_segments(self.streams, cfg.bptt, self.rng, start=state.position):
+                self.saved_at_epoch_start = False
+                t0 = time.perf_counter()
+                if state.gathered == 0:
+                    set_lr(self.optimizer, lr_at(state.step + 1, state.epoch, cfg, self.horizon))
+                stepped = self.step.segment(pos, seq_len, self.metrics)
+                self.seconds += time.perf_counter() - t0
+                bar.update(min(state.position // cfg.bptt, est_batches), state.step, state.gathered)
+                if self.metrics.due():
+                    scale = self.step.scaler.get_scale() if self.step.scaler.is_enabled() else None
+                    self.metrics.emit(est_batches, self.optimizer.param_groups[0]["lr"], scale, bar.log_suffix())
+                if reason := self._after_batch(stepped):
+                    return reason
+            if state.gathered:  # a step like any other: validate, save, budget
+                return self._after_batch(self.step.finish_epoch())
+            return None
+        finally:
+            bar.close()
 
     def _after_batch(self, stepped: bool) -> str | None:
         """The decisions every rank takes together (one all-reduce under torchrun, none otherwise): validate and
         save on their schedules, stop for the budget or a signal. Returns why training stops, if it does."""
         *flags, seconds = self.ranks.maximum(
-            stepped and self._save_due(), stepped and self.out_of_budget(), self.stop_signal is not None,
+            stepped and self.checkpoints.due(), stepped and self.out_of_budget(), self.stop_signal is not None,
             time.perf_counter() - self.start_time, device=self.device)
         save_due, over, signalled = map(bool, flags)
         if stepped:
             self.horizon = self._horizon(seconds)
-            if self.cfg.eval_interval and self.ts.step % self.cfg.eval_interval == 0:
-                self.validate(f"validation at epoch {self.ts.epoch:3d}")
+            if self.cfg.eval_interval and self.state.step % self.cfg.eval_interval == 0:
+                self.validator.validate(f"validation at epoch {self.state.epoch:3d}", self.optimizer)
                 self.model.train()
             if save_due:
-                self.save_periodic()
+                self.checkpoints.save_periodic()
             if over:
                 return "budget"
         if signalled:
@@ -646,190 +806,47 @@ class _Loop:
 
     def _horizon(self, seconds: float) -> float:
         """The step at which the budget ends (optim.budget_horizon), `seconds` into this process's run."""
-        cfg, ts = self.cfg, self.ts
+        cfg, state = self.cfg, self.state
         per_epoch = (self.streams.n - 1) / cfg.bptt / cfg.accumulate
-        to_end = (cfg.epochs - ts.epoch + 1) * per_epoch - ts.position / cfg.bptt / cfg.accumulate
-        return budget_horizon(ts.step, cfg, seconds=seconds, timed_steps=ts.step - self.first_step,
+        to_end = (cfg.epochs - state.epoch + 1) * per_epoch - state.position / cfg.bptt / cfg.accumulate
+        return budget_horizon(state.step, cfg, seconds=seconds, timed_steps=state.step - self.first_step,
                               steps_to_last_epoch_end=to_end)
 
-    def _grad_norm(self) -> torch.Tensor:
-        """The global gradient norm, clipping to --clip when it is set; non-finite when any gradient is."""
-        params = [p for p in self.model.parameters() if p.grad is not None]
-        if self.cfg.clip:
-            return torch.nn.utils.clip_grad_norm_(params, self.cfg.clip)
-        if not params:
-            return torch.zeros((), device=self.device)
-        return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad.detach()) for p in params]))
+    def _stop_reason(self) -> str | None:
+        signalled, over = self.ranks.any(self.stop_signal is not None, self.state.gathered == 0 and self.out_of_budget(),
+                                         device=self.device)
+        if signalled:
+            self.stop_signal = self.stop_signal or signal.SIGTERM  # another rank got it
+            return "signal"
+        return "budget" if over else None
 
-    def _finish_step(self) -> bool:
-        """Apply the gathered gradients, or skip them if any loss or gradient was non-finite. True if applied."""
-        opt, ts = self.optimizer, self.ts
-        ts.micro = 0
-        if not ts.bad_in_step:
-            self.scaler.step(opt)  # opt.step(), unless an fp16 gradient overflowed (then the scale drops)
-            self.scaler.update()
-            opt.zero_grad(set_to_none=True)
-            ts.step += 1
-            ts.nonfinite_run = 0
-            return True
-        self.scaler.update()  # closes this step's unscale_ (the next step may unscale again)
-        opt.zero_grad(set_to_none=True)
-        ts.bad_in_step = False
-        ts.carried = None
-        ts.nonfinite_run += 1
-        ts.nonfinite_total += 1
-        limit = self.cfg.nonfinite_limit
-        self.log.line(f"warning: non-finite loss or gradient at epoch {ts.epoch}, position {ts.position}: "
-                      f"update skipped, recurrent state reset ({ts.nonfinite_run} in a row of at most {limit}, "
-                      f"{ts.nonfinite_total} in all)")
-        self.log.record("nonfinite", epoch=ts.epoch, step=ts.step, position=ts.position,
-                        in_a_row=ts.nonfinite_run, total=ts.nonfinite_total)
-        if ts.nonfinite_run >= limit:
-            last = self.run_dir / "last"
-            stopped = (f"stopped: {ts.nonfinite_run} optimizer steps in a row had a non-finite loss or gradient "
-                       f"(epoch {ts.epoch}, after step {ts.step}). ")
-            # No bad update was applied, so these are the weights from before the trouble, unless an update with a
-            # finite gradient made them non-finite (save refuses those).
-            if self.save("last"):
-                error = SharnnError(f"{stopped}None of them was applied: {last} holds the weights from step "
-                                    f"{ts.step}, before the trouble, and resumes after the bad batches; try it with "
-                                    "a lower --lr or a smaller --clip")
-            else:
-                error = SharnnError(f"{stopped}The weights themselves are not finite (an update with a finite "
-                                    f"gradient made them so), so {last} was not overwritten: {self._last_saved()}; "
-                                    "resume from it with a lower --lr or a smaller --clip")
-            error.all_ranks = True  # type: ignore[attr-defined]  # every rank counted the same bad steps
-            raise error
-        return False
-
-    def _save_due(self) -> bool:
-        cfg = self.cfg
-        if cfg.save_every and self.ts.step % cfg.save_every == 0:
-            return True
-        return (cfg.save_every_minutes is not None
-                and time.perf_counter() - self.last_save_time >= 60 * cfg.save_every_minutes)
-
-    def save_periodic(self) -> None:
-        """`last/`, and with --keep K also `step-NNNNNN/` (last/ then shares its files), the newest K kept."""
-        if self.cfg.keep:
-            name = step_name(self.ts.step)
-            if self.save(name) and self.ranks.is_main:
-                link_checkpoint(self.run_dir / name, self.run_dir / "last")
-                prune_checkpoints(self.run_dir, self.cfg.keep)
+    def _stop_nonfinite(self) -> None:
+        """--nonfinite-limit skipped steps in a row: save the weights from before the trouble (if they are finite)
+        and stop with a message saying what `last/` holds."""
+        state, last = self.state, self.run_dir / "last"
+        stopped = (f"stopped: {state.nonfinite_run} optimizer steps in a row had a non-finite loss or gradient "
+                   f"(epoch {state.epoch}, after step {state.step}). ")
+        # No bad update was applied, so these are the weights from before the trouble, unless an update with a
+        # finite gradient made them non-finite (save refuses those).
+        if self.checkpoints.save("last"):
+            error = SharnnError(f"{stopped}None of them was applied: {last} holds the weights from step "
+                                f"{state.step}, before the trouble, and resumes after the bad batches; try it with "
+                                "a lower --lr or a smaller --clip")
         else:
-            self.save("last")
+            error = SharnnError(f"{stopped}The weights themselves are not finite (an update with a finite "
+                                f"gradient made them so), so {last} was not overwritten: "
+                                f"{self.checkpoints.last_saved()}; resume from it with a lower --lr or a smaller --clip")
+        error.all_ranks = True  # type: ignore[attr-defined]  # every rank counted the same bad steps
+        raise error
 
-    def _start_window_clock(self) -> None:
-        """Time the log window from now. A window resumed from a checkpoint holds batches timed by the process
-        that saved it: the speed counts only the batches since this clock started."""
-        self.window_start = time.perf_counter()
-        self.window_base = (self.ts.window["batches"], self.ts.window["chars"])
-
-    def _log_window(self, est_batches: int, suffix: str = "") -> None:
-        w = self.ts.window
-        elapsed = max(time.perf_counter() - self.window_start, 1e-9)
-        batches, chars = w["batches"] - self.window_base[0], w["chars"] - self.window_base[1]
-        loss = w["loss"] / w["finite"] if w["finite"] else math.nan
-        lr = self.optimizer.param_groups[0]["lr"]
-        batch = min(self.ts.position // self.cfg.bptt, est_batches)
-        self.log.line(
-            f"| epoch {self.ts.epoch:3d} | {batch:5d}/{est_batches:5d} batches | lr {lr:.3g} | "
-            f"ms/batch {1000 * elapsed / batches:7.1f} | loss {loss:5.3f} | bpc {loss / LN2:6.3f} | "
-            f"chars/s {chars / elapsed:8.0f}{suffix}"
+    def _interrupted(self) -> None:
+        name = signal.Signals(self.stop_signal).name  # type: ignore[arg-type]
+        state = self.state
+        where = f"epoch {state.epoch}, step {state.step}" + (f" (+{state.gathered} gathered segments)" if state.gathered else "")
+        self.log.line(f"stopped by {name} at {where}; saved {self.run_dir / 'last'}")
+        self.log.record("interrupted", signal=name, epoch=state.epoch, step=state.step)
+        raise TrainingInterrupted(
+            f"stopped by {name} at {where}; a resumable checkpoint is in {self.run_dir / 'last'}. "
+            f"To continue, run the same command with --resume {self.run_dir}",
+            self.stop_signal,  # type: ignore[arg-type]
         )
-        self.log.record("train", epoch=self.ts.epoch, step=self.ts.step, batch=batch, lr=lr,
-                        ms_per_batch=1000 * elapsed / batches, loss=loss, bpc=loss / LN2,
-                        chars_per_s=chars / elapsed,
-                        **({"loss_scale": self.scaler.get_scale()} if self.scaler.is_enabled() else {}))
-        self.ts.window = new_window()
-        self._start_window_clock()
-
-    def validate(self, label: str, end_of_epoch: bool = False) -> float:
-        cfg = self.cfg
-        self.validated_at = self.ts.step
-        ids = _eval_ids(self.corpus.valid, cfg)
-        # After the switch to averaged SGD, the averaged weights are the model: evaluate and keep those.
-        with averaged_weights(self.model.parameters(), self.optimizer):
-            if self.ranks.is_main:  # rank 0 evaluates; the others take its number (they must agree on "best")
-                # In float32 whatever --precision trains in: the number that picks best/ is the one `sharnn eval`
-                # gives, not one blurred by bf16/fp16 rounding.
-                res = evaluate(self.model, ids, cfg.eval_batch_size or cfg.batch_size, cfg.bptt, self.device,
-                               progress=not self.log.quiet, what="valid")
-            loss = self.ranks.from_main(res.loss if self.ranks.is_main else 0.0, self.device)
-            if not self.ranks.is_main:
-                res = EvalResult(loss, 0, 0.0)
-            improved = res.bpc < self.ts.best_bpc
-            if improved:
-                self.ts.best_bpc = res.bpc
-                self.save("best")
-        self.log.line("-" * 89)
-        self.log.line(
-            f"| {label} | step {self.ts.step} | "
-            f"time {res.seconds:5.1f}s | valid loss {res.loss:5.3f} | valid bpc {res.bpc:6.4f} | "
-            f"valid ppl {res.ppl:8.3f}{' | new best, saved' if improved else ''}"
-        )
-        self.log.line("-" * 89)
-        self.log.record("valid", epoch=self.ts.epoch, step=self.ts.step, loss=res.loss, bpc=res.bpc, ppl=res.ppl,
-                        best=improved)
-        if end_of_epoch:
-            if cfg.optimizer == "sgd" and not self.ts.asgd and should_switch_to_asgd(self.ts.val_history, res.loss, cfg.nonmono):
-                lr = self.optimizer.param_groups[0]["lr"]
-                self.optimizer = build_asgd(self.model.parameters(), cfg, lr)
-                self.ts.asgd = True
-                self.log.line(f"switching to averaged SGD: validation has not improved for {cfg.nonmono} epochs")
-                self.log.record("asgd", epoch=self.ts.epoch, step=self.ts.step)
-            self.ts.val_history.append(res.loss)
-        return res.bpc
-
-    def _weights_finite(self) -> bool:
-        return bool(torch.stack([torch.isfinite(p).all() for p in self.model.parameters()]).all())
-
-    def _last_saved(self) -> str:
-        """What `last/` holds, in words."""
-        try:
-            return f"it holds the weights from step {read_meta(self.run_dir / 'last')['progress']['step']}"
-        except (SharnnError, KeyError, TypeError):
-            return "no checkpoint of this run was saved"
-
-    def save(self, name: str) -> bool:
-        """Write a checkpoint (rank 0); under torchrun every rank calls this, to gather the carried state.
-
-        Non-finite weights are never saved (every rank sees the same weights, so all skip together): the
-        checkpoint there stays as it was. Returns whether the checkpoint was written."""
-        if not self._weights_finite():
-            self.log.line(f"warning: the weights are not finite at step {self.ts.step}: {name}/ not written "
-                          "(its previous contents stay)")
-            self.log.record("unsaved", name=name, epoch=self.ts.epoch, step=self.ts.step, reason="non-finite weights")
-            return False
-        if name == "last":
-            self.last_saved_at = self.ts.step  # on every rank: they decide together whether to save again
-        carried = self.ranks.gather_state(self.ts.carried)  # all ranks' streams: resumable on any number of ranks
-        # Inside an --accumulate step, the gradients gathered so far, averaged over the ranks (a collective too).
-        grads = self.ranks.mean_grads(list(self.model.parameters())) if self.ts.micro else None
-        if not self.ranks.is_main:
-            if name != "best":
-                self.last_save_time = time.perf_counter()
-            return True
-        ts = self.ts
-        progress = {"epoch": ts.epoch, "step": ts.step, "position": ts.position, "best_bpc": ts.best_bpc}
-        train_state = ts.to_dict() | {
-            "carried": state_to_list(carried),
-            "optimizer": self.optimizer.state_dict(),
-            "rng": rng_state(self.rng),
-            "world": self.ranks.world,
-            "grads": grads,  # inside an --accumulate step (micro > 0): the gradients gathered so far
-            "scaler": self.scaler.state_dict(),  # {} unless fp16
-        }
-        save_checkpoint(self.run_dir / name, self.model, self.cfg, progress, train_state, vocab=self.corpus.vocab,
-                        data=self.corpus.identity)
-        if name != "best":
-            self.last_save_time = time.perf_counter()
-            self.log.record("save", name=name, epoch=self.ts.epoch, step=self.ts.step, position=self.ts.position)
-        return True
-
-    def _restore_grads(self, grads: list[torch.Tensor | None] | None) -> None:
-        params = list(self.model.parameters())
-        if grads is None or len(grads) != len(params):
-            raise SharnnError("cannot resume: the checkpoint's gathered gradients do not fit the model")
-        for p, g in zip(params, grads):
-            p.grad = None if g is None else g.to(p.device)

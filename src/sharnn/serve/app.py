@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import codecs
-import hashlib
 import json
 import secrets
 import socket
@@ -38,9 +37,10 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..attention_map import attention_blocks, attention_over_text, token_label
-from ..checkpoint import read_meta, resolve_checkpoint
+from ..checkpoint import Checkpoint
 from ..errors import SharnnError
 from ..model import SHARNN
+from ..outputs import sha256_file
 from .engine import Engine, GenerateJob, QueueFull, ScoreJob, Stopped, Task
 from .limits import Limits
 
@@ -233,30 +233,22 @@ class ModelCard:
     parameters: int
 
 
-def model_card(checkpoint: str | Path, parameters: int) -> ModelCard:
+def model_card(checkpoint: Checkpoint | str | Path, parameters: int) -> ModelCard:
     """The checkpoint folder, its weights' SHA-256 (as recorded in config.json, or computed) and size."""
-    ckpt = resolve_checkpoint(checkpoint)
-    recorded = (read_meta(ckpt).get("files") or {}).get("model.safetensors", {})
+    ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else Checkpoint.open(checkpoint)
+    recorded = (ckpt.meta.get("files") or {}).get("model.safetensors", {})
     digest = recorded.get("sha256") if isinstance(recorded, dict) else None
-    if not digest:
-        h = hashlib.sha256()
-        with open(ckpt / "model.safetensors", "rb") as f:
-            while chunk := f.read(1 << 22):
-                h.update(chunk)
-        digest = h.hexdigest()
-    return ModelCard(str(ckpt), digest, parameters)
+    return ModelCard(str(ckpt.path), digest or sha256_file(ckpt.path / "model.safetensors"), parameters)
 
 
 def create_app(model: SHARNN, card: ModelCard, limits: Limits | None = None, engine_thread: bool = True) -> FastAPI:
     """The FastAPI application serving `model` (eval mode, fp32). Its engine (`app.state.engine`) stops with it;
     with `engine_thread` it also starts with it, on a thread of its own, else the caller runs `engine.run()`."""
     limits = limits or Limits()
-    vocab = model.vocab
-    window = model.cfg.attn_window
     # Scored texts run in segments of 128 tokens; under the reference window a segment's length changes the
     # numbers, so there they are cut as `sharnn score` cuts them (1024).
     engine = Engine(model, slots=limits.slots, queue=limits.queue,
-                    score_segment=1024 if window == "reference" else 128)
+                    score_segment=1024 if model.cfg.attn_window == "reference" else 128)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -271,6 +263,15 @@ def create_app(model: SHARNN, card: ModelCard, limits: Limits | None = None, eng
                   description="A SHA-RNN language model: generate, score, look at its attention.")
     app.state.engine = engine
     app.state.limits = limits
+    _add_error_handlers(app)
+    _add_routes(app, _Served(model, card, limits, engine))
+    app.mount("/static", StaticFiles(packages=[(__package__, "static")]), name="static")
+    app.add_middleware(BodyLimit, limit=limits.max_body)
+    return app
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    """Every error as one JSON problem with a plain message, never a traceback."""
 
     @app.exception_handler(RequestValidationError)
     async def on_invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -299,15 +300,22 @@ def create_app(model: SHARNN, card: ModelCard, limits: Limits | None = None, eng
     async def on_bug(request: Request, exc: Exception) -> JSONResponse:
         return problem(500, f"internal error: {type(exc).__name__}")
 
-    def submit(job: GenerateJob | ScoreJob | Task) -> None:
+
+class _Served:
+    """What the routes share: the model, its vocabulary, the limits, and the engine that runs their jobs."""
+
+    def __init__(self, model: SHARNN, card: ModelCard, limits: Limits, engine: Engine):
+        self.model, self.card, self.limits, self.engine, self.vocab = model, card, limits, engine, model.vocab
+
+    def submit(self, job: GenerateJob | ScoreJob | Task) -> None:
         try:
-            engine.submit(job)
+            self.engine.submit(job)
         except QueueFull:
             raise Refused(503, "the server is busy: the queue is full; retry shortly", {"Retry-After": "1"}) from None
         except Stopped:
             raise Refused(503, "the server is shutting down", {"Retry-After": "5"}) from None
 
-    async def wait(request: Request, future: asyncio.Future[Any], cancel: Callable[[], None]) -> Any:
+    async def wait(self, request: Request, future: asyncio.Future[Any], cancel: Callable[[], None]) -> Any:
         """The job's result; a client that goes away cancels its job (its slot is free at the next step)."""
         try:
             while True:
@@ -320,13 +328,15 @@ def create_app(model: SHARNN, card: ModelCard, limits: Limits | None = None, eng
             if not future.done():
                 cancel()
 
-    def encode(data: bytes, what: str) -> list[int]:
+    def encode(self, data: bytes, what: str) -> list[int]:
         try:
-            return [int(i) for i in vocab.encode(data)]
+            return [int(i) for i in self.vocab.encode(data)]
         except SharnnError as e:
             raise Refused(422, f"{what}: {e}") from None
 
-    # --- routes --------------------------------------------------------------------------------------------------
+
+def _add_routes(app: FastAPI, served: _Served) -> None:
+    model, vocab, limits, engine = served.model, served.vocab, served.limits, served.engine
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def page() -> HTMLResponse:
@@ -341,7 +351,7 @@ def create_app(model: SHARNN, card: ModelCard, limits: Limits | None = None, eng
     @app.get("/v1/model", summary="The model being served")
     async def model_info() -> dict[str, Any]:
         return {
-            **asdict(card), "config": model.cfg.to_dict(),
+            **asdict(served.card), "config": model.cfg.to_dict(),
             "vocabulary": {"kind": vocab.kind, "size": vocab.size, "level": vocab.level,
                            **({"symbols": list(vocab.symbols)} if vocab.kind != "bytes" else {})},
             "attention_blocks": attention_blocks(model), "step_rows": limits.slots,
@@ -354,135 +364,148 @@ def create_app(model: SHARNN, card: ModelCard, limits: Limits | None = None, eng
                         "content": {"text/event-stream": {}}}},
         summary="Continue a prompt, as `sharnn generate` does")
     async def generate(body: GenerateRequest, request: Request) -> Any:
-        prompt = _utf8(body.prompt, "prompt")
-        if not prompt:
-            raise Refused(422, "prompt: empty; give at least one byte")
-        if len(prompt) > limits.max_prompt:
-            raise Refused(422, f"prompt: {len(prompt):,} bytes, over the limit of {limits.max_prompt:,}")
-        if body.length > limits.max_length:
-            raise Refused(422, f"length: {body.length:,}, over the limit of {limits.max_length:,}")
-        ids = encode(prompt, "prompt")
-        seed = body.seed if body.seed is not None else secrets.randbits(63)
-        loop = asyncio.get_running_loop()
-        t0 = time.perf_counter()
-        tokens: list[int] = []
-
-        def answer() -> dict[str, Any]:
-            text = b"".join(vocab.decode([t]) for t in tokens).decode("utf-8", errors="replace")
-            return {"text": text, "tokens": len(tokens), "prompt_tokens": len(ids), "seed": seed,
-                    "seconds": round(time.perf_counter() - t0, 4)}
-
-        if not body.stream:
-            done: asyncio.Future[None] = loop.create_future()
-
-            def collect(new: list[int], last: bool) -> None:  # on the worker thread
-                tokens.extend(new)
-                if last:
-                    loop.call_soon_threadsafe(_resolve, done, None)
-
-            job = GenerateJob(ids, body.length, body.temperature, body.top_k, body.top_p, seed, collect,
-                              lambda msg: loop.call_soon_threadsafe(_fail, done, msg))
-            submit(job)
-            await wait(request, done, job.cancel)
-            return answer()
-
-        queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
-        job = GenerateJob(ids, body.length, body.temperature, body.top_k, body.top_p, seed,
-                          lambda new, last: loop.call_soon_threadsafe(queue.put_nowait, ("tokens", (new, last))),
-                          lambda msg: loop.call_soon_threadsafe(queue.put_nowait, ("error", msg)))
-        submit(job)
-
-        async def events() -> AsyncIterator[bytes]:
-            # Bytes become text through an incremental decoder, as `sharnn generate` prints them: a character cut
-            # between two bytes waits for its end, invalid bytes become U+FFFD.
-            decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-            while True:
-                try:
-                    items = [await asyncio.wait_for(queue.get(), timeout=1.0)]
-                except asyncio.TimeoutError:  # (TimeoutError itself only from Python 3.11)
-                    yield b": waiting\n\n"  # a comment: keeps the connection open while the job waits
-                    continue
-                while not queue.empty():
-                    items.append(queue.get_nowait())
-                new, last = [], False
-                for kind, payload in items:
-                    if kind == "error":
-                        yield _sse({"error": payload}, "error")
-                        return
-                    new += payload[0]
-                    last = last or payload[1]
-                tokens.extend(new)
-                chunk = "".join(decoder.decode(vocab.decode([t])) for t in new)
-                chunk += decoder.decode(b"", final=True) if last else ""
-                if new:
-                    yield _sse({"text": chunk, "tokens": new})
-                if last:
-                    yield _sse(answer(), "done")
-                    return
-
-        return JobStream(events(), job.cancel)
+        return await _generate(served, body, request)
 
     @app.post("/v1/score", response_model=ScoreAnswer, response_model_exclude_none=True, responses=ERRORS,
               summary="Log-probability of texts, as `sharnn score --json` prints it")
     async def score(body: ScoreRequest, request: Request) -> Any:
-        texts = [body.text] if body.text is not None else body.texts or []
-        if not texts:
-            raise Refused(422, "texts: give at least one text")
-        if len(texts) > limits.max_texts:
-            raise Refused(422, f"texts: {len(texts)}, over the limit of {limits.max_texts}")
-        if body.top_k > min(limits.max_top_k, vocab.size):
-            raise Refused(422, f"top_k: {body.top_k}, over the limit of {min(limits.max_top_k, vocab.size)}")
-        raw = [_utf8(t, f"texts[{i}]" if body.texts is not None else "text") + (b"\n" if body.eos else b"")
-               for i, t in enumerate(texts)]
-        if sum(map(len, raw)) > limits.max_text:
-            raise Refused(422, f"the texts hold {sum(map(len, raw)):,} bytes, over the limit of {limits.max_text:,}")
-        context = _utf8(body.context, "context")
-        if not context:
-            raise Refused(422, "context: empty; give at least one byte")
-        if len(context) > limits.max_prompt:
-            raise Refused(422, f"context: {len(context):,} bytes, over the limit of {limits.max_prompt:,}")
-        ids = [np.asarray(encode(r, "text"), dtype=np.int64) for r in raw]
-        if any(len(i) == 0 for i in ids):
-            raise Refused(422, "text: empty; nothing to score")
-        loop = asyncio.get_running_loop()
-        done: asyncio.Future[list[dict[str, Any]]] = loop.create_future()
-        job = ScoreJob(ids, np.asarray(encode(context, "context")), body.top_k,
-                       lambda res: loop.call_soon_threadsafe(_resolve, done, res),
-                       lambda msg: loop.call_soon_threadsafe(_fail, done, msg))
-        submit(job)
-        results = await wait(request, done, job.cancel)
-        return {"results": [_text_result(r, t, body.per_token or body.top_k > 0, vocab) for r, t in zip(results, ids)]}
+        return await _score(served, body, request)
 
     @app.post("/v1/attention", response_model=AttentionAnswer, responses=ERRORS,
               summary="Where the attention looks from one position (what `sharnn attention` draws)")
     async def attention(body: AttentionRequest, request: Request) -> Any:
-        if not attention_blocks(model):
-            raise Refused(422, "this model has no attention block")
-        data = _utf8(body.text, "text")
-        if len(data) > limits.max_text:
-            raise Refused(422, f"text: {len(data):,} bytes, over the limit of {limits.max_text:,}")
-        ids = encode(data, "text")
-        if body.position >= len(ids):
-            raise Refused(422, f"position: {body.position}, but the text has {len(ids)} tokens")
-        upto = ids[: body.position + 1]  # the query sees nothing after itself
+        return await _attention(served, body, request)
 
-        def run() -> dict[str, Any]:
-            maps, _ = attention_over_text(model, torch.tensor(upto, device=engine.device), body.position, 1,
-                                          before=model.cfg.attn_span)
-            return {"position": body.position, "tokens": [token_label(vocab, t) for t in upto],
-                    "blocks": [{"block": m.block, "key_start": m.key_start, "weights": m.weights[0].tolist()}
-                               for m in maps]}
 
-        loop = asyncio.get_running_loop()
-        done: asyncio.Future[dict[str, Any]] = loop.create_future()
-        task = Task(run, lambda res: loop.call_soon_threadsafe(_resolve, done, res),
-                    lambda msg: loop.call_soon_threadsafe(_fail, done, msg))
-        submit(task)
-        return await wait(request, done, task.cancel)
+async def _generate(served: _Served, body: GenerateRequest, request: Request) -> Any:
+    limits, vocab = served.limits, served.vocab
+    prompt = _utf8(body.prompt, "prompt")
+    if not prompt:
+        raise Refused(422, "prompt: empty; give at least one byte")
+    if len(prompt) > limits.max_prompt:
+        raise Refused(422, f"prompt: {len(prompt):,} bytes, over the limit of {limits.max_prompt:,}")
+    if body.length > limits.max_length:
+        raise Refused(422, f"length: {body.length:,}, over the limit of {limits.max_length:,}")
+    ids = served.encode(prompt, "prompt")
+    seed = body.seed if body.seed is not None else secrets.randbits(63)
+    loop = asyncio.get_running_loop()
+    t0 = time.perf_counter()
+    tokens: list[int] = []
 
-    app.mount("/static", StaticFiles(packages=[(__package__, "static")]), name="static")
-    app.add_middleware(BodyLimit, limit=limits.max_body)
-    return app
+    def answer() -> dict[str, Any]:
+        text = b"".join(vocab.decode([t]) for t in tokens).decode("utf-8", errors="replace")
+        return {"text": text, "tokens": len(tokens), "prompt_tokens": len(ids), "seed": seed,
+                "seconds": round(time.perf_counter() - t0, 4)}
+
+    if not body.stream:
+        done: asyncio.Future[None] = loop.create_future()
+
+        def collect(new: list[int], last: bool) -> None:  # on the worker thread
+            tokens.extend(new)
+            if last:
+                loop.call_soon_threadsafe(_resolve, done, None)
+
+        job = GenerateJob(ids, body.length, body.temperature, body.top_k, body.top_p, seed, collect,
+                          lambda msg: loop.call_soon_threadsafe(_fail, done, msg))
+        served.submit(job)
+        await served.wait(request, done, job.cancel)
+        return answer()
+
+    queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
+    job = GenerateJob(ids, body.length, body.temperature, body.top_k, body.top_p, seed,
+                      lambda new, last: loop.call_soon_threadsafe(queue.put_nowait, ("tokens", (new, last))),
+                      lambda msg: loop.call_soon_threadsafe(queue.put_nowait, ("error", msg)))
+    served.submit(job)
+    return JobStream(_events(queue, vocab, tokens, answer), job.cancel)
+
+
+async def _events(queue: asyncio.Queue[tuple[str, Any]], vocab: Any, tokens: list[int],
+                  answer: Callable[[], dict[str, Any]]) -> AsyncIterator[bytes]:
+    """A streamed generation's server-sent events: text as it comes, then the answer."""
+    # Bytes become text through an incremental decoder, as `sharnn generate` prints them: a character cut
+    # between two bytes waits for its end, invalid bytes become U+FFFD.
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    while True:
+        try:
+            items = [await asyncio.wait_for(queue.get(), timeout=1.0)]
+        except asyncio.TimeoutError:  # (TimeoutError itself only from Python 3.11)
+            yield b": waiting\n\n"  # a comment: keeps the connection open while the job waits
+            continue
+        while not queue.empty():
+            items.append(queue.get_nowait())
+        new, last = [], False
+        for kind, payload in items:
+            if kind == "error":
+                yield _sse({"error": payload}, "error")
+                return
+            new += payload[0]
+            last = last or payload[1]
+        tokens.extend(new)
+        chunk = "".join(decoder.decode(vocab.decode([t])) for t in new)
+        chunk += decoder.decode(b"", final=True) if last else ""
+        if new:
+            yield _sse({"text": chunk, "tokens": new})
+        if last:
+            yield _sse(answer(), "done")
+            return
+
+
+async def _score(served: _Served, body: ScoreRequest, request: Request) -> Any:
+    limits, vocab = served.limits, served.vocab
+    texts = [body.text] if body.text is not None else body.texts or []
+    if not texts:
+        raise Refused(422, "texts: give at least one text")
+    if len(texts) > limits.max_texts:
+        raise Refused(422, f"texts: {len(texts)}, over the limit of {limits.max_texts}")
+    if body.top_k > min(limits.max_top_k, vocab.size):
+        raise Refused(422, f"top_k: {body.top_k}, over the limit of {min(limits.max_top_k, vocab.size)}")
+    raw = [_utf8(t, f"texts[{i}]" if body.texts is not None else "text") + (b"\n" if body.eos else b"")
+           for i, t in enumerate(texts)]
+    if sum(map(len, raw)) > limits.max_text:
+        raise Refused(422, f"the texts hold {sum(map(len, raw)):,} bytes, over the limit of {limits.max_text:,}")
+    context = _utf8(body.context, "context")
+    if not context:
+        raise Refused(422, "context: empty; give at least one byte")
+    if len(context) > limits.max_prompt:
+        raise Refused(422, f"context: {len(context):,} bytes, over the limit of {limits.max_prompt:,}")
+    ids = [np.asarray(served.encode(r, "text"), dtype=np.int64) for r in raw]
+    if any(len(i) == 0 for i in ids):
+        raise Refused(422, "text: empty; nothing to score")
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[list[dict[str, Any]]] = loop.create_future()
+    job = ScoreJob(ids, np.asarray(served.encode(context, "context")), body.top_k,
+                   lambda res: loop.call_soon_threadsafe(_resolve, done, res),
+                   lambda msg: loop.call_soon_threadsafe(_fail, done, msg))
+    served.submit(job)
+    results = await served.wait(request, done, job.cancel)
+    return {"results": [_text_result(r, t, body.per_token or body.top_k > 0, vocab) for r, t in zip(results, ids)]}
+
+
+async def _attention(served: _Served, body: AttentionRequest, request: Request) -> Any:
+    model, vocab, limits = served.model, served.vocab, served.limits
+    if not attention_blocks(model):
+        raise Refused(422, "this model has no attention block")
+    data = _utf8(body.text, "text")
+    if len(data) > limits.max_text:
+        raise Refused(422, f"text: {len(data):,} bytes, over the limit of {limits.max_text:,}")
+    ids = served.encode(data, "text")
+    if body.position >= len(ids):
+        raise Refused(422, f"position: {body.position}, but the text has {len(ids)} tokens")
+    upto = ids[: body.position + 1]  # the query sees nothing after itself
+
+    def run() -> dict[str, Any]:
+        maps, _ = attention_over_text(model, torch.tensor(upto, device=served.engine.device), body.position, 1,
+                                      before=model.cfg.attn_span)
+        return {"position": body.position, "tokens": [token_label(vocab, t) for t in upto],
+                "blocks": [{"block": m.block, "key_start": m.key_start, "weights": m.weights[0].tolist()}
+                           for m in maps]}
+
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[dict[str, Any]] = loop.create_future()
+    task = Task(run, lambda res: loop.call_soon_threadsafe(_resolve, done, res),
+                lambda msg: loop.call_soon_threadsafe(_fail, done, msg))
+    served.submit(task)
+    return await served.wait(request, done, task.cancel)
 
 
 class JobStream(StreamingResponse):

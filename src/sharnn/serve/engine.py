@@ -145,35 +145,12 @@ def _memory_rows(state: State | None) -> int:
     return 0
 
 
-class Engine:
-    """The worker. `start()` (a thread of its own) or `run()` (on the calling thread, until `stop()`); submit jobs
-    from any thread; `stop()` cancels what is left and returns once the loop has ended.
+class _Queues:
+    """The engine's client side, used from any thread: the jobs running and waiting, and `start`, `stop`,
+    `submit`, `load`. The worker that runs them is `Engine`."""
 
-    `sharnn serve` runs the loop on the main thread: there PyTorch's OpenMP threads wait for work spinning, and a
-    token step of the tiny preset takes 1.8 ms with two threads; from any other thread the same step took
-    6-7 ms on this 2-core machine (one thread: 1.5 ms either way).
-
-    Args:
-        model: in eval mode (`sharnn.precision.for_inference`); every call on it goes through this engine.
-        slots: generations stepped together; every token step is this many rows wide.
-        queue: jobs that may wait (generations for a slot, score requests, tasks, each); more raise QueueFull.
-        score_rows, score_segment: texts side by side and tokens per segment when scoring.
-    """
-
-    def __init__(self, model: SHARNN, slots: int = 8, queue: int = 64, score_rows: int = 8,
-                 score_segment: int = 128):
-        if slots < 1 or queue < 0 or score_rows < 1 or score_segment < 1:
-            raise SharnnError(f"the engine needs slots >= 1, queue >= 0, score rows and segment >= 1; got {slots}, "
-                              f"{queue}, {score_rows}, {score_segment}")
-        self.model = model
-        self.device = model.encoder.weight.device
+    def __init__(self, slots: int, queue: int):
         self.slots, self.queue_limit = slots, queue
-        self.score_rows, self.score_segment = score_rows, score_segment
-        require_memory(attention_bytes(model.cfg, slots + score_rows, element_size=model.encoder.weight.element_size()),
-                       f"attn_span {model.cfg.attn_span:,}: the attention memory of {slots} slots", self.device)
-        with torch.no_grad():
-            self.step = TokenStep(model, slot_state(model, slots), graph=self.device.type == "cuda")
-        self.tokens = torch.zeros(1, slots, dtype=torch.long, device=self.device)
         self.active: list[GenerateJob | None] = [None] * slots
         self.waiting: collections.deque[GenerateJob] = collections.deque()
         self.scoring: collections.deque[ScoreJob] = collections.deque()
@@ -183,9 +160,9 @@ class Engine:
         self.ended = threading.Event()  # set when the loop has ended
         self.thread: threading.Thread | None = None
         self.steps = 0  # token steps run (tests and /healthz read it)
-        self.generated = 0  # tokens sampled
 
-    # --- the client side (any thread) --------------------------------------------------------------------------
+    def run(self) -> None:
+        raise NotImplementedError  # the worker's loop: Engine.run
 
     def start(self) -> None:
         self.thread = threading.Thread(target=self.run, name="sharnn-engine", daemon=True)
@@ -224,6 +201,40 @@ class Engine:
         with self.cond:
             return {"active": sum(j is not None for j in self.active), "waiting": len(self.waiting),
                     "scoring": len(self.scoring), "tasks": len(self.tasks), "steps": self.steps}
+
+
+
+class Engine(_Queues):
+    """The worker. `start()` (a thread of its own) or `run()` (on the calling thread, until `stop()`); submit jobs
+    from any thread; `stop()` cancels what is left and returns once the loop has ended.
+
+    `sharnn serve` runs the loop on the main thread: there PyTorch's OpenMP threads wait for work spinning, and a
+    token step of the tiny preset takes 1.8 ms with two threads; from any other thread the same step took
+    6-7 ms on this 2-core machine (one thread: 1.5 ms either way).
+
+    Args:
+        model: in eval mode (`sharnn.precision.for_inference`); every call on it goes through this engine.
+        slots: generations stepped together; every token step is this many rows wide.
+        queue: jobs that may wait (generations for a slot, score requests, tasks, each); more raise QueueFull.
+        score_rows, score_segment: texts side by side and tokens per segment when scoring.
+    """
+
+    def __init__(self, model: SHARNN, slots: int = 8, queue: int = 64, score_rows: int = 8,
+                 score_segment: int = 128):
+        if slots < 1 or queue < 0 or score_rows < 1 or score_segment < 1:
+            raise SharnnError(f"the engine needs slots >= 1, queue >= 0, score rows and segment >= 1; got {slots}, "
+                              f"{queue}, {score_rows}, {score_segment}")
+        super().__init__(slots, queue)
+        self.model = model
+        self.device = model.encoder.weight.device
+        self.score_rows, self.score_segment = score_rows, score_segment
+        require_memory(attention_bytes(model.cfg, slots + score_rows, element_size=model.encoder.weight.element_size()),
+                       f"attn_span {model.cfg.attn_span:,}: the attention memory of {slots} slots", self.device)
+        with torch.no_grad():
+            self.step = TokenStep(model, slot_state(model, slots), graph=self.device.type == "cuda")
+        self.tokens = torch.zeros(1, slots, dtype=torch.long, device=self.device)
+        self.scorer = _TextScorer(model, score_rows, score_segment)
+        self.generated = 0  # tokens sampled
 
     # --- the worker --------------------------------------------------------------------------------------------
 
@@ -336,11 +347,11 @@ class Engine:
         try:
             for job in jobs:
                 if not job.streams and not job.cancelled.is_set():
-                    self._start_texts(job)
+                    self.scorer.start_texts(job)
             pending = [s for job in jobs if not job.cancelled.is_set() for s in job.streams if not s.done]
             if pending:
                 memory = pending[0].memory
-                self._score_segment([s for s in pending if s.memory == memory][: self.score_rows])
+                self.scorer.segment([s for s in pending if s.memory == memory][: self.score_rows])
         except Exception as e:  # noqa: BLE001
             with self.cond:
                 for job in jobs:
@@ -355,17 +366,39 @@ class Engine:
                     if job in self.scoring:
                         self.scoring.remove(job)
                 if not job.cancelled.is_set():
-                    _call(job.on_done, [self._result(job, s) for s in job.streams])
+                    _call(job.on_done, [self.scorer.result(job, s) for s in job.streams])
 
-    def _start_texts(self, job: ScoreJob) -> None:
+    def _run_task(self) -> None:
+        with self.cond:
+            task = self.tasks.popleft() if self.tasks else None
+        if task is None or task.cancelled.is_set():
+            return
+        try:
+            result = task.run()
+        except Exception as e:  # noqa: BLE001
+            _call(task.on_error, _describe(e))
+            return
+        _call(task.on_done, result)
+
+
+class _TextScorer:
+    """Scoring on the worker: texts (after a context) run in segments of `segment_length` tokens, `rows` of them
+    side by side at the same memory length, each text's state kept between its segments."""
+
+    def __init__(self, model: SHARNN, rows: int, segment_length: int):
+        self.model, self.rows, self.segment_length = model, rows, segment_length
+        self.device = model.encoder.weight.device
+
+    def start_texts(self, job: ScoreJob) -> None:
         """Run the context once (as `sharnn score` does: all of it but its last token) for the job's texts."""
         state, last = prime(self.model, job.context)
         for text in job.texts:
             seq = np.concatenate([[last], np.asarray(text, dtype=np.int64)])
             job.streams.append(TextScore(seq, state, job.top_k, memory=_memory_rows(state)))
 
-    def _score_segment(self, group: list[TextScore]) -> None:
-        T, W, E = self.score_segment, self.score_rows, self.model.cfg.emsize
+    def segment(self, group: list[TextScore]) -> None:
+        """One segment of `group`'s texts side by side, padded to the fixed (segment, rows) shape."""
+        T, W, E = self.segment_length, self.rows, self.model.cfg.emsize
         x = torch.zeros(T, W, dtype=torch.long)
         y = torch.zeros(T, W, dtype=torch.long)
         counts = []
@@ -401,7 +434,7 @@ class Engine:
             else:
                 s.state = None
 
-    def _result(self, job: ScoreJob, s: TextScore) -> dict[str, Any]:
+    def result(self, job: ScoreJob, s: TextScore) -> dict[str, Any]:
         lp = torch.cat(s.logprobs) if s.logprobs else torch.zeros(0)
         total = float(lp.double().sum())
         n = len(s.seq) - 1
@@ -413,18 +446,6 @@ class Engine:
             lps = torch.cat(s.top_logprobs)[:, : job.top_k] if s.top_logprobs else torch.zeros(0, job.top_k)
             out["top_ids"], out["top_logprobs"] = ids.tolist(), lps.tolist()
         return out
-
-    def _run_task(self) -> None:
-        with self.cond:
-            task = self.tasks.popleft() if self.tasks else None
-        if task is None or task.cancelled.is_set():
-            return
-        try:
-            result = task.run()
-        except Exception as e:  # noqa: BLE001
-            _call(task.on_error, _describe(e))
-            return
-        _call(task.on_done, result)
 
 
 def _describe(e: BaseException) -> str:
