@@ -99,6 +99,7 @@ def test_two_ranks_match_one_process_and_resume_on_another_number(corpus: Path, 
     assert_close(weights(tmp_path / "r"), weights(tmp_path / "straight"))
 
 
+@pytest.mark.long  # ~9 s: with the long tests after the suite (.ci/run)
 def test_epoch_ending_inside_an_accumulation(corpus: Path, tmp_path: Path) -> None:
     # 2 epochs of a short corpus with --accumulate 3: epochs end mid-accumulation, and that partial step must
     # be averaged over the ranks too (else the ranks' weights drift apart).
@@ -111,7 +112,7 @@ def test_epoch_ending_inside_an_accumulation(corpus: Path, tmp_path: Path) -> No
 
 
 @pytest.mark.parametrize("where,rank,message", [
-    ("save", 0, "cannot write checkpoint"),  # a full disk: rank 0 alone writes checkpoints
+    pytest.param("save", 0, "cannot write checkpoint", marks=pytest.mark.long),  # a full disk: rank 0 alone writes
     ("step", 1, "rank 1 could not take step 3"),  # the others are already in their next collective
     pytest.param("valid", 0, "validation failed on this rank", marks=pytest.mark.long),  # the others wait for it
 ])
