@@ -139,8 +139,10 @@ def test_adapt_learns_while_coding(trained: SHARNN, model: SHARNN, tmp_path: Pat
     assert adapt.compressed < 0.8 * plain.compressed  # an untrained model learns the repeated sentence
     header = read_header(tmp_path / "in.shz").header
     assert header["adapt"]["lr"] == 5e-3 and header["adapt"]["bptt"] == 16
+    # A trained model that adapts gently keeps what it knew: it still codes the text it was trained on in well
+    # under a third of its bits (the round trip itself checks the decoded bytes).
     kept = roundtrip(trained, data[:800], tmp_path, streams=8, adapt=DynamicConfig(lr=3e-4, decay=0.01, bptt=16))
-    assert kept.compressed > 0
+    assert kept.model_bits / 8 < len(data[:800]) / 3
 
 
 def overhead(path: Path, blocks: int) -> int:
