@@ -54,7 +54,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, replace
 from importlib import metadata
 from pathlib import Path
-from typing import Any, BinaryIO, NamedTuple
+from typing import TYPE_CHECKING, Any, BinaryIO, NamedTuple
 
 import numpy as np
 import torch
@@ -68,6 +68,9 @@ from .optim import WeightSnapshot
 from .outputs import refuse_input_as_output, sha256_file
 from .runtime import attention_bytes, require_memory
 from .vocab import BYTES
+
+if TYPE_CHECKING:  # Python 3.10 has no typing.Self; annotations are not evaluated at run time
+    from typing_extensions import Self
 
 MAGIC = b"\x93SHARNNZ"  # a non-ASCII first byte, as PNG's: a file mangled as text shows at once
 VERSION = 2
@@ -326,6 +329,18 @@ class _Output:
         self.file.close()
         self.tmp.unlink(missing_ok=True)
 
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: object) -> None:
+        """Anything that stops the writing before `commit` (an error, Ctrl-C) leaves no file behind; a failed
+        write is one line."""
+        if exc is None:
+            return
+        self.discard()
+        if isinstance(exc, OSError):
+            raise SharnnError(f"cannot write {self.path}: {exc.strerror or exc}") from None
+
 
 def _open_input(path: Path) -> tuple[np.ndarray, int]:
     try:
@@ -385,8 +400,7 @@ def compress_file(model: SHARNN, src: str | os.PathLike, dst: str | os.PathLike,
     cs = _constriction()
     streams, n = _stream_layout(length, settings.streams)
     original_sha = sha256_file(src)
-    out = _Output(dst, overwrite)
-    try:
+    with _Output(dst, overwrite) as out:
         with _threads(settings.threads), _restored(model):
             start = time.perf_counter()
             w = _HashingWriter(out.file)
@@ -427,11 +441,6 @@ def compress_file(model: SHARNN, src: str | os.PathLike, dst: str | os.PathLike,
             seconds = time.perf_counter() - start
         size = out.file.tell()
         out.commit()
-    except BaseException as e:
-        out.discard()
-        if isinstance(e, OSError):
-            raise SharnnError(f"cannot write {dst}: {e.strerror or e}") from None
-        raise
     return CodingResult(length, size, bits, streams, seconds, blocks, stored)
 
 
@@ -524,8 +533,7 @@ def decompress_file(src: str | os.PathLike, dst: str | os.PathLike, model: SHARN
                           f"{h.get('cpu')}): the model's arithmetic may differ, so it decodes only where these match "
                           "(--ignore-machine tries anyway; a wrong result is still never written)")
     length, streams = int(h["length"]), int(h["streams"])
-    out = _Output(dst, overwrite)
-    try:
+    with _Output(dst, overwrite) as out:
         with _threads(settings.threads), _restored(model), open(src, "rb") as f:
             start = time.perf_counter()
             f.seek(info.body_start)
@@ -535,11 +543,6 @@ def decompress_file(src: str | os.PathLike, dst: str | os.PathLike, model: SHARN
         if out.file.seek(0, os.SEEK_END) != length or sha256_file(out.file) != h["sha256"]:
             raise SharnnError(_not_the_original(src, h, "its SHA-256 differs"))
         out.commit()
-    except BaseException as e:
-        out.discard()
-        if isinstance(e, OSError):
-            raise SharnnError(f"cannot write {dst}: {e.strerror or e}") from None
-        raise
     return CodingResult(length, info.body_end + 32, bits, streams, seconds, blocks, stored)
 
 

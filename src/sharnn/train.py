@@ -443,6 +443,7 @@ class TrainStep:
         # fp16 gradients underflow without a loss scale; the scaler grows it while steps are finite and halves it
         # (skipping that step) when a scaled gradient overflows. Disabled, it passes everything through.
         self.scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
+        self.precision = training_precision(device, cfg.precision)  # `auto` resolved once, not every segment
         if saved is not None and saved.get("scaler") and self.scaler.is_enabled():
             self.scaler.load_state_dict(saved["scaler"])
 
@@ -456,7 +457,7 @@ class TrainStep:
         completes_step = state.gathered + 1 >= cfg.accumulate or pos + seq_len >= self.streams.n - 1
         no_sync = self.ranks.enabled and not completes_step
         with self.forward_model.no_sync() if no_sync else contextlib.nullcontext():  # type: ignore[operator]
-            with autocast(self.device, cfg.precision):
+            with autocast(self.device, self.precision):
                 out = self.forward_model(x, state.carried, targets=y, recompute=cfg.checkpoint_activations)
                 loss = (out.loss + ar_tar(out, cfg)) / cfg.accumulate  # accumulate = mean over segments
             self.scaler.scale(loss).backward()
