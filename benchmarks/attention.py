@@ -21,7 +21,8 @@ import time
 import torch
 from torch import nn
 
-from sharnn.model import attend, attend_fused, visible_keys
+from sharnn.model import attend, attend_fused
+from sharnn.state import visible_keys
 
 SIZES = {
     # name: (T queries, memory rows, E width, B batch)

@@ -51,10 +51,11 @@ from sharnn.config import SHARNNConfig
 from sharnn.data import load_corpus
 from sharnn.evaluate import autocast
 from sharnn.generate import generate_ids
-from sharnn.model import SHARNN, detach_state
+from sharnn.model import SHARNN
 from sharnn.optim import Lamb
 from sharnn.precision import for_inference
 from sharnn.runtime import set_tf32
+from sharnn.state import detach_state
 
 PAPER = SHARNNConfig()  # E 1024, H 4096, 4 blocks, attention in block 2, M 5000, V 256
 TINY_FLAGS = ["--emsize", "32", "--nhid", "128", "--nlayers", "4", "--attn-span", "128", "--bptt", "64",

@@ -36,9 +36,10 @@ from dataclasses import replace
 import torch
 
 from sharnn.config import SHARNNConfig
-from sharnn.model import SHARNN, count_parameters, detach_state
+from sharnn.model import SHARNN, count_parameters
 from sharnn.optim import Lamb
 from sharnn.precision import for_inference
+from sharnn.state import detach_state
 
 CONFIGS = {
     # name: (model config, bptt, batch)

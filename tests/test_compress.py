@@ -39,9 +39,7 @@ TEXT = b"Colourless green ideas sleep furiously; the cat sat on the mat. " * 160
 
 def small_model(cfg: SHARNNConfig, seed: int = 0) -> SHARNN:
     torch.manual_seed(seed)
-    m = SHARNN(cfg).eval()
-    m.vocab = BYTES
-    return m
+    return SHARNN(cfg).eval()
 
 
 @pytest.fixture(autouse=True)
@@ -333,11 +331,20 @@ def test_decoder_failures_become_one_line(trained: SHARNN, tmp_path: Path, monke
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))
 
 
-def test_word_models_and_existing_outputs_are_refused(model: SHARNN, packed: Path, tmp_path: Path) -> None:
-    model.vocab = Vocab("words", ("<eos>", "a"), "word")
-    with pytest.raises(SharnnError, match="byte-level model"):
-        compress_file(model, tmp_path / "in", tmp_path / "other", CoderSettings())
-    model.vocab = BYTES
+def test_word_models_and_existing_outputs_are_refused(model: SHARNN, packed: Path, tmp_path: Path, capsys) -> None:
+    words = Vocab("words", tuple(f"w{i}" for i in range(255)) + ("<eos>",), "word")  # 256 symbols, not bytes
+    with pytest.raises(SharnnError, match="byte-level model.*words vocabulary"):
+        compress_file(model, tmp_path / "in", tmp_path / "other", CoderSettings(), vocab=words)
+    with pytest.raises(SharnnError, match="byte-level model.*words vocabulary"):
+        decompress_file(packed, tmp_path / "other", model, vocab=words)
+    save_checkpoint(tmp_path / "words", model, vocab=words)  # the commands take the checkpoint's vocabulary
+    for cmd in (["compress", str(tmp_path / "words"), str(tmp_path / "in")], ["decompress", str(tmp_path / "words"),
+                                                                               str(packed)]):
+        capsys.readouterr()
+        assert main([*cmd, str(tmp_path / "other"), "--quiet"]) == 2
+        assert "words vocabulary" in capsys.readouterr().err
+    assert not (tmp_path / "other").exists()
+    compress_file(model, tmp_path / "in", tmp_path / "other", CoderSettings(), vocab=BYTES)
     with pytest.raises(SharnnError, match="exists; pass --overwrite"):
         compress_file(model, tmp_path / "in", packed, CoderSettings())
     with pytest.raises(SharnnError, match="is the input"):

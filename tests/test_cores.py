@@ -19,7 +19,8 @@ from sharnn.cli import main
 from sharnn.config import SHARNNConfig, TrainConfig
 from sharnn.errors import SharnnError
 from sharnn.generate import generate
-from sharnn.model import QRNN, SHARNN, Block, detach_state, forget_mult
+from sharnn.model import QRNN, SHARNN, Block, forget_mult
+from sharnn.state import detach_state
 from sharnn.train import train
 
 # (model, qrnn_window): every core, the QRNN with both windows

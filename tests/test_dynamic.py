@@ -36,9 +36,7 @@ TEXT = np.frombuffer(b"Colourless green ideas sleep furiously; the cat sat on th
 @pytest.fixture
 def model(tiny_config: SHARNNConfig) -> SHARNN:
     torch.manual_seed(0)
-    m = SHARNN(tiny_config).eval()
-    m.vocab = BYTES
-    return m
+    return SHARNN(tiny_config).eval()
 
 
 @pytest.fixture

@@ -13,12 +13,13 @@ from torch import nn
 
 import sharnn.model as model_mod
 from sharnn.checkpoint import load_model, save_checkpoint
-from sharnn.config import SHARNNConfig, TrainConfig
+from sharnn.config import DEFAULT_COMPUTE, Compute, SHARNNConfig, TrainConfig
 from sharnn.errors import SharnnError
 from sharnn.evaluate import training_precision
 from sharnn.generate import TokenStep, generate_ids
-from sharnn.model import SHARNN, Attention, MemoryRing, visible_keys
+from sharnn.model import SHARNN, Attention
 from sharnn.runtime import set_tf32, tf32_enabled
+from sharnn.state import MemoryRing, visible_keys
 
 
 def flatten_like_cudnn(model: SHARNN) -> None:
@@ -60,16 +61,16 @@ def test_checkpoint_saves_flattened_rnn_weights(tiny_config: SHARNNConfig, tmp_p
 @pytest.mark.parametrize("T,mem", [(6, 0), (5, 9), (4, 30), (1, 7), (1, 40)])
 def test_plain_and_fused_attention_agree(tiny_config: SHARNNConfig, window: str, T: int, mem: int) -> None:
     torch.manual_seed(1)
-    attn = Attention(replace(tiny_config, attn_span=12, attn_window=window, dropouth=0.0))
+    attn = Attention(replace(tiny_config, dropouth=0.0))
     with torch.no_grad():
         for p in (attn.qs, attn.ks, attn.vs):
             p.normal_()
     h = torch.randn(T, 2, 16, requires_grad=True)
     big = torch.randn(mem + T, 2, 16, requires_grad=True)
+    visible = visible_keys(T, mem + T, mem, 12, window, h.device)
     results = {}
     for kernel in ("plain", "fused"):
-        attn.kernel = kernel
-        out = attn(h, big, mem)
+        out = attn(h, big, visible, kernel)
         grads = torch.autograd.grad(out.square().sum(), (h, big, attn.q.weight))
         results[kernel] = (out, *grads)
     for a, b in zip(results["plain"], results["fused"]):
@@ -88,14 +89,18 @@ def test_attention_takes_the_path_its_kernel_rule_picks(tiny_config: SHARNNConfi
     for verdict in (True, False):
         monkeypatch.setattr(model_mod, "fused_attention_wins",
                             lambda device, T, K, dtype, v=verdict: asked.append((T, K, dtype)) or v)
-        attn(h, keys, 4)
+        attn(h, keys, None)
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            attn(h, keys, 4)
+            attn(h, keys, None)
     assert taken == ["fused", "fused", "plain", "plain"]
     assert asked == [(5, 9, torch.float32), (5, 9, torch.bfloat16)] * 2  # under autocast: autocast's dtype
-    attn.kernel = "plain"  # a benchmark's choice overrides the rule
-    attn(h, keys, 4)
-    assert taken[-1] == "plain" and len(asked) == 4
+    attn(h, keys, None, "plain")  # a caller's choice (Compute.attention) overrides the rule
+    attn(h, keys, None, "fused")
+    assert taken[-2:] == ["plain", "fused"] and len(asked) == 4
+    # ... and the model passes its Compute down to every attention block.
+    model = SHARNN(replace(tiny_config, dropouth=0.0)).eval()
+    model(torch.randint(0, 256, (5, 2)), compute=Compute(attention="fused"))
+    assert taken[-1] == "fused" and len(asked) == 4
 
 
 def test_attention_weights_are_what_forward_mixes(tiny_config: SHARNNConfig) -> None:
@@ -105,11 +110,12 @@ def test_attention_weights_are_what_forward_mixes(tiny_config: SHARNNConfig) -> 
         for p in (attn.qs, attn.ks, attn.vs):
             p.normal_()
     h, big = torch.randn(5, 2, 16), torch.randn(12, 2, 16)
-    w = attn.weights(h, big, 7)  # (B, T, K)
+    visible = visible_keys(5, 12, 7, 6, "sliding", h.device)
+    w = attn.weights(h, big, visible)  # (B, T, K)
     assert w.shape == (2, 5, 12) and torch.allclose(w.sum(-1), torch.ones(2, 5))
-    assert torch.equal(w[0] > 0, visible_keys(5, 12, 7, 6, "sliding", h.device))
+    assert torch.equal(w[0] > 0, visible)
     v = attn.value_gate() * big
-    assert torch.allclose(torch.einsum("btk,kbe->tbe", w, v), attn(h, big, 7), atol=1e-6)
+    assert torch.allclose(torch.einsum("btk,kbe->tbe", w, v), attn(h, big, visible), atol=1e-6)
 
 
 # --- the static token step (what a CUDA graph replays) -----------------------------------------------------------
@@ -151,13 +157,13 @@ def test_generation_state_is_a_copy_of_the_steps(tiny_config: SHARNNConfig) -> N
 # --- mixed precision ------------------------------------------------------------------------------------------
 
 
-def dtypes_under_bf16(model: SHARNN, x: torch.Tensor) -> dict[str, torch.dtype]:
+def dtypes_under_bf16(model: SHARNN, x: torch.Tensor, compute: Compute = DEFAULT_COMPUTE) -> dict[str, torch.dtype]:
     seen: dict[str, torch.dtype] = {}
     hooks = [m.register_forward_hook(lambda mod, i, o, name=name: seen.setdefault(name, o.dtype) and None)
              for name, m in (("boom", model.blocks[1].ff), ("attention", model.blocks[1].attn),
                              ("decoder", model.decoder))]
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = model(x)
+        out = model(x, compute=compute)
     for h in hooks:
         h.remove()
     seen["logits"] = out.logits.dtype
@@ -169,13 +175,14 @@ def test_fp32_parts_compute_in_float32_under_autocast(tiny_config: SHARNNConfig)
     model = SHARNN(tiny_config)
     x = torch.randint(0, 256, (7, 2))
     assert set(dtypes_under_bf16(model, x).values()) == {torch.bfloat16}
-    model.keep_fp32({"boom", "decoder"})
-    seen = dtypes_under_bf16(model, x)
+    seen = dtypes_under_bf16(model, x, Compute(fp32_parts={"boom", "decoder"}))
     assert seen["boom"] == seen["decoder"] == torch.float32 and seen["attention"] == torch.bfloat16
-    model.keep_fp32({"attention"})
-    assert dtypes_under_bf16(model, x)["attention"] == torch.float32
-    with pytest.raises(ValueError):
-        model.keep_fp32({"lstm"})
+    assert dtypes_under_bf16(model, x, Compute(fp32_parts={"attention"}))["attention"] == torch.float32
+    assert set(dtypes_under_bf16(model, x).values()) == {torch.bfloat16}  # a setting of the call, not the model
+    with pytest.raises(ValueError, match="unknown parts"):
+        Compute(fp32_parts={"lstm"})
+    with pytest.raises(ValueError, match="unknown attention kernel"):
+        Compute(attention="flash")
 
 
 def test_cpu_without_bf16_lstm_keeps_the_core_in_fp32(tiny_config: SHARNNConfig, monkeypatch) -> None:

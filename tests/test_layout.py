@@ -42,7 +42,8 @@ def test_imports_run_one_way() -> None:
 
     for name in sorted(graph):
         visit(name, ())
-    assert graph["model"] == {"config"}  # the network imports nothing above its configuration
+    assert graph["model"] == {"config", "state"}  # the network imports nothing above its configuration and state
+    assert graph["state"] == set()  # the state types and the memory need torch alone
     assert graph["config"] <= {"errors"}
     for inference in ("evaluate", "generate", "score", "precision", "export", "compress", "dynamic"):
         assert "train" not in graph[inference], inference  # using a model never needs the training loop

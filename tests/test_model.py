@@ -10,7 +10,8 @@ import torch
 
 from sharnn.config import SHARNNConfig
 from sharnn.errors import SharnnError
-from sharnn.model import SHARNN, Attention, Boom, count_parameters, detach_state, gelu
+from sharnn.model import SHARNN, Attention, Boom, count_parameters, gelu
+from sharnn.state import detach_state, extend_rows, visible_keys
 
 
 def run_in_segments(model: SHARNN, x: torch.Tensor, sizes: list[int]) -> torch.Tensor:
@@ -63,10 +64,11 @@ def test_attention_window_limits_what_a_query_sees(tiny_config: SHARNNConfig) ->
     attn = Attention(cfg).eval()
     h = torch.randn(10, 2, 16)
     big = torch.randn(10, 2, 16)
-    out = attn(h, big, mem_len=0)
+    seen = extend_rows(big[:0], big, cfg.attn_span, "sliding")  # the memory's rule: which keys each query sees
+    out = attn(h, seen.keys, seen.visible)
     big2 = big.clone()
     big2[0] += 5.0  # only visible to queries 0..3
-    out2 = attn(h, big2, mem_len=0)
+    out2 = attn(h, big2, seen.visible)
     assert torch.equal(out[4:], out2[4:])
     assert not torch.allclose(out[:4], out2[:4])
 
@@ -80,7 +82,7 @@ def test_attention_matches_hand_computation(tiny_config: SHARNNConfig, T: int, m
         attn.ks.normal_()
         attn.vs.normal_()
     h, big = torch.randn(T, 2, 16), torch.randn(mem + T, 2, 16)
-    out = attn(h, big, mem_len=mem)
+    out = attn(h, big, visible_keys(T, mem + T, mem, tiny_config.attn_span, "sliding", h.device))
     q = torch.sigmoid(attn.qs) * attn.qln(attn.q(h))
     k = torch.sigmoid(attn.ks) * big
     v = attn.vq(torch.sigmoid(attn.vs)) * big
@@ -219,9 +221,10 @@ def test_folded_gates_equal_plain_attention(tiny_config: SHARNNConfig, monkeypat
         attn.ks.normal_()
         attn.vs.normal_()
     h, big = torch.randn(T, 2, 16), torch.randn(mem_len + T, 2, 16)
-    fast = attn(h, big, mem_len)
+    visible = visible_keys(T, mem_len + T, mem_len, 12, "sliding", h.device)
+    fast = attn(h, big, visible)
     monkeypatch.setattr(Attention, "folds_gates", property(lambda self: False))
-    plain = attn(h, big, mem_len)
+    plain = attn(h, big, visible)
     assert torch.allclose(fast, plain, atol=1e-6)
 
 
@@ -242,14 +245,12 @@ def test_autocast_keeps_residual_stream_and_state_in_fp32(tiny_config: SHARNNCon
 
 @pytest.mark.parametrize("window", ["sliding", "reference"])
 @pytest.mark.parametrize("core", ["LSTM", "QRNN"])
-def test_static_ring_segments_equal_ordinary_memory(tiny_config: SHARNNConfig, window: str, core: str) -> None:
-    # Block.static_ring (what ONNX export runs): segments attend over the ring as it lies and write into it,
-    # shapes independent of the count; the numbers are ordinary memory's, for any cuts (also longer than the
-    # span, and before and after the ring wraps), under both window rules.
+def test_ring_segments_equal_ordinary_memory(tiny_config: SHARNNConfig, window: str, core: str) -> None:
+    # The memory's two implementations: segments over a ring (what ONNX export runs) attend over the slots as they
+    # lie and write into them, shapes independent of the count; the numbers are ordinary memory's, for any cuts
+    # (also longer than the span, and before and after the ring wraps), under both window rules.
     torch.manual_seed(0)
     model = SHARNN(replace(tiny_config, attn_span=12, model=core, attn_window=window)).eval()
-    for block in model.blocks:
-        block.static_ring = True
     x = torch.randint(0, 256, (80, 2))
     plain, ring, pos = None, model.ring_state(model.initial_state(2)), 0
     with torch.no_grad():

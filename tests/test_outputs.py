@@ -124,7 +124,7 @@ def test_export_replaces_a_file_only_with_overwrite(ckpt: Path, tmp_path: Path, 
     out.write_bytes(b"mine")
     seg = export_mod.segment_path(out, 8)
     calls = []
-    monkeypatch.setattr(export_mod, "_export_one", lambda m, path, T: calls.append(path) or path.write_bytes(b"onnx"))
+    monkeypatch.setattr(export_mod, "_export_one", lambda m, vocab, path, T: calls.append(path) or path.write_bytes(b"onnx"))
     assert main(["export", str(ckpt), str(out), "--check-bytes", "0"]) == 2
     one_line(capsys, "exists; pass --overwrite")
     assert out.read_bytes() == b"mine" and not calls
@@ -140,7 +140,7 @@ def test_a_failed_export_leaves_nothing(ckpt: Path, tmp_path: Path, monkeypatch)
     out = tmp_path / "model.onnx"
     model = load_model(ckpt)
 
-    def half_then_fail(m, path: Path, T: int) -> None:
+    def half_then_fail(m, vocab, path: Path, T: int) -> None:
         path.write_bytes(b"half")
         if T > 1:
             raise SharnnError("disk full")

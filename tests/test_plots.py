@@ -17,7 +17,7 @@ import sharnn.train as train_mod
 from sharnn.attention_map import attention_over_text, token_label
 from sharnn.checkpoint import save_checkpoint
 from sharnn.cli import main
-from sharnn.config import SHARNNConfig, TrainConfig
+from sharnn.config import Compute, SHARNNConfig, TrainConfig
 from sharnn.curves import read_curves
 from sharnn.model import SHARNN
 from sharnn.train import TrainingInterrupted, train
@@ -140,7 +140,6 @@ def peaked_model() -> SHARNN:
     with torch.no_grad():
         for name, p in model.named_parameters():
             p.add_(torch.randn_like(p) * (3.0 if ".attn." in name else 0.5))  # attention far from uniform
-    model.vocab = BYTES
     return model.eval()
 
 
@@ -148,18 +147,18 @@ def test_the_weights_drawn_are_the_models(monkeypatch) -> None:
     model = peaked_model()
     ids = torch.randint(0, 256, (300,), generator=torch.Generator().manual_seed(0))
     maps, uses = attention_over_text(model, ids, start=200, heatmap=16, chunk=50)
-    fig = attention_figure(maps, uses, ids.tolist(), model.vocab, MODEL.attn_span)
+    fig = attention_figure(maps, uses, ids.tolist(), BYTES, MODEL.attn_span)
     drawn = torch.tensor(fig.subfigs[0].axes[0].images[0].get_array())  # read back from the figure
 
     # What the forward pass itself mixes the values with: its plain kernel's weights, recorded as it runs.
     seen = []
     real = model_mod.attention_weights
     monkeypatch.setattr(model_mod, "attention_weights", lambda *a: seen.append(real(*a)) or seen[-1])
-    model.blocks[1].attn.kernel = "plain"
+    plain = Compute(attention="plain")
     with torch.no_grad():
-        state = model(ids[:200, None]).state
+        state = model(ids[:200, None], compute=plain).state
         seen.clear()
-        model(ids[200:216, None], state)
+        model(ids[200:216, None], state, compute=plain)
     w = seen[0][0]  # (16 queries, 23 memory rows + 16)
     assert w.shape == (16, 39)
     assert drawn.shape == (16, 1 + 32)  # "older", then the 16 keys before the window and the window itself

@@ -81,10 +81,10 @@ def attention_over_text(model: SHARNN, ids: Tensor | list[int], start: int, heat
 
     def hook(i: int) -> Any:
         def record(module: Any, args: tuple[Any, ...], output: Tensor) -> None:
-            h, keys, mem_len, visible = (*args, None)[:4]
-            assert visible is None, "weights() applies the window rule itself: ordinary memory only"
-            w = module.weights(h, keys, mem_len)[0].float().cpu()  # (T, K)
+            h, keys, visible = args[:3]  # Attention.forward's; the walk carries ordinary memory: keys in order
+            w = module.weights(h, keys, visible)[0].float().cpu()  # (T, K)
             T, K = w.shape
+            mem_len = K - T  # the memory rows before the segment's own
             dist = (mem_len + torch.arange(T)[:, None]) - torch.arange(K)[None, :]  # (T, K) query - key position
             mean_distance[i][pos : pos + T] = (w * dist.clamp(min=0)).sum(-1)
             by_distance[i].scatter_add_(0, dist.clamp(min=0).reshape(-1), w.reshape(-1))  # future keys have w 0

@@ -31,6 +31,7 @@ import pickle
 import random
 import re
 import shutil
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -43,8 +44,9 @@ from safetensors.torch import save_file as st_save_file
 
 from .config import SHARNNConfig, TrainConfig
 from .errors import SharnnError
-from .model import SHARNN, BlockState, State
+from .model import SHARNN
 from .outputs import sha256_file
+from .state import BlockState, State
 from .vocab import BYTES, Vocab
 
 FORMAT = "sharnn-checkpoint"
@@ -381,7 +383,7 @@ class Checkpoint:
         except (ValueError, TypeError) as e:
             raise SharnnError(f"{p} is corrupt ({e})") from None
 
-    def model(self, device: torch.device | str = "cpu", model_class: type[SHARNN] = SHARNN,
+    def model(self, device: torch.device | str = "cpu", model_class: Callable[[SHARNNConfig], SHARNN] = SHARNN,
               config: SHARNNConfig | None = None, attn_window: str | None = None) -> SHARNN:
         """The network with the checkpoint's weights, loaded strictly.
 
@@ -398,7 +400,6 @@ class Checkpoint:
         data = self._read(weights.name)
         check_weight_shapes(cfg, weights, _safetensors_shapes(data, weights))  # before a damaged config allocates
         model = model_class(cfg)
-        model.vocab = self.vocab
         try:
             tensors = safetensors.torch.load(data)
         except (SafetensorError, ValueError, RuntimeError) as e:
@@ -492,10 +493,9 @@ def check_weight_shapes(cfg: SHARNNConfig, weights: Path, stored: dict[str, tupl
                           "the checkpoint is damaged (use another one, or the config.json it was saved with)")
 
 
-def load_model(path: str | os.PathLike, device: torch.device | str = "cpu", prefer: str = "best",
-               model_class: type[SHARNN] = SHARNN) -> SHARNN:
+def load_model(path: str | os.PathLike, device: torch.device | str = "cpu", prefer: str = "best") -> SHARNN:
     """Rebuild the network from config.json and load the weights strictly (`Checkpoint.open(path).model()`)."""
-    return Checkpoint.open(path, prefer).model(device, model_class)
+    return Checkpoint.open(path, prefer).model(device)
 
 
 def load_vocab(path: str | os.PathLike, prefer: str = "best") -> Vocab:
@@ -513,15 +513,14 @@ def load_train_state(path: str | os.PathLike, device: torch.device | str = "cpu"
     return Checkpoint.open(path, prefer="last").train_state(device)
 
 
-def load_pretrained(name_or_path: str | os.PathLike, device: torch.device | str = "cpu",
-                    model_class: type[SHARNN] = SHARNN) -> SHARNN:
-    """`SHARNN.from_pretrained`: a local checkpoint or run folder, else a Hugging Face Hub repository id.
+def pretrained_checkpoint(name_or_path: str | os.PathLike) -> Checkpoint:
+    """What `SHARNN.from_pretrained` loads: a local checkpoint or run folder, else a Hugging Face Hub repository id.
 
     The Hub needs the optional `huggingface_hub` package, which sharnn's `hub` extra installs (`pip install -e
     '.[hub]'` in a clone); what is downloaded is the same folder layout, loaded the same safe way.
     """
     if Path(name_or_path).exists():
-        return load_model(name_or_path, device, model_class=model_class)
+        return Checkpoint.open(name_or_path)
     name = str(name_or_path)
     if name.count("/") != 1 or name.startswith((".", "/")):
         raise SharnnError(f"{name} is neither a local folder nor a Hub repository id (owner/name)")
@@ -534,7 +533,7 @@ def load_pretrained(name_or_path: str | os.PathLike, device: torch.device | str 
         local = snapshot_download(name, allow_patterns=["config.json", "model.safetensors", "train_config.json"])
     except Exception as e:  # noqa: BLE001 - the Hub client raises many kinds: offline, not found, gated, ...
         raise SharnnError(f"cannot fetch {name} from the Hugging Face Hub: {e}") from None
-    return load_model(local, device, model_class=model_class)
+    return Checkpoint.open(local)
 
 
 # --- what train_state.pt holds besides tensors of the model: RNG streams and the carried state ----------------

@@ -573,7 +573,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     ckpt = Checkpoint.open(args.checkpoint)
     refuse_input_as_output(args.out, ckpt.path)
     model = ckpt.model()
-    paths = export_onnx(model, args.out, args.segment, overwrite=args.overwrite)
+    paths = export_onnx(model, args.out, args.segment, overwrite=args.overwrite, vocab=ckpt.vocab)
     print(f"wrote {' and '.join(map(str, paths))}")
     if args.check_bytes:
         diff = check_onnx(model, paths, args.check_bytes)
@@ -714,7 +714,8 @@ def cmd_compress(args: argparse.Namespace) -> int:
         refuse_input_as_output(dst, ckpt.path)
         model, fresh = ckpt.model("cpu"), None
     res = compress_file(model, src, dst, CoderSettings(streams=args.streams, threads=args.threads, adapt=adapt),
-                        fresh=fresh, progress=not args.quiet, overwrite=args.overwrite)
+                        fresh=fresh, progress=not args.quiet, overwrite=args.overwrite,
+                        vocab=None if args.fresh else ckpt.vocab)
     stored = (f"; {res.stored} of {res.blocks} blocks stored as they are (the model would have made them larger)"
               if res.stored else "")
     print(f"{src}: {res.length:,} -> {res.compressed:,} bytes ({res.bits_per_byte:.4f} bits/byte; the model's "
@@ -746,13 +747,13 @@ def cmd_decompress(args: argparse.Namespace) -> int:
     if len(args.paths) not in (2, 3):
         raise SharnnError("usage: sharnn decompress CKPT IN OUT (or IN OUT for a file compressed with --fresh)")
     src, dst = args.paths[-2:]
-    model = None
+    model, vocab = None, None
     if len(args.paths) == 3:
         ckpt = Checkpoint.open(args.paths[0])
         refuse_input_as_output(dst, ckpt.path)  # decompress_file checks IN itself
-        model = ckpt.model("cpu")
+        model, vocab = ckpt.model("cpu"), ckpt.vocab
     res = decompress_file(src, dst, model, ignore_machine=args.ignore_machine, progress=not args.quiet,
-                          overwrite=args.overwrite, checkpoint_name=args.paths[0])
+                          overwrite=args.overwrite, checkpoint_name=args.paths[0], vocab=vocab)
     print(f"{dst}: {res.length:,} bytes from {res.compressed:,}, checksum verified, {res.kb_per_s:.1f} KB/s")
     return 0
 

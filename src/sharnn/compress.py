@@ -63,11 +63,12 @@ from tqdm import tqdm
 from .config import SHARNNConfig, load_config_file, load_preset, preset_names, split_settings
 from .dynamic import DynamicConfig, DynamicEval
 from .errors import SharnnError
-from .model import SHARNN, State, parameter_count
+from .model import SHARNN, parameter_count
 from .optim import WeightSnapshot
 from .outputs import refuse_input_as_output, sha256_file
 from .runtime import attention_bytes, require_memory
-from .vocab import BYTES
+from .state import State
+from .vocab import Vocab, vocab_of
 
 if TYPE_CHECKING:  # Python 3.10 has no typing.Self; annotations are not evaluated at run time
     from typing_extensions import Self
@@ -144,7 +145,6 @@ def _build(cfg: SHARNNConfig, seed: int) -> SHARNN:
     with torch.random.fork_rng(devices=[]):  # the caller's random stream is left as it was
         torch.manual_seed(seed)
         model = SHARNN(cfg)
-    model.vocab = BYTES
     return model.eval()
 
 
@@ -386,15 +386,17 @@ def _header(length: int, original_sha: str, streams: int, n: int, settings: Code
 
 
 def compress_file(model: SHARNN, src: str | os.PathLike, dst: str | os.PathLike, settings: CoderSettings,
-                  fresh: dict[str, Any] | None = None, progress: bool = False, overwrite: bool = False) -> CodingResult:
+                  fresh: dict[str, Any] | None = None, progress: bool = False, overwrite: bool = False,
+                  vocab: Vocab | None = None) -> CodingResult:
     """Compress file `src` into `dst` with `model` (unchanged afterwards, also with `settings.adapt`).
 
     Args:
+        vocab: the checkpoint's vocabulary (it must be bytes); by default the model's own (sharnn.vocab.vocab_of).
         fresh: for an untrained model, {"config": SHARNNConfig dict, "seed": int}: written into the header so
             that the decoder can rebuild it (see `fresh_model`); None for a trained model's checkpoint.
     """
     src, dst = Path(src), Path(dst)
-    _check_model(model)
+    _check_model(model, vocab)
     refuse_input_as_output(dst, src)  # the same file by any name: a link, a hard link, `..`
     data, length = _open_input(src)
     cs = _constriction()
@@ -444,11 +446,11 @@ def compress_file(model: SHARNN, src: str | os.PathLike, dst: str | os.PathLike,
     return CodingResult(length, size, bits, streams, seconds, blocks, stored)
 
 
-def _check_model(model: SHARNN) -> None:
-    vocab = getattr(model, "vocab", None) or BYTES
-    if vocab.kind != "bytes" or model.cfg.vocab_size != 256:
+def _check_model(model: SHARNN, vocab: Vocab | None) -> None:
+    if model.cfg.vocab_size != 256 or (kind := vocab_of(model, vocab).kind) != "bytes":
+        kind = "" if model.cfg.vocab_size != 256 else f"{kind} "
         raise SharnnError("compression needs a byte-level model (256 symbols, every byte value); this one reads "
-                          f"a {vocab.kind} vocabulary of {model.cfg.vocab_size} symbols")
+                          f"a {kind}vocabulary of {model.cfg.vocab_size} symbols")
     if model.encoder.weight.dtype != torch.float32 or model.encoder.weight.device.type != "cpu":
         raise SharnnError("compression runs the model in float32 on the CPU (so that the decoder can repeat it)")
 
@@ -516,15 +518,15 @@ def read_header(path: str | os.PathLike) -> Compressed:
 
 def decompress_file(src: str | os.PathLike, dst: str | os.PathLike, model: SHARNN | None,
                     ignore_machine: bool = False, progress: bool = False, overwrite: bool = False,
-                    checkpoint_name: str = "the checkpoint") -> CodingResult:
-    """Decompress `src` into `dst`. `model`: the checkpoint's model, or None for a file whose header says it was
-    made from a fresh model. `dst` appears only once the decoded bytes match the original's SHA-256."""
+                    checkpoint_name: str = "the checkpoint", vocab: Vocab | None = None) -> CodingResult:
+    """Decompress `src` into `dst`. `model`: the checkpoint's model (`vocab`: its vocabulary, as for
+    `compress_file`), or None for a file whose header says it was made from a fresh model. `dst` appears only once the decoded bytes match the original's SHA-256."""
     src, dst = Path(src), Path(dst)
     refuse_input_as_output(dst, src)  # --overwrite replaces OUT, never the compressed file being read
     info = read_header(src)
     h = info.header
     settings = _header_settings(src, h)
-    model = _decoding_model(src, dst, h, model, checkpoint_name)
+    model = _decoding_model(src, dst, h, model, checkpoint_name, vocab)
     here = machine()
     if h["machine"] != here and not ignore_machine:
         diff = ", ".join(f"{k} {h['machine'].get(k)} there, {here[k]} here" for k in here
@@ -563,7 +565,7 @@ def _header_settings(src: Path, h: dict[str, Any]) -> CoderSettings:
 
 
 def _decoding_model(src: Path, dst: Path, h: dict[str, Any], model: SHARNN | None,
-                    checkpoint_name: str) -> SHARNN:
+                    checkpoint_name: str, vocab: Vocab | None) -> SHARNN:
     """The model the file was compressed with: `model` (a checkpoint's), or the fresh one its header describes;
     refused in one line when it is not the one whose weights the header names."""
     fresh, want_weights = h["model"]["fresh"], h["model"]["weights_sha256"]
@@ -581,7 +583,7 @@ def _decoding_model(src: Path, dst: Path, h: dict[str, Any], model: SHARNN | Non
             need = 1 << 62
         require_memory(need, "the fresh model its header describes", "cpu")
         model = _build(cfg, int(fresh["seed"]))
-    _check_model(model)
+    _check_model(model, vocab)
     if weights_sha256(model) != want_weights:
         raise SharnnError(f"{src} was compressed with another model (weights SHA-256 {want_weights[:12]}...), not "
                           f"{checkpoint_name} ({weights_sha256(model)[:12]}...); decompress it with the same model")

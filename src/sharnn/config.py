@@ -39,8 +39,34 @@ OPTIMIZERS = ("lamb", "adam", "adamw", "sgd")
 TRAIN_PRECISIONS = ("fp32", "bf16", "fp16", "auto")  # --precision of training (autocast; auto: by the hardware)
 DECAYS = ("none", "linear", "cosine")  # --decay: the learning rate after the warm-up
 ATTN_WINDOWS = ("sliding", "reference")
-# The parts of the network mixed-precision training may keep in float32 (--fp32-parts; SHARNN.keep_fp32).
+# The parts of the network mixed-precision training may keep in float32 (--fp32-parts; Compute.fp32_parts).
 FP32_PARTS = ("core", "attention", "boom", "decoder")
+ATTENTION_KERNELS = ("auto", "fused", "plain")  # Compute.attention
+
+
+@dataclass(frozen=True)
+class Compute:
+    """How the network computes, not what: passed to `SHARNN.forward` by whoever runs it, never saved.
+
+    attention: "auto" (sharnn.model.fused_attention_wins decides, by device, shapes and dtype), "fused" (PyTorch's
+        scaled_dot_product_attention) or "plain" (two matrix products: what ONNX export needs, every runtime has
+        them). The same numbers up to float rounding.
+    fp32_parts: the parts computed in float32 even under autocast (`--fp32-parts`), any of FP32_PARTS.
+    """
+
+    attention: str = "auto"
+    fp32_parts: frozenset[str] = frozenset()
+
+    def __post_init__(self) -> None:
+        if self.attention not in ATTENTION_KERNELS:
+            raise ValueError(f"unknown attention kernel {self.attention!r}; choose from {', '.join(ATTENTION_KERNELS)}")
+        object.__setattr__(self, "fp32_parts", frozenset(self.fp32_parts))  # a set or tuple given: stored frozen
+        unknown = self.fp32_parts - set(FP32_PARTS)
+        if unknown:
+            raise ValueError(f"unknown parts {sorted(unknown)}; choose from {', '.join(FP32_PARTS)}")
+
+
+DEFAULT_COMPUTE = Compute()  # what `SHARNN.forward` does unless told: the kernel rule, nothing kept in float32
 
 
 def valid_device(name: str) -> bool:

@@ -126,7 +126,6 @@ def import_reference(
             "trained on: pass --vocab-from DIR (e.g. data/enwik8)"
         )
     model = SHARNN(cfg)
-    model.vocab = vocab
     wanted = model.state_dict()
     # The reference builds lnmid/lnmem in every block but uses them only where there is attention.
     idle_norms = {f"blocks.{i}.{ln}.{p}" for i in range(cfg.nlayers) if i not in cfg.attn_layers

@@ -37,8 +37,8 @@ import torch
 import torch.distributed as dist
 
 from .errors import SharnnError
-from .model import BlockState, State
 from .runtime import resolve_device
+from .state import BlockState, State
 
 POLL_S = 0.05  # how often a rank waiting for rank 0 looks at the store
 # torchrun sends SIGTERM to the other workers as soon as one fails, and SIGKILL 30 s later: a rank that stops

@@ -33,9 +33,10 @@ from tqdm import tqdm
 from .data import Streams, eval_segments
 from .errors import SharnnError
 from .evaluate import EvalResult, evaluate
-from .model import SHARNN, detach_state
+from .model import SHARNN
 from .optim import WeightSnapshot
 from .score import SCORE_CHUNK, Score, score_stream
+from .state import detach_state
 
 if TYPE_CHECKING:
     from .vocab import Vocab

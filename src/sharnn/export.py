@@ -17,7 +17,7 @@ Inputs, in this order (outputs: `logprobs`, then each state input as `next.<name
     logprobs          float32 (T, batch, V)    log-probabilities of the token after each input token
 
 All zeros is the initial state. The memory is `model.MemoryRing`: its shape never changes, so a step costs
-the same at any position, and the segment model reads and writes the same ring (`Block.static_ring`):
+the same at any position, and the segment model reads and writes the same ring (`MemoryRing.extended`):
 the state out of either file feeds either file. `count` is shared by the streams of a batch.
 Opset 18; the batch axis is dynamic; weights in fp32, value gates collapsed (exact).
 """
@@ -37,11 +37,14 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from .config import Compute
 from .errors import SharnnError
-from .model import SHARNN, BlockState, MemoryRing, State
+from .model import SHARNN
 from .outputs import check_new_file, staged_files
 from .precision import for_inference
 from .runtime import attention_bytes, require_memory
+from .state import BlockState, MemoryRing, State
+from .vocab import Vocab, vocab_of
 
 OPSET = 18
 CHECK_TOLERANCE = 1e-4  # largest |log p| difference from PyTorch the check accepts
@@ -75,6 +78,7 @@ class OnnxStep(nn.Module):
     def __init__(self, model: SHARNN):
         super().__init__()
         self.model = model
+        self.compute = Compute(attention="plain")  # two MatMuls and a Softmax: every runtime has them
 
     def forward(self, tokens: Tensor, *flat: Tensor) -> tuple[Tensor, ...]:
         it: Iterator[Tensor] = iter(flat)
@@ -84,22 +88,18 @@ class OnnxStep(nn.Module):
             # The ring is written in place; torch.export turns that into a new tensor (ONNX has no mutation).
             memory = MemoryRing(next(it), next(it)) if block.attn is not None else None
             state.append(BlockState(rnn, memory))
-        out = self.model(tokens, tuple(state))
+        out = self.model(tokens, tuple(state), compute=self.compute)
         assert out.logits is not None
         # log_softmax of an adaptive softmax's log-probabilities leaves them as they are.
         return (out.logits.float().log_softmax(-1), *flatten_state(out.state))
 
 
 def exportable(model: SHARNN) -> SHARNN:
-    """An fp32, eval-mode copy made for export: value gates collapsed, static-shape ring, plain attention."""
+    """An fp32, eval-mode CPU copy made for export, value gates collapsed. (OnnxStep runs it over a ring, whose
+    segments have static shapes, with plain attention.)"""
     if model.encoder.weight.dtype != torch.float32:
         raise SharnnError("export takes the fp32 model, not one converted with --precision")
-    out = for_inference(model, "fp32").cpu()
-    for block in out.blocks:
-        block.static_ring = True  # a segment attends over the ring as it lies: no shape depends on the count
-        if block.attn is not None:
-            block.attn.kernel = "plain"  # two MatMuls and a Softmax: every runtime has them
-    return out
+    return for_inference(model, "fp32").cpu()
 
 
 def segment_path(out: Path, n: int) -> Path:
@@ -121,9 +121,11 @@ def require(*modules: str, unless: str = "") -> None:
                           + (f" (or pass {unless})" if unless else ""))
 
 
-def export_onnx(model: SHARNN, out: str | Path, segment: int | None = None, overwrite: bool = False) -> list[Path]:
+def export_onnx(model: SHARNN, out: str | Path, segment: int | None = None, overwrite: bool = False,
+                vocab: Vocab | None = None) -> list[Path]:
     """Write the step model to `out` and, with `segment`, the N-token model beside it; returns the paths.
 
+    `vocab` (written into the files' metadata): the checkpoint's; by default the model's own (sharnn.vocab.vocab_of).
     An existing file is replaced only with `overwrite`. The files are written in a temporary folder beside them
     and renamed into place once all are complete: a failed export leaves nothing half-written."""
     require("onnx", "onnxscript")  # what torch.onnx's exporter builds the graph with
@@ -134,14 +136,14 @@ def export_onnx(model: SHARNN, out: str | Path, segment: int | None = None, over
     for path in paths:
         check_new_file(path, overwrite)
     require_memory(attention_bytes(model.cfg, 2), f"attn_span {model.cfg.attn_span:,}: the exported memory", "cpu")
-    m = exportable(model)
+    m, vocab = exportable(model), vocab_of(model, vocab)
     with staged_files(out.parent) as tmp:
         for path, tokens in zip(paths, (1, segment)):
-            _export_one(m, tmp / path.name, tokens or 1)
+            _export_one(m, vocab, tmp / path.name, tokens or 1)
     return paths
 
 
-def _export_one(m: SHARNN, path: Path, T: int) -> None:
+def _export_one(m: SHARNN, vocab: Vocab, path: Path, T: int) -> None:
     names = state_names(m)
     batch = 2  # an example batch of 1 would be taken for a constant
     example = (torch.zeros(T, batch, dtype=torch.long), *flatten_state(m.ring_state(m.initial_state(batch))))
@@ -156,7 +158,7 @@ def _export_one(m: SHARNN, path: Path, T: int) -> None:
     assert program is not None
     meta = program.model.metadata_props
     meta["sharnn.config"] = json.dumps(m.cfg.to_dict())
-    meta["sharnn.vocab"] = json.dumps(m.vocab.to_dict() if m.vocab is not None else {"type": "bytes"})
+    meta["sharnn.vocab"] = json.dumps(vocab.to_dict())
     meta["sharnn.tokens_per_call"] = str(T)
     try:
         program.save(path)

@@ -18,9 +18,10 @@ import torch
 from torch import Tensor
 
 from .errors import SharnnError
-from .model import SHARNN, BlockState, MemoryRing, State
+from .model import SHARNN
 from .runtime import attention_bytes, require_memory
 from .segments import cut, walk
+from .state import BlockState, MemoryRing, State
 
 if TYPE_CHECKING:
     from .vocab import Vocab
@@ -253,9 +254,9 @@ def generate(
 
     `generate(model, b"", 100, state=g.state, logits=g.logits)` continues generation `g` exactly.
     """
-    from .vocab import BYTES
+    from .vocab import vocab_of
 
-    vocab = vocab or getattr(model, "vocab", None) or BYTES
+    vocab = vocab_of(model, vocab)
     data = prompt.encode("utf-8") if isinstance(prompt, str) else prompt
     ids = [int(i) for i in vocab.encode(data)] if data else []
     if length == 0 and ids:  # nothing to sample: just the state after the prompt

@@ -2,7 +2,9 @@
 
 Every block is LayerNorm -> LSTM (or GRU, or QRNN: `--model`) -> (single-head attention, in some blocks) ->
 "Boom" feed-forward. The recurrent state and the attention memory are explicit values passed in and returned,
-never module attributes, so training, evaluation, generation and scoring share one `forward`.
+never module attributes, so training, evaluation, generation and scoring share one `forward`; their types and
+the memory's two implementations (ordinary rows, a ring) live in sharnn.state. How to compute (attention kernel,
+parts kept in float32) is an argument of `forward` too (sharnn.config.Compute), never a flag set on a module.
 
 Shape legend (sequence-first, as in BPTT batching):
     T  segment length          B  batch (parallel streams)     E  emsize
@@ -30,95 +32,8 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import Tensor, nn
 
-from .config import FP32_PARTS, SHARNNConfig
-
-
-class MemoryRing(NamedTuple):
-    """Attention memory for one-token steps (generation): a preallocated ring of the last M inputs.
-
-    A token's step writes its row into the slot of the oldest one, in place, and attends over all M slots as
-    they lie, the ones not yet written masked out: a single query sees every position it holds, and attention
-    does not depend on the keys' order. So nothing is copied or recomputed per token, however long the memory,
-    and every tensor of a step has the same shape and address from one token to the next (the write position
-    is a tensor too): what lets a GPU replay the step as a CUDA graph (sharnn.generate). Being written in
-    place, a ring is valid until the next step; `ordered` (or `SHARNN.ordered_state`) gives an independent,
-    ordered copy. Segments of more than one token take a ring too (it is read in order first) and return
-    ordinary memory.
-
-    Streams that started at different times (the requests `sharnn serve` steps together) have a count each, a
-    (B,) tensor: each stream then writes its own slot and sees its own filled slots, so its numbers are those it
-    would have alone. Such a ring takes one-token steps only.
-    """
-
-    rows: Tensor  # (M, B, E) the slots; row t of the sequence (0-based) lives in slot t % M
-    count: Tensor  # () int64 on the rows' device, or (B,) one per stream: rows written so far; min(count, M) hold data
-
-    def ordered(self, keep: int) -> Tensor:
-        """(m, B, E) the last m = min(count, keep) rows, oldest first: a copy, safe from later steps."""
-        if self.count.dim():
-            raise ValueError("a ring with a count per stream has no common order: take its streams one by one")
-        M, count = self.rows.shape[0], int(self.count)
-        m = min(count, keep)
-        start = (count - m) % M
-        if start + m <= M:
-            return self.rows[start : start + m].clone()
-        return torch.cat([self.rows[start:], self.rows[: start + m - M]])
-
-    def written(self, row: Tensor) -> MemoryRing:
-        """Write `row` (1, B, E) into the next slot, in place; the ring that then holds it."""
-        M = self.rows.shape[0]
-        if self.count.dim():  # a count per stream: each writes its own next slot
-            slot = (self.count % M).view(1, -1, 1).expand(1, *self.rows.shape[1:])
-            self.rows.scatter_(0, slot, row.to(self.rows.dtype))
-        else:
-            self.rows.index_copy_(0, (self.count % M).view(1), row.to(self.rows.dtype))
-        return MemoryRing(self.rows, self.count + 1)
-
-    def filled(self) -> Tensor:
-        """(M,) bool: the slots that hold a row (all of them once M rows were written); (B, 1, M) with a count
-        per stream."""
-        slots = torch.arange(self.rows.shape[0], device=self.rows.device)
-        if self.count.dim():
-            return (slots < self.count[:, None]).unsqueeze(1)
-        return slots < self.count
-
-    def extended(self, new: Tensor, window: str) -> tuple[Tensor, Tensor, MemoryRing]:
-        """A segment of T rows over the ring, with shapes that do not depend on the count (`Block.static_ring`).
-
-        Args:
-            new: (T, B, E) the segment's attention inputs (after lnmem).
-            window: the attention window rule, "sliding" or "reference" (see the module docstring).
-        Returns:
-            keys (M + T, B, E): the slots as they lie, then the segment; visible (T, M + T) bool: which of them
-            each query may attend to; and the ring with the segment's last min(T, M) rows written in, in place.
-        """
-        assert not self.count.dim(), "a ring with a count per stream takes one-token steps only"
-        M, T, dev = self.rows.shape[0], new.shape[0], self.rows.device
-        keys = torch.cat([self.rows, new.to(self.rows.dtype)])  # a copy: the writes below cannot reach it
-        i = torch.arange(T, device=dev)[:, None]  # query i sits at position count + i
-        j = torch.arange(T, device=dev)[None, :]
-        age = (self.count - 1 - torch.arange(M, device=dev)) % M  # (M,) 0 = the slot written last
-        if window == "reference":  # every query sees the last M - T rows and the segment up to itself
-            seen, own = (age < M - T).expand(T, M), j <= i
-        else:  # query i sees positions after count + i - M, i.e. rows of age < M - 1 - i
-            seen, own = age < M - 1 - i, (j <= i) & (j > i - M)
-        visible = torch.cat([seen & (age < self.count), own], dim=1)  # slots never written are not seen
-        n = min(T, M)  # distinct slots: only the last M rows of a long segment stay
-        slots = (self.count + torch.arange(T - n, T, device=dev)) % M
-        self.rows.index_copy_(0, slots, new[T - n :].to(self.rows.dtype))
-        return keys, visible, MemoryRing(self.rows, self.count + T)
-
-
-class BlockState(NamedTuple):
-    # The core's state, each (1, B, E): (h, c) for an LSTM, (h,) for a GRU; for a QRNN (c, x_last) with
-    # qrnn_window 2 (x_last: the last input, which the next segment's convolution sees) and (c,) with 1.
-    rnn: tuple[Tensor, ...]
-    # (m, B, E) earlier attention inputs (after lnmem), m <= M-1, or the same held in a MemoryRing;
-    # None in a block without attention.
-    memory: Tensor | MemoryRing | None
-
-
-State = tuple[BlockState, ...]  # one entry per block, in order
+from .config import DEFAULT_COMPUTE, Compute, SHARNNConfig
+from .state import BlockState, State, extend, ordered_state, ring_state, segment_start
 
 
 class SHARNNOutput(NamedTuple):
@@ -165,27 +80,6 @@ class Overparam(nn.Module):
     def forward(self, z: Tensor) -> Tensor:
         c, f = self.l1(z).split(self.nhid, dim=-1)
         return torch.sigmoid(f) * torch.tanh(c)
-
-
-def reference_memory(memory: Tensor, span: int, T: int) -> Tensor:
-    """(m, B, E) -> its last min(m, span - T) rows: what the reference window keeps before a T-token segment."""
-    return memory[memory.shape[0] - min(memory.shape[0], max(span - T, 0)):]
-
-
-def visible_keys(T: int, K: int, mem_len: int, span: int, window: str, device: torch.device) -> Tensor | None:
-    """(T, K) bool: which of K keys (mem_len memory rows, then the T-token segment) each query may attend to.
-
-    Query i sits at key position mem_len + i. "sliding": it sees keys j with mem_len + i - M < j <= mem_len + i.
-    "reference": every memory row (the memory was trimmed to M - T rows beforehand) and the segment up to itself.
-    None when every query sees every key (a single query over at most M keys), so no mask is built.
-    """
-    if T == 1 and (K <= span or window == "reference"):
-        return None
-    qpos = torch.arange(T, device=device)[:, None] + mem_len
-    kpos = torch.arange(K, device=device)[None, :]
-    if window == "reference":
-        return kpos <= qpos
-    return (kpos <= qpos) & (kpos > qpos - span)
 
 
 def attention_weights(q: Tensor, k: Tensor, visible: Tensor | None) -> Tensor:
@@ -265,9 +159,6 @@ class Attention(nn.Module):
             self.vq = Overparam(E)
         self.drop = nn.Dropout(cfg.dropouth)
         self.dropout_p = cfg.dropouth
-        self.span = cfg.attn_span
-        self.window = cfg.attn_window
-        self.kernel = "auto"  # "auto" (fused_attention_wins), "fused" or "plain": benchmarks and tests set it
 
     def value_gate(self) -> Tensor:
         """(1, 1, E) the values' gate: Overparam(sigmoid(vs)), or its stored constant once collapsed."""
@@ -291,35 +182,30 @@ class Attention(nn.Module):
         # is then read once, never rescaled into new tensors: what makes a generated token cheap.
         return q * torch.sigmoid(self.ks), kv_in, kv_in, self.value_gate()
 
-    def forward(self, h: Tensor, kv_in: Tensor, mem_len: int, visible: Tensor | None = None) -> Tensor:
+    def forward(self, h: Tensor, kv_in: Tensor, visible: Tensor | None, kernel: str = "auto") -> Tensor:
         """Attend from the segment to memory + segment.
 
         Args:
             h: (T, B, E) queries' input (after lnmid).
-            kv_in: (m + T, B, E) keys' and values' input: memory then the segment (after lnmem).
-            mem_len: m, the number of memory rows at the front of `kv_in`.
-            visible: which keys each query sees, when the caller knows better than the window rule (a ring's
-                filled slots); by default `visible_keys` of the window.
+            kv_in: (K, B, E) keys' and values' input: memory, then the segment's T rows (after lnmem).
+            visible: which keys each query may see (sharnn.state.extend gives them), None for all.
+            kernel: "auto", "fused" or "plain" (sharnn.config.Compute.attention).
         Returns:
             (T, B, E) the attention mix.
         """
-        T, K = h.shape[0], kv_in.shape[0]
         q, k, v, out_gate = self.project(h, kv_in)
-        if visible is None:
-            visible = visible_keys(T, K, mem_len, self.span, self.window, h.device)
-        fused = self.kernel == "fused" or (
-            self.kernel == "auto" and fused_attention_wins(h.device, T, K, matmul_dtype(q)))
+        fused = kernel == "fused" or (
+            kernel == "auto" and fused_attention_wins(h.device, h.shape[0], kv_in.shape[0], matmul_dtype(q)))
         if fused:
             mix = attend_fused(q, k, v, visible, self.dropout_p if self.training else 0.0)
         else:
             mix = attend(q, k, v, visible, self.drop)
         return mix if out_gate is None else mix * out_gate
 
-    def weights(self, h: Tensor, kv_in: Tensor, mem_len: int) -> Tensor:
+    def weights(self, h: Tensor, kv_in: Tensor, visible: Tensor | None) -> Tensor:
         """(B, T, K) the attention weights `forward` mixes the values with (before any dropout on them)."""
         q, k, _, _ = self.project(h, kv_in)
-        return attention_weights(q, k, visible_keys(h.shape[0], kv_in.shape[0], mem_len, self.span, self.window,
-                                                    h.device))
+        return attention_weights(q, k, visible)
 
 
 def forget_mult(f: Tensor, z: Tensor, c0: Tensor) -> Tensor:
@@ -419,13 +305,6 @@ class Block(nn.Module):
         self.lnxff = nn.LayerNorm(E, eps=1e-12)
         self.ff = Boom(cfg)
         self.span = cfg.attn_span
-        self.window = cfg.attn_window
-        # A segment of several tokens after a MemoryRing: False reads the ring in order and returns ordinary memory
-        # (fewer keys while the memory is short); True attends over the ring as it lies and writes the segment into
-        # it (MemoryRing.extended), so no shape depends on the data: what ONNX export (sharnn.export) needs.
-        self.static_ring = False
-        # Parts computed in float32 even under autocast ("core", "attention", "boom"): SHARNN.keep_fp32 sets it.
-        self.fp32_parts: frozenset[str] = frozenset()
 
     def run_rnn(self, x: Tensor, state: tuple[Tensor, ...]) -> tuple[Tensor, tuple[Tensor, ...]]:
         """The core on (T, B, E) from BlockState.rnn -> (T, B, E) output and the next BlockState.rnn."""
@@ -458,41 +337,27 @@ class Block(nn.Module):
         flat = torch.cat([w.reshape(-1) for w in ws])
         return [v.view_as(w) for v, w in zip(flat.split([w.numel() for w in ws]), ws)]
 
-    def forward(self, h: Tensor, state: BlockState) -> tuple[Tensor, BlockState]:
+    def forward(self, h: Tensor, state: BlockState, window: str, compute: Compute) -> tuple[Tensor, BlockState]:
         """(T, B, E) -> (T, B, E). Reads `state` and returns the next one; never mutates it, except for the
-        slots of a MemoryRing (which is what a ring is for)."""
+        slots of a MemoryRing (which is what a ring is for). `window`: the attention window rule; `compute`: how
+        to compute it (sharnn.config.Compute)."""
         # Under autocast the matmuls (core, attention, Boom) return bf16/fp16; the residual stream, the
         # LayerNorms and the carried state stay in the block input's dtype (fp32 in mixed-precision training),
         # so rounding does not pile up over blocks and segments. A no-op when everything has one dtype.
-        dtype, T = h.dtype, h.shape[0]
-        with full_precision(h, "core" in self.fp32_parts or not autocast_takes_core(h, self.rnn)):
+        dtype, fp32 = h.dtype, compute.fp32_parts
+        with full_precision(h, "core" in fp32 or not autocast_takes_core(h, self.rnn)):
             x, rnn_state = self.run_rnn(self.lnstart(h), state.rnn)
         rnn_state = tuple(t.to(dtype) for t in rnn_state)
         h = self.drop(x.to(dtype))  # the core's output replaces h: no residual around the RNN (as in the paper)
         memory = state.memory
-        if isinstance(memory, MemoryRing) and T > 1 and not self.static_ring:
-            memory = memory.ordered(self.span - 1)
         if self.attn is not None:
             assert memory is not None
-            visible = None
-            if isinstance(memory, MemoryRing) and T > 1:  # static_ring: the slots as they lie, then the segment
-                keys, visible, memory = memory.extended(self.lnmem(h), self.window)
-                mem_len = self.span
-            elif isinstance(memory, MemoryRing):  # one token: write its row in place, attend over the ring
-                assert memory.rows.shape[0] == self.span, "a MemoryRing has attn_span slots (SHARNN.ring_state)"
-                memory = memory.written(self.lnmem(h))
-                keys, mem_len, visible = memory.rows, self.span - 1, memory.filled()  # a view: nothing copied
-            else:
-                if self.window == "reference":  # the original trims its memory to M - T rows first
-                    memory = reference_memory(memory, self.span, T)
-                keys = torch.cat([memory, self.lnmem(h)])  # (m + T, B, E)
-                mem_len = memory.shape[0]
-                memory = keys[keys.shape[0] - min(keys.shape[0], self.span - 1):]  # the last M-1 rows stay visible
-            h = self.lnmid(h)
-            with full_precision(h, "attention" in self.fp32_parts):
-                h = h + self.drop(self.attn(h, keys, mem_len, visible).to(dtype))
+            seen = extend(memory, self.lnmem(h), self.span, window)  # keys: memory, then the segment
+            h, memory = self.lnmid(h), seen.memory
+            with full_precision(h, "attention" in fp32):
+                h = h + self.drop(self.attn(h, seen.keys, seen.visible, compute.attention).to(dtype))
         h, u = self.lnff(h), self.lnxff(h)
-        with full_precision(h, "boom" in self.fp32_parts):
+        with full_precision(h, "boom" in fp32):
             h = h + self.drop(self.ff(u).to(dtype))  # residual base is lnff(h), not h
         return h, BlockState(rnn_state, memory)
 
@@ -575,8 +440,6 @@ class SHARNN(nn.Module):
                                                          div_value=4.0)
         else:
             self.decoder = nn.Linear(cfg.emsize, cfg.vocab_size)
-        self.vocab: Any = None  # set by the checkpoint loader: how bytes map to ids (sharnn.vocab.Vocab)
-        self.fp32_parts: frozenset[str] = frozenset()  # see keep_fp32
         self.apply(self._init_weights)
         if cfg.tied:
             self.decoder.weight = self.encoder.weight  # type: ignore[union-attr]
@@ -603,62 +466,21 @@ class SHARNN(nn.Module):
         )
 
     def ring_state(self, state: State) -> State:
-        """The same state with each attention memory copied into a fresh `MemoryRing` (attn_span slots).
-
-        For token-by-token inference: steps then write the memory in place. `state` itself is never written to.
-        """
-        span = self.cfg.attn_span
-        out = []
-        for s in state:
-            memory = s.memory
-            if isinstance(memory, MemoryRing):
-                memory = memory.ordered(span - 1)
-            if memory is not None:
-                rows = memory.new_zeros(span, *memory.shape[1:])
-                rows[: memory.shape[0]] = memory
-                memory = MemoryRing(rows, torch.tensor(memory.shape[0], device=rows.device))
-            out.append(BlockState(tuple(t.clone() for t in s.rnn), memory))  # copies: token steps may write them
-        return tuple(out)
+        """The state with each attention memory copied into a fresh MemoryRing (sharnn.state.ring_state)."""
+        return ring_state(state, self.cfg.attn_span)
 
     def ordered_state(self, state: State) -> State:
-        """An independent copy of the state, every `MemoryRing` turned back into ordinary (m, B, E) memory."""
-        keep = self.cfg.attn_span - 1
-        return tuple(BlockState(tuple(t.clone() for t in s.rnn),
-                                s.memory.ordered(keep) if isinstance(s.memory, MemoryRing) else s.memory)
-                     for s in state)
-
-    def keep_fp32(self, parts: frozenset[str] | set[str] | tuple[str, ...]) -> None:
-        """Compute these parts in float32 even under autocast: any of "core" (the LSTM/GRU/QRNN), "attention",
-        "boom" and "decoder". A run setting (--fp32-parts), not part of the network: nothing is saved."""
-        unknown = set(parts) - set(FP32_PARTS)
-        if unknown:
-            raise ValueError(f"unknown parts {sorted(unknown)}; choose from {', '.join(FP32_PARTS)}")
-        self.fp32_parts = frozenset(parts)
-        for block in self.blocks:
-            block.fp32_parts = self.fp32_parts
+        """An independent copy, every MemoryRing back to ordinary memory (sharnn.state.ordered_state)."""
+        return ordered_state(state, self.cfg.attn_span)
 
     def segment_start(self, state: State, T: int) -> State:
-        """The state a segment of T tokens starts from: under the reference window every attention memory cut as
-        `Block.forward` cuts it before such a segment (to its last attn_span - T rows); the state itself under
-        the sliding window. (Ordinary memories: a MemoryRing is for one-token steps.)
-
-        Running the segment in shorter pieces from this state, carried, shows each query exactly the positions
-        one pass over the segment shows it, as long as T <= attn_span (no piece's own cut then removes a row):
-        dynamic evaluation scores a segment piece by piece this way, learning in between.
-        """
-        if self.cfg.attn_window != "reference":
-            return state
-        span = self.cfg.attn_span
-        return tuple(s if s.memory is None else BlockState(s.rnn, reference_memory(s.memory, span, T))
-                     for s in state)
+        """The state a segment of T tokens starts from under this model's window (sharnn.state.segment_start)."""
+        return segment_start(state, T, self.cfg.attn_span, self.cfg.attn_window)
 
     def set_attn_window(self, window: str) -> None:
-        """Switch the attention window rule ("sliding" or "reference"): it does not change the weights."""
+        """Switch the attention window rule ("sliding" or "reference"): a setting of the config, which `forward`
+        passes to the blocks; the weights do not change."""
         self.cfg = replace(self.cfg, attn_window=window)  # validated by SHARNNConfig
-        for block in self.blocks:
-            block.window = window
-            if block.attn is not None:
-                block.attn.window = window
 
     def embed(self, tokens: Tensor) -> Tensor:
         """(T, B) ids -> (T, B, E), with embedding dropout (whole rows, `dropoute`) in training."""
@@ -672,7 +494,7 @@ class SHARNN(nn.Module):
         return F.embedding(tokens, weight)
 
     def forward(self, tokens: Tensor, state: State | None = None, targets: Tensor | None = None,
-                recompute: bool = False) -> SHARNNOutput:
+                recompute: bool = False, compute: Compute = DEFAULT_COMPUTE) -> SHARNNOutput:
         """Run a segment.
 
         Args:
@@ -681,6 +503,8 @@ class SHARNN(nn.Module):
             targets: (T, B) next-token ids; when given, `loss` is their mean cross-entropy in nats.
             recompute: activation checkpointing (training with autograd): keep only each block's input and
                 recompute the block in the backward pass, with the same dropout masks. Same numbers, less memory.
+            compute: how to compute (attention kernel, parts kept in float32 under autocast): a caller's choice
+                that changes no more than rounding (sharnn.config.Compute).
         Returns:
             SHARNNOutput with logits (T, B, V), loss, the next state, and the last block's output.
         """
@@ -689,12 +513,13 @@ class SHARNN(nn.Module):
         h = self.idrop(self.embed(tokens))  # (T, B, E)
         new_state = []
         recompute = recompute and torch.is_grad_enabled()
+        window = self.cfg.attn_window
         for block, block_state in zip(self.blocks, state):
             if recompute:
                 # Non-reentrant: handles the state's nested tuples and restores the RNG for the dropout masks.
-                h, s = torch.utils.checkpoint.checkpoint(block, h, block_state, use_reentrant=False)
+                h, s = torch.utils.checkpoint.checkpoint(block, h, block_state, window, compute, use_reentrant=False)
             else:
-                h, s = block(h, block_state)
+                h, s = block(h, block_state, window, compute)
             new_state.append(s)
         dropped = self.drop(h)
         loss = None
@@ -704,18 +529,21 @@ class SHARNN(nn.Module):
                 return SHARNNOutput(None, self.decoder(flat, targets.reshape(-1)).loss, tuple(new_state), h, dropped)
             logits = self.decoder.log_prob(flat).view(*dropped.shape[:-1], -1)  # log-probabilities, (T, B, V)
         else:
-            with full_precision(dropped, "decoder" in self.fp32_parts):
+            with full_precision(dropped, "decoder" in compute.fp32_parts):
                 logits = self.decoder(dropped)  # (T, B, V)
             if targets is not None:
                 loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1))
         return SHARNNOutput(logits, loss, tuple(new_state), h, dropped)
 
+    def like(self, cfg: SHARNNConfig) -> SHARNN:
+        """A new network of this class for `cfg` (a subclass that holds more, e.g. a vocabulary, passes it on)."""
+        return type(self)(cfg)
+
     def collapse(self) -> SHARNN:
         """A copy whose attention value gates are stored constants: same outputs, fewer parameters."""
         if self.cfg.collapsed_gate:
             return self
-        new = type(self)(replace(self.cfg, collapsed_gate=True)).to(self.encoder.weight.device)
-        new.vocab = self.vocab
+        new = self.like(replace(self.cfg, collapsed_gate=True)).to(self.encoder.weight.device)
         state = {k: v for k, v in self.state_dict().items() if ".attn.vq." not in k and not k.endswith(".attn.vs")}
         with torch.no_grad():
             for i, block in enumerate(self.blocks):
@@ -723,16 +551,6 @@ class SHARNN(nn.Module):
                     state[f"blocks.{i}.attn.vgate"] = block.attn.value_gate().detach().clone()
         new.load_state_dict(state)
         return new.train(self.training)
-
-
-def detach_state(state: State) -> State:
-    """Keep the values, drop the autograd graph: the one BPTT cut between segments."""
-    def detach(memory: Tensor | MemoryRing | None) -> Tensor | MemoryRing | None:
-        if isinstance(memory, MemoryRing):
-            return MemoryRing(memory.rows.detach(), memory.count)  # (the count never has a graph)
-        return None if memory is None else memory.detach()
-
-    return tuple(BlockState(tuple(t.detach() for t in s.rnn), detach(s.memory)) for s in state)
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -47,12 +47,10 @@ def for_inference(model: SHARNN, precision: str = "fp32") -> SHARNN:
         if isinstance(out.decoder, nn.AdaptiveLogSoftmaxWithLoss):
             out.decoder.float()  # its log-probabilities are computed in fp32 (forward casts its input)
     elif precision == "int8":
-        vocab = out.vocab
         with warnings.catch_warnings():
             # torch.ao's eager quantisation warns that it is to move to torchao; it is PyTorch's own, and works.
             warnings.simplefilter("ignore")
             out = torch.ao.quantization.quantize_dynamic(out, {nn.Linear, nn.LSTM, nn.GRU}, dtype=torch.qint8)
-        out.vocab = vocab
     return out
 
 

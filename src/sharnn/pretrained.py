@@ -1,4 +1,4 @@
-"""`sharnn.SHARNN`: the network of `sharnn.model` with the conveniences of a trained model.
+"""`sharnn.SHARNN`: the network of `sharnn.model` with the conveniences of a trained model, and its vocabulary.
 
     model = SHARNN.from_pretrained("runs/tiny")       # a checkpoint or run folder, or a Hugging Face Hub id
     g = model.generate("def main(", length=200)       # sharnn.generate.generate
@@ -16,13 +16,23 @@ from typing import Any
 import torch
 
 from . import model
-from .checkpoint import load_pretrained, save_checkpoint
+from .checkpoint import pretrained_checkpoint, save_checkpoint
+from .config import SHARNNConfig
 from .generate import Generation, generate
 from .runfolder import check_checkpoint_output
+from .vocab import BYTES, Vocab
 
 
 class SHARNN(model.SHARNN):
-    """`sharnn.model.SHARNN` plus `generate`, `save_pretrained` and `from_pretrained`."""
+    """`sharnn.model.SHARNN` plus `generate`, `save_pretrained` and `from_pretrained`, and the vocabulary its ids
+    are read and written with (`from_pretrained` gives the checkpoint's; unless given, bytes for 256 symbols)."""
+
+    def __init__(self, cfg: SHARNNConfig, vocab: Vocab | None = None):
+        super().__init__(cfg)
+        self.vocab = vocab if vocab is not None else BYTES if cfg.vocab_size == BYTES.size else None
+
+    def like(self, cfg: SHARNNConfig) -> SHARNN:
+        return type(self)(cfg, self.vocab)
 
     def generate(self, prompt: bytes | str = b"\n", length: int = 200, **kw: Any) -> Generation:
         """Continue `prompt`; see `sharnn.generate.generate` (temperature, top_k, top_p, seed, state, logits)."""
@@ -37,4 +47,5 @@ class SHARNN(model.SHARNN):
     @classmethod
     def from_pretrained(cls, name_or_path: str | os.PathLike, device: torch.device | str = "cpu") -> SHARNN:
         """Load from a local folder (a checkpoint or a run), or a Hugging Face Hub repository id."""
-        return load_pretrained(name_or_path, device, model_class=cls)  # type: ignore[return-value]
+        ckpt = pretrained_checkpoint(name_or_path)
+        return ckpt.model(device, model_class=lambda cfg: cls(cfg, ckpt.vocab))  # type: ignore[return-value]

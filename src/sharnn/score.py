@@ -19,8 +19,9 @@ from torch import Tensor
 
 from .errors import SharnnError
 from .evaluate import LN2
-from .model import SHARNN, BlockState, State
+from .model import SHARNN
 from .segments import Segment, cut, cut_stream, walk
+from .state import BlockState, State
 
 if TYPE_CHECKING:
     from .vocab import Vocab

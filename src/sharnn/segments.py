@@ -19,7 +19,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from .model import SHARNN, SHARNNOutput, State
+from .model import SHARNN, SHARNNOutput
+from .state import State
 
 Segment = tuple[Tensor, Tensor | None]  # (T, B) inputs, and (T, B) targets or None
 

@@ -44,13 +44,13 @@ from .checkpoint import (
     state_to_list,
     step_name,
 )
-from .config import SHARNNConfig, TrainConfig, auto_cutoffs
+from .config import Compute, SHARNNConfig, TrainConfig, auto_cutoffs
 from .data import SPLIT_NAMES, Corpus, Streams, data_warning, load_corpus, train_segments
 from .distributed import Dist, PeerFailed, init_from_env, release_frames
 from .errors import SharnnError
 from .evaluate import LN2, EvalResult, autocast, evaluate, training_precision
 from .generate import generate
-from .model import SHARNN, SHARNNOutput, State, count_parameters, detach_state
+from .model import SHARNN, SHARNNOutput, count_parameters
 from .optim import (
     averaged_weights,
     budget_horizon,
@@ -70,6 +70,7 @@ from .runfolder import (
     prune_checkpoints,
 )
 from .runtime import resolve_device, seed_everything, set_tf32
+from .state import State, detach_state
 
 
 class TrainingInterrupted(SharnnError):
@@ -179,7 +180,6 @@ def _run(model_cfg: SHARNNConfig, cfg: TrainConfig, quiet: bool, ckpt: Checkpoin
     if ranks.is_main and ckpt is not None and (warning := data_warning(ckpt.data, corpus, SPLIT_NAMES, str(ckpt.path))):
         log.line(f"warning: {warning}")
         log.record("warning", message=warning)
-    model.keep_fp32(cfg.fp32_part_set)
     if device.type == "cuda":
         set_tf32(cfg.tf32)
 
@@ -444,6 +444,7 @@ class TrainStep:
         # (skipping that step) when a scaled gradient overflows. Disabled, it passes everything through.
         self.scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
         self.precision = training_precision(device, cfg.precision)  # `auto` resolved once, not every segment
+        self.compute = Compute(fp32_parts=cfg.fp32_part_set)  # --fp32-parts: what stays float32 under autocast
         if saved is not None and saved.get("scaler") and self.scaler.is_enabled():
             self.scaler.load_state_dict(saved["scaler"])
 
@@ -458,7 +459,8 @@ class TrainStep:
         no_sync = self.ranks.enabled and not completes_step
         with self.forward_model.no_sync() if no_sync else contextlib.nullcontext():  # type: ignore[operator]
             with autocast(self.device, self.precision):
-                out = self.forward_model(x, state.carried, targets=y, recompute=cfg.checkpoint_activations)
+                out = self.forward_model(x, state.carried, targets=y, recompute=cfg.checkpoint_activations,
+                                         compute=self.compute)
                 loss = (out.loss + ar_tar(out, cfg)) / cfg.accumulate  # accumulate = mean over segments
             self.scaler.scale(loss).backward()
         carried = detach_state(out.state)

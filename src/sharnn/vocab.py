@@ -151,3 +151,15 @@ class Vocab:
 
 
 BYTES = Vocab()
+
+
+def vocab_of(model: Any, given: Vocab | None = None) -> Vocab:
+    """The vocabulary a model's ids are read and written with: `given` (a checkpoint's, from the caller), else the
+    model's own (a `sharnn.SHARNN` holds the one it was loaded with), else bytes for a 256-symbol model."""
+    vocab = given or getattr(model, "vocab", None)
+    if vocab is not None:
+        return vocab
+    if model.cfg.vocab_size != BYTES.size:
+        raise SharnnError(f"the model has {model.cfg.vocab_size} symbols, so its vocabulary is not bytes: pass the "
+                          "checkpoint's (Checkpoint.open(path).vocab)")
+    return BYTES

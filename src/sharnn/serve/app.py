@@ -41,6 +41,7 @@ from ..checkpoint import Checkpoint
 from ..errors import SharnnError
 from ..model import SHARNN
 from ..outputs import sha256_file
+from ..vocab import Vocab
 from .engine import Engine, GenerateJob, QueueFull, ScoreJob, Stopped, Task
 from .limits import Limits
 
@@ -231,14 +232,15 @@ class ModelCard:
     checkpoint: str
     sha256: str
     parameters: int
+    vocab: Vocab  # how the model's ids are read and written: the checkpoint's
 
 
 def model_card(checkpoint: Checkpoint | str | Path, parameters: int) -> ModelCard:
-    """The checkpoint folder, its weights' SHA-256 (as recorded in config.json, or computed) and size."""
+    """The checkpoint folder, its weights' SHA-256 (as recorded in config.json, or computed), size and vocabulary."""
     ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else Checkpoint.open(checkpoint)
     recorded = (ckpt.meta.get("files") or {}).get("model.safetensors", {})
     digest = recorded.get("sha256") if isinstance(recorded, dict) else None
-    return ModelCard(str(ckpt.path), digest or sha256_file(ckpt.path / "model.safetensors"), parameters)
+    return ModelCard(str(ckpt.path), digest or sha256_file(ckpt.path / "model.safetensors"), parameters, ckpt.vocab)
 
 
 def create_app(model: SHARNN, card: ModelCard, limits: Limits | None = None, engine_thread: bool = True) -> FastAPI:
@@ -305,7 +307,7 @@ class _Served:
     """What the routes share: the model, its vocabulary, the limits, and the engine that runs their jobs."""
 
     def __init__(self, model: SHARNN, card: ModelCard, limits: Limits, engine: Engine):
-        self.model, self.card, self.limits, self.engine, self.vocab = model, card, limits, engine, model.vocab
+        self.model, self.card, self.limits, self.engine, self.vocab = model, card, limits, engine, card.vocab
 
     def submit(self, job: GenerateJob | ScoreJob | Task) -> None:
         try:
@@ -351,7 +353,8 @@ def _add_routes(app: FastAPI, served: _Served) -> None:
     @app.get("/v1/model", summary="The model being served")
     async def model_info() -> dict[str, Any]:
         return {
-            **asdict(served.card), "config": model.cfg.to_dict(),
+            "checkpoint": served.card.checkpoint, "sha256": served.card.sha256,
+            "parameters": served.card.parameters, "config": model.cfg.to_dict(),
             "vocabulary": {"kind": vocab.kind, "size": vocab.size, "level": vocab.level,
                            **({"symbols": list(vocab.symbols)} if vocab.kind != "bytes" else {})},
             "attention_blocks": attention_blocks(model), "step_rows": limits.slots,

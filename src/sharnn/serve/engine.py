@@ -34,9 +34,10 @@ from torch import Tensor
 
 from ..errors import SharnnError
 from ..generate import TokenStep, check_sampling, prime_prompt, sample_token
-from ..model import SHARNN, BlockState, MemoryRing, State
+from ..model import SHARNN
 from ..runtime import attention_bytes, require_memory
 from ..score import prime
+from ..state import BlockState, MemoryRing, State
 
 
 class QueueFull(Exception):
