@@ -6,12 +6,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
 from sharnn.checkpoint import load_model
 from sharnn.cli import main
+from sharnn.evaluate import evaluate
 
 GOLDEN = Path(__file__).parent / "fixtures" / "reference_golden"
 
@@ -75,17 +77,30 @@ def test_carried_past_the_span(imported: Path, cases: dict) -> None:
 
 
 def test_eval_command_reproduces_the_original(imported: Path, cases: dict, tmp_path: Path, capsys) -> None:
-    # `sharnn eval` over stream 0 in segments of 2000 gives the original's mean log-probability. (With these random
-    # weights the two windows' per-token differences cancel in the mean: test_carried_past_the_span tells them
-    # apart; here the flag must reach the model and be reported.)
+    # `sharnn eval` over stream 0 in segments of 2000 gives the original's mean log-probability. The sliding window's
+    # per-token differences (test_carried_past_the_span) move this mean by ~1e-7, below the float32 rounding of a
+    # segment's mean loss, so the mean alone cannot tell the windows apart; segments of 500 can (~1e-6 apart), and
+    # there each --attn-window must give what the library gives under that window: the flag reaches the model.
     corpus = tmp_path / "corpus"
     corpus.mkdir()
+    stream = (GOLDEN / "case_b_stream0.bin").read_bytes()
     for split in ("train", "valid", "test"):
-        (corpus / f"{split}.bin").write_bytes((GOLDEN / "case_b_stream0.bin").read_bytes())
-    want = -sum(cases["carried_past_the_span"]["logprobs"][0]) / 5999
-    for window in ("reference", "sliding"):
+        (corpus / f"{split}.bin").write_bytes(stream)
+
+    def eval_command(window: str, bptt: int) -> float:
         assert main(["eval", str(imported), "--data", str(corpus), "--split", "test", "--batch_size", "1",
-                     "--bptt", "2000", "--attn-window", window, "--json"]) == 0
+                     "--bptt", str(bptt), "--attn-window", window, "--json"]) == 0
         res = json.loads(capsys.readouterr().out)
         assert res["attn_window"] == window
-        assert abs(res["loss"] - want) < 1e-6
+        return res["loss"]
+
+    want = -sum(cases["carried_past_the_span"]["logprobs"][0]) / 5999
+    assert abs(eval_command("reference", 2000) - want) < 1e-6
+    ids = np.frombuffer(stream, dtype=np.uint8).astype(np.int64)
+    library = {}
+    for window in ("reference", "sliding"):
+        model = load_model(imported)
+        model.set_attn_window(window)
+        library[window] = evaluate(model, ids, 1, 500).loss
+        assert eval_command(window, 500) == library[window]
+    assert abs(library["reference"] - library["sliding"]) > 5e-7

@@ -50,7 +50,7 @@ def test_walk_carries_the_state_and_numbers_its_pieces(tiny_config: SHARNNConfig
         one = model(ids[:-1], targets=ids[1:]).logits
     assert torch.allclose(torch.cat([s.out.logits for s in steps]), one, atol=1e-5)  # sliding: cuts change nothing
     learned = []
-    pieces = list(walk(model, cut(ids, 16), learn=lambda loss: learned.append(loss.requires_grad), learn_every=6))
+    pieces = list(walk(model, cut(ids, 16), adapt=lambda loss: learned.append(loss.requires_grad), adapt_every=6))
     assert [(s.start, s.segment) for s in pieces] == [(0, 0), (6, 0), (12, 0), (16, 1), (22, 1), (28, 1), (32, 2),
                                                        (38, 2)]
     assert learned == [True] * 8  # each piece learned from, with a graph, after it was scored

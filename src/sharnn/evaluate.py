@@ -109,8 +109,8 @@ def evaluate(
     start = time.perf_counter()
     try:
         with autocast(torch.device(device), precision):
-            for step in walk(model, (streams.segment(i, n, device) for i, n in cuts), learn=adapt,
-                             learn_every=adapt_every):
+            for step in walk(model, (streams.segment(i, n, device) for i, n in cuts), adapt=adapt,
+                             adapt_every=adapt_every):
                 if step.segment == len(pieces):
                     pieces.append([])
                 pieces[-1].append((step.out.loss.item(), step.y.numel()))

@@ -50,7 +50,7 @@ def _logprobs(model: SHARNN, segments: Iterable[Segment], state: State | None,
               adapt_every: int | None = None) -> Iterator[tuple[Tensor, Tensor]]:
     """Walk `segments` (`segments.walk`); per piece, (t, B) log P(target | ids before it) and the (t, B) targets.
     `adapt`, `adapt_every`: dynamic evaluation, a gradient step after each piece of `adapt_every` tokens."""
-    for step in walk(model, segments, state, loss=False, learn=adapt, learn_every=adapt_every):
+    for step in walk(model, segments, state, loss=False, adapt=adapt, adapt_every=adapt_every):
         assert step.y is not None
         yield _gather(step.out.logits, step.y), step.y
 

@@ -26,7 +26,7 @@ Segment = tuple[Tensor, Tensor | None]  # (T, B) inputs, and (T, B) targets or N
 
 
 class Step(NamedTuple):
-    """One piece of the walk: a segment, or with `learn` a piece of one."""
+    """One piece of the walk: a segment, or with `adapt` a piece of one."""
 
     start: int  # position of the piece's first input in the walk (the sum of the lengths before it)
     segment: int  # which segment it belongs to (0-based)
@@ -36,14 +36,14 @@ class Step(NamedTuple):
 
 
 def walk(model: SHARNN, segments: Iterable[Segment], state: State | None = None, loss: bool = True,
-         learn: Callable[[Tensor], None] | None = None, learn_every: int | None = None) -> Iterator[Step]:
+         adapt: Callable[[Tensor], None] | None = None, adapt_every: int | None = None) -> Iterator[Step]:
     """Run `segments` through `model` in order, the state carried, without gradients; one `Step` per segment.
 
     Args:
         state: what the first segment starts from (None: the initial state).
         loss: give the model the targets, so that each step's `out.loss` is their mean cross-entropy (nats).
-        learn: dynamic evaluation. Each segment is run in pieces of `learn_every` tokens (the whole segment when
-            None), one Step each; once the consumer has taken a piece, `learn` is given its loss again, computed
+        adapt: dynamic evaluation. Each segment is run in pieces of `adapt_every` tokens (the whole segment when
+            None), one Step each; once the consumer has taken a piece, `adapt` is given its loss again, computed
             with autograd from the same state, before the next piece runs. The pieces start from
             `SHARNN.segment_start`, so each query sees what one pass over its segment shows it (for segments of
             at most attn_span tokens), and with lr 0 the outputs are the static walk's.
@@ -51,14 +51,14 @@ def walk(model: SHARNN, segments: Iterable[Segment], state: State | None = None,
     start = 0
     for k, (x, y) in enumerate(segments):
         T = x.shape[0]
-        if learn is None:
+        if adapt is None:
             with torch.no_grad():
                 out = model(x, state, targets=y if loss else None)
             yield Step(start, k, x, y, out)
             state = out.state
         else:
             assert y is not None, "learning needs targets"
-            every = learn_every or T
+            every = adapt_every or T
             if state is not None and every < T:
                 state = model.segment_start(state, T)
             for a in range(0, T, every):
@@ -67,7 +67,7 @@ def walk(model: SHARNN, segments: Iterable[Segment], state: State | None = None,
                     out = model(xp, state, targets=yp if loss else None)
                 yield Step(start + a, k, xp, yp, out)
                 with torch.enable_grad():  # only now, the piece scored, learn from it: the same pass, with a graph
-                    learn(model(xp, state, targets=yp).loss)
+                    adapt(model(xp, state, targets=yp).loss)
                 state = out.state
         start += T
 
