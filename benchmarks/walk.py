@@ -32,7 +32,7 @@ LAYERS = {"cli": 0, "flags": 0, "__init__": 0,
           "progress": 1, "distributed": 1, "trainer": 1, "walker": 1, "serve": 1,
           "checkpoint": 2, "data": 2, "optim": 2, "runtime": 2, "vocab": 2, "outputs": 2, "segments": 2, "resume": 2,
           "runfolder": 2,
-          "model": 3, "state": 3, "config": 4, "errors": 5}
+          "model": 3, "state": 4, "config": 4, "errors": 5}
 
 
 def module_of(filename: str) -> str | None:

@@ -18,6 +18,7 @@ from sharnn.evaluate import evaluate
 from sharnn.model import SHARNN
 from sharnn.score import score_stream
 from sharnn.segments import cut, cut_stream, walk
+from sharnn.state import MemoryRing
 from sharnn.vocab import BYTES
 
 DOC = b"A document of several lines, longer than the attention span.\nIt keeps going for a while. " * 4
@@ -54,6 +55,27 @@ def test_walk_carries_the_state_and_numbers_its_pieces(tiny_config: SHARNNConfig
     assert [(s.start, s.segment) for s in pieces] == [(0, 0), (6, 0), (12, 0), (16, 1), (22, 1), (28, 1), (32, 2),
                                                        (38, 2)]
     assert learned == [True] * 8  # each piece learned from, with a graph, after it was scored
+
+
+def test_walk_reads_a_ring_in_order_and_leaves_it_alone(tiny_config: SHARNNConfig) -> None:
+    # A state from generation holds MemoryRings, which a segment would write in place: the walk reads a text on
+    # ordinary memory, so the caller's ring stays as it was, and an adapted piece's second pass (the one learned
+    # from) sees the same memory as the pass that scored it.
+    torch.manual_seed(0)
+    model = SHARNN(replace(tiny_config, attn_span=12)).eval()
+    with torch.no_grad():
+        start = model(torch.randint(0, 256, (20, 1))).state
+    ids = torch.randint(0, 256, (25, 1))
+    ring = model.ring_state(start)
+    kept = [t.clone() for s in ring for t in (*s.rnn, *(s.memory if s.memory is not None else ()))]
+    losses: dict[str, list[float]] = {"plain": [], "ring": []}
+    for name, state in (("plain", start), ("ring", ring)):
+        for step in walk(model, cut(ids, 8), state, adapt=lambda loss, n=name: losses[n].append(float(loss.detach())),
+                         adapt_every=3):
+            assert not isinstance(step.out.state[1].memory, MemoryRing)
+    assert losses["ring"] == pytest.approx(losses["plain"], abs=1e-5) and len(losses["ring"]) == 9
+    after = [t for s in ring for t in (*s.rnn, *(s.memory if s.memory is not None else ()))]
+    assert all(torch.equal(a, b) for a, b in zip(kept, after))
 
 
 @pytest.mark.parametrize("read_bytes", [7, 100, 1 << 20])

@@ -231,6 +231,31 @@ def test_auto_precision_is_bf16_only_where_the_cpu_computes_it_natively(
         cfg_for(text_file, tmp_path / "x", precision="bf8")
 
 
+@pytest.mark.parametrize("parts", ["", "boom,decoder"])
+def test_fp32_parts_reach_the_training_forward(text_file: Path, tmp_path: Path, parts: str) -> None:
+    # --fp32-parts is a setting of the training step's forward (sharnn.config.Compute): under bf16 autocast the
+    # parts named compute in float32 during training, the others in bf16.
+    from sharnn.model import Boom
+
+    seen: dict[str, set[torch.dtype]] = {"boom": set(), "decoder": set()}
+
+    def record(module: torch.nn.Module, args: tuple, out: object) -> None:
+        if torch.is_grad_enabled() and isinstance(out, torch.Tensor):  # training's forward, not validation's
+            if isinstance(module, Boom):
+                seen["boom"].add(out.dtype)
+            elif isinstance(module, torch.nn.Linear) and out.shape[-1] == 256:  # the decoder
+                seen["decoder"].add(out.dtype)
+
+    handle = torch.nn.modules.module.register_module_forward_hook(record)
+    try:
+        train(MODEL, cfg_for(text_file, tmp_path / "run", max_steps=2, precision="bf16", fp32_parts=parts,
+                             max_eval_bytes=200), quiet=True)
+    finally:
+        handle.remove()
+    want = torch.float32 if parts else torch.bfloat16
+    assert seen == {"boom": {want}, "decoder": {want}}
+
+
 def test_a_bf16_runs_numbers_are_float32_and_eval_reproduces_them(text_file: Path, tmp_path: Path, capsys) -> None:
     # Training in bf16 autocast; validation (which picks best/) and the final valid/test numbers in float32, so
     # `sharnn eval` (float32) gives exactly what the run printed, and best/ was chosen on that number too.

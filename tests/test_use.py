@@ -1,4 +1,4 @@
-"""Using a trained model: generate, score, safe checkpoints, save/load_pretrained, reference import, collapse."""
+"""Using a trained model: generate, score, safe checkpoints, save/from_pretrained, reference import, collapse."""
 
 from __future__ import annotations
 
@@ -381,6 +381,28 @@ def test_save_and_from_pretrained(model: SHARNN, tmp_path: Path) -> None:
     assert again.vocab == BYTES
     with pytest.raises(SharnnError, match="neither a local folder"):
         SHARNN.from_pretrained(tmp_path / "nope" / "deeper")
+
+
+def test_the_vocabulary_travels_with_sharnn_and_the_plain_network_asks_for_one(tiny_config: SHARNNConfig,
+                                                                               tmp_path: Path) -> None:
+    import sharnn.model
+
+    cfg = replace(tiny_config, vocab_size=3, tied=False)
+    words = Vocab("words", ("a", "b", "<eos>"), "word")
+    model = SHARNN(cfg, words)
+    assert model.collapse().vocab == words and for_inference(model, "int8").vocab == words  # copies keep it
+    model.save_pretrained(tmp_path / "w")
+    assert SHARNN.from_pretrained(tmp_path / "w").vocab == words == Checkpoint.open(tmp_path / "w").vocab
+    assert generate(model, "a b", 3, seed=0).data  # reads and writes words
+    with pytest.raises(SharnnError, match="2 symbols but the model 3"):
+        SHARNN(cfg, Vocab("words", ("a", "<eos>"), "word"))
+    plain = sharnn.model.SHARNN(cfg)  # the network alone knows no vocabulary: bytes would be wrong for it
+    with pytest.raises(SharnnError, match="has 3 symbols, so its vocabulary is not bytes"):
+        generate(plain, "a b", 3)
+    assert generate(plain, "a b", 3, seed=0, vocab=words).data == generate(model, "a b", 3, seed=0).data
+    with pytest.raises(SharnnError, match="its vocabulary is not bytes"):
+        SHARNN(cfg).save_pretrained(tmp_path / "nothing")
+    assert not (tmp_path / "nothing").exists()
 
 
 def test_hub_install_hint_names_an_extra_that_exists(monkeypatch) -> None:

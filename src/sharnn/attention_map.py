@@ -81,7 +81,8 @@ def attention_over_text(model: SHARNN, ids: Tensor | list[int], start: int, heat
 
     def hook(i: int) -> Any:
         def record(module: Any, args: tuple[Any, ...], output: Tensor) -> None:
-            h, keys, visible = args[:3]  # Attention.forward's; the walk carries ordinary memory: keys in order
+            h, keys, visible = args[:3]  # Attention.forward's
+            assert visible is None or visible.dim() == 2, "the walk carries ordinary memory: keys in order"
             w = module.weights(h, keys, visible)[0].float().cpu()  # (T, K)
             T, K = w.shape
             mem_len = K - T  # the memory rows before the segment's own

@@ -385,7 +385,8 @@ class Checkpoint:
 
     def model(self, device: torch.device | str = "cpu", model_class: Callable[[SHARNNConfig], SHARNN] = SHARNN,
               config: SHARNNConfig | None = None, attn_window: str | None = None) -> SHARNN:
-        """The network with the checkpoint's weights, loaded strictly.
+        """The network with the checkpoint's weights, loaded strictly, built by `model_class(config)` (a class, or
+        any callable: `sharnn.SHARNN.from_pretrained` passes one that also gives it the vocabulary).
 
         `config`: build it with these settings instead of the saved ones: the same weights in a model run with
         other dropouts, span or window (`resume.resumed_model_config` gives it; a setting that shapes the

@@ -16,7 +16,7 @@ Inputs, in this order (outputs: `logprobs`, then each state input as `next.<name
 
     logprobs          float32 (T, batch, V)    log-probabilities of the token after each input token
 
-All zeros is the initial state. The memory is `model.MemoryRing`: its shape never changes, so a step costs
+All zeros is the initial state. The memory is `state.MemoryRing`: its shape never changes, so a step costs
 the same at any position, and the segment model reads and writes the same ring (`MemoryRing.extended`):
 the state out of either file feeds either file. `count` is shared by the streams of a batch.
 Opset 18; the batch axis is dynamic; weights in fp32, value gates collapsed (exact).
@@ -136,7 +136,8 @@ def export_onnx(model: SHARNN, out: str | Path, segment: int | None = None, over
     for path in paths:
         check_new_file(path, overwrite)
     require_memory(attention_bytes(model.cfg, 2), f"attn_span {model.cfg.attn_span:,}: the exported memory", "cpu")
-    m, vocab = exportable(model), vocab_of(model, vocab)
+    vocab = vocab_of(model, vocab)
+    m = exportable(model)
     with staged_files(out.parent) as tmp:
         for path, tokens in zip(paths, (1, segment)):
             _export_one(m, vocab, tmp / path.name, tokens or 1)

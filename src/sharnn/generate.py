@@ -78,8 +78,9 @@ def prime_prompt(model: SHARNN, prompt: list[int], state: State | None = None,
 
     A prompt of at most `chunk` tokens is one segment. A longer one is cut as evaluation cuts a text: under the
     sliding attention window the result is the same as one pass up to float rounding; under the reference window,
-    as in evaluation, it depends on the cut (1024, the paper's bptt). Returns the state after the prompt and (V,)
-    the scores of the token after it. The model must be in eval mode, under no_grad.
+    as in evaluation, it depends on the cut (1024, the paper's bptt). `state` is never written to (a ring in it is
+    read in order first, `segments.walk`). Returns the state after the prompt, ordinary memory, and (V,) the
+    scores of the token after it. The model must be in eval mode, under no_grad.
     """
     ids = torch.tensor(prompt, dtype=torch.long, device=model.encoder.weight.device).unsqueeze(1)  # (T, 1)
     for step in walk(model, cut(ids, chunk, targets=False), state, loss=False):
@@ -211,8 +212,6 @@ def generate_ids(
         else:
             gen.seed()
         if prompt:
-            if state is not None:  # a ring in it would be written in place by a one-byte prompt
-                state = model.ordered_state(state)
             state, logits = prime_prompt(model, prompt, state)
         assert state is not None and logits is not None
         if length == 0:
@@ -262,8 +261,7 @@ def generate(
     if length == 0 and ids:  # nothing to sample: just the state after the prompt
         was_training = model.training
         with torch.no_grad():
-            start = None if state is None else model.ordered_state(state)  # never writes the caller's ring
-            end_state, end_logits = prime_prompt(model.eval(), ids, start)
+            end_state, end_logits = prime_prompt(model.eval(), ids, state)
         model.train(was_training)
         return Generation(b"", end_state, end_logits)
     out: list[int] = []

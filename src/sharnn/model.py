@@ -499,7 +499,9 @@ class SHARNN(nn.Module):
 
         Args:
             tokens: (T, B) token ids.
-            state: from `initial_state` or a previous call; None starts fresh.
+            state: from `initial_state` or a previous call; None starts fresh. Never written to, except a
+                MemoryRing's slots (sharnn.state): a ring is written in place for segments of any length, and the
+                state returned shares its rows; `ordered_state` gives a copy to keep.
             targets: (T, B) next-token ids; when given, `loss` is their mean cross-entropy in nats.
             recompute: activation checkpointing (training with autograd): keep only each block's input and
                 recompute the block in the backward pass, with the same dropout masks. Same numbers, less memory.

@@ -18,9 +18,10 @@ import torch
 from . import model
 from .checkpoint import pretrained_checkpoint, save_checkpoint
 from .config import SHARNNConfig
+from .errors import SharnnError
 from .generate import Generation, generate
 from .runfolder import check_checkpoint_output
-from .vocab import BYTES, Vocab
+from .vocab import BYTES, Vocab, vocab_of
 
 
 class SHARNN(model.SHARNN):
@@ -29,6 +30,8 @@ class SHARNN(model.SHARNN):
 
     def __init__(self, cfg: SHARNNConfig, vocab: Vocab | None = None):
         super().__init__(cfg)
+        if vocab is not None and vocab.size != cfg.vocab_size:
+            raise SharnnError(f"the vocabulary has {vocab.size} symbols but the model {cfg.vocab_size}")
         self.vocab = vocab if vocab is not None else BYTES if cfg.vocab_size == BYTES.size else None
 
     def like(self, cfg: SHARNNConfig) -> SHARNN:
@@ -41,8 +44,9 @@ class SHARNN(model.SHARNN):
     def save_pretrained(self, directory: str | os.PathLike) -> None:
         """Write weights (safetensors) and config.json into `directory`, Hugging Face Hub style. It replaces a
         sharnn checkpoint there, fills an empty folder, and refuses any other folder (SharnnError)."""
+        vocab = vocab_of(self)  # a model of another size without a vocabulary is refused, not saved as bytes
         check_checkpoint_output(directory, True)
-        save_checkpoint(directory, self, vocab=self.vocab)
+        save_checkpoint(directory, self, vocab=vocab)
 
     @classmethod
     def from_pretrained(cls, name_or_path: str | os.PathLike, device: torch.device | str = "cpu") -> SHARNN:

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from .model import SHARNN, SHARNNOutput
-from .state import State
+from .state import State, holds_ring
 
 Segment = tuple[Tensor, Tensor | None]  # (T, B) inputs, and (T, B) targets or None
 
@@ -40,7 +40,9 @@ def walk(model: SHARNN, segments: Iterable[Segment], state: State | None = None,
     """Run `segments` through `model` in order, the state carried, without gradients; one `Step` per segment.
 
     Args:
-        state: what the first segment starts from (None: the initial state).
+        state: what the first segment starts from (None: the initial state); never written to. A text is read on
+            ordinary memory: a MemoryRing in it is read in order first (a ring would be written in place, and an
+            adapted piece's second pass must start from the same memory as its first).
         loss: give the model the targets, so that each step's `out.loss` is their mean cross-entropy (nats).
         adapt: dynamic evaluation. Each segment is run in pieces of `adapt_every` tokens (the whole segment when
             None), one Step each; once the consumer has taken a piece, `adapt` is given its loss again, computed
@@ -48,6 +50,8 @@ def walk(model: SHARNN, segments: Iterable[Segment], state: State | None = None,
             `SHARNN.segment_start`, so each query sees what one pass over its segment shows it (for segments of
             at most attn_span tokens), and with lr 0 the outputs are the static walk's.
     """
+    if state is not None and holds_ring(state):
+        state = model.ordered_state(state)
     start = 0
     for k, (x, y) in enumerate(segments):
         T = x.shape[0]

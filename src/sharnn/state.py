@@ -75,8 +75,9 @@ class MemoryRing(NamedTuple):
     of a step has the same shape and address from one token to the next (the write position is a tensor too):
     what lets a GPU replay the step as a CUDA graph (sharnn.generate). A segment of several tokens attends over
     the slots as they lie, then its own rows, and writes its last rows in: its shapes do not depend on the count
-    either (what ONNX export needs). Being written in place, a ring is valid until the next step; `ordered`
-    (or `ordered_state`) gives an independent, ordered copy.
+    either (what ONNX export needs), but it always attends over M + T keys, however few slots are filled, so
+    texts are read on ordinary memory (`segments.walk` orders a ring first). Being written in place, a ring is
+    valid until the next step; `ordered` (or `ordered_state`) gives an independent, ordered copy.
 
     Streams that started at different times (the requests `sharnn serve` steps together) have a count each, a
     (B,) tensor: each stream then writes its own slot and sees its own filled slots, so its numbers are those it
@@ -165,6 +166,11 @@ class BlockState(NamedTuple):
 
 
 State = tuple[BlockState, ...]  # one entry per block, in order
+
+
+def holds_ring(state: State) -> bool:
+    """Whether any block's memory is a MemoryRing."""
+    return any(isinstance(s.memory, MemoryRing) for s in state)
 
 
 def detach_state(state: State) -> State:
