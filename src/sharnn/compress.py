@@ -52,6 +52,7 @@ import struct
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, replace
+from functools import partial
 from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, NamedTuple
@@ -421,14 +422,8 @@ def compress_file(model: SHARNN, src: str | os.PathLike, dst: str | os.PathLike,
                     a, b = s * n + t0, min(s * n + t1, length)
                     if b > a:
                         block[s, : b - a] = data[a:b]
-                for t in range(t0, t1):
-                    active = lengths > t
-                    p, lp = predictor.predict()  # type: ignore[union-attr]
-                    symbols = block[active, t - t0]
-                    encoder.encode(symbols.astype(np.int32), family, quantise(p[active]))
-                    bits -= float(lp[active][np.arange(len(symbols)), symbols].sum())
-                    predictor.advance(block[:, t - t0], active)  # type: ignore[union-attr]
-                    bar.update(len(symbols))
+                code = partial(_encode_column, encoder, family)
+                bits += _code_block(predictor, block, lengths, t0, code, bar)  # type: ignore[arg-type]
                 words = encoder.get_compressed().astype("<u4")
                 raw = _block_bytes(block, lengths, t0, t1)
                 blocks += 1
@@ -590,6 +585,35 @@ def _decoding_model(src: Path, dst: Path, h: dict[str, Any], model: SHARNN | Non
     return model
 
 
+def _code_block(predictor: _Predictor, block: np.ndarray, lengths: np.ndarray, t0: int,
+                code: Callable[[np.ndarray, np.ndarray, np.ndarray], None], bar: tqdm) -> float:
+    """One block, step by step, as the encoder and the decoder both walk it (so they cannot drift apart): the model
+    predicts every active stream's next byte, `code(column, active, probs)` codes the column's active bytes (the
+    encoder writes them; the decoder fills them in; a stored block has them already), and the model reads them.
+    Returns the model's cross-entropy of the block's bytes, in bits."""
+    bits = 0.0
+    for t in range(t0, t0 + block.shape[1]):
+        active = lengths > t
+        p, lp = predictor.predict()
+        column = block[:, t - t0]  # a view: what `code` fills in lands in the block
+        code(column, active, p[active])
+        symbols = column[active]
+        bits -= float(lp[active][np.arange(len(symbols)), symbols].sum())
+        predictor.advance(column, active)
+        bar.update(len(symbols))
+    return bits
+
+
+def _encode_column(encoder: Any, family: Any, column: np.ndarray, active: np.ndarray, probs: np.ndarray) -> None:
+    encoder.encode(column[active].astype(np.int32), family, quantise(probs))
+
+
+def _decode_column(src: Path, h: dict[str, Any], decoder: Any, family: Any, column: np.ndarray, active: np.ndarray,
+                   probs: np.ndarray) -> None:
+    if decoder is not None:  # (a stored block holds its bytes already)
+        column[active] = _decoding(src, h, decoder.decode, family, quantise(probs))
+
+
 def _decode_blocks(f: BinaryIO, out: BinaryIO, src: Path, info: Any, model: SHARNN, settings: CoderSettings,
                    progress: bool) -> tuple[float, int, int]:
     """Decode the body's blocks from `f` (at the body's start) into `out`, each stream at its place; returns the
@@ -612,17 +636,9 @@ def _decode_blocks(f: BinaryIO, out: BinaryIO, src: Path, info: Any, model: SHAR
             stored += 1
             for s, part in enumerate(np.split(np.frombuffer(raw, dtype=np.uint8), np.cumsum(ends)[:-1])):
                 block[s, : len(part)] = part
-        else:
-            decoder = _decoding(src, h, cs.stream.queue.RangeDecoder, words)
-        for t in range(t0, t1):
-            active = lengths > t
-            p, lp = predictor.predict()  # type: ignore[union-attr]
-            if raw is None:
-                block[active, t - t0] = _decoding(src, h, decoder.decode, family, quantise(p[active]))
-            symbols = block[active, t - t0]
-            bits -= float(lp[active][np.arange(len(symbols)), symbols].sum())
-            predictor.advance(block[:, t - t0], active)  # type: ignore[union-attr]
-            bar.update(len(symbols))
+        decoder = None if raw is not None else _decoding(src, h, cs.stream.queue.RangeDecoder, words)
+        code = partial(_decode_column, src, h, decoder, family)
+        bits += _code_block(predictor, block, lengths, t0, code, bar)  # type: ignore[arg-type]
         for s in range(streams):
             a, b = s * n + t0, min(s * n + t1, length)
             if b > a:
