@@ -23,14 +23,14 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-from sharnn.config import SHARNNConfig
+from sharnn.config import SHARNNConfig, load_preset, split_settings
 from sharnn.export import export_onnx, initial_feed
 from sharnn.generate import TokenStep
 from sharnn.model import SHARNN
 from sharnn.precision import for_inference
 
 CONFIGS = {
-    "tiny": SHARNNConfig(emsize=128, nhid=512, attn_span=256),  # the tiny preset's network
+    "tiny": SHARNNConfig.from_dict(split_settings(load_preset("tiny"))[0]),  # the tiny preset's network, as it is now
     "paper": SHARNNConfig(),
 }
 
