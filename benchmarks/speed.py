@@ -35,7 +35,7 @@ from dataclasses import replace
 
 import torch
 
-from sharnn.config import SHARNNConfig
+from sharnn.config import SHARNNConfig, load_preset, split_settings
 from sharnn.model import SHARNN, count_parameters
 from sharnn.optim import Lamb
 from sharnn.precision import for_inference
@@ -45,7 +45,7 @@ CONFIGS = {
     # name: (model config, bptt, batch)
     "paper": (SHARNNConfig(), 1024, 16),
     "small": (SHARNNConfig(emsize=256, nhid=1024), 256, 16),
-    "tiny": (SHARNNConfig(emsize=128, nhid=512, attn_span=256), 128, 16),
+    "tiny": (SHARNNConfig.from_dict(split_settings(load_preset("tiny"))[0]), 128, 16),  # the preset as it is now
 }
 
 
