@@ -515,7 +515,8 @@ def decompress_file(src: str | os.PathLike, dst: str | os.PathLike, model: SHARN
                     ignore_machine: bool = False, progress: bool = False, overwrite: bool = False,
                     checkpoint_name: str = "the checkpoint", vocab: Vocab | None = None) -> CodingResult:
     """Decompress `src` into `dst`. `model`: the checkpoint's model (`vocab`: its vocabulary, as for
-    `compress_file`), or None for a file whose header says it was made from a fresh model. `dst` appears only once the decoded bytes match the original's SHA-256."""
+    `compress_file`), or None for a file whose header says it was made from a fresh model. `dst` appears only
+    once the decoded bytes match the original's SHA-256."""
     src, dst = Path(src), Path(dst)
     refuse_input_as_output(dst, src)  # --overwrite replaces OUT, never the compressed file being read
     info = read_header(src)
